@@ -1,0 +1,37 @@
+"""dsm_redis: deus-state-machina's API with per-object Redis leases, ``select_for_update`` and
+fencing tokens judged by the database."""
+
+from .exceptions import (
+    LockBackendUnavailable,
+    LockError,
+    LockLost,
+    LockTimeout,
+    StaleFencingToken,
+    TransitionException,
+    TransitionFailed,
+)
+from .field import StateMachineField
+from .lease import Lease, object_lock
+from .machine import State, StateMachine, Transition, precondition
+from .signals import emit_signal_on_state, state_changed
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "State",
+    "StateMachine",
+    "StateMachineField",
+    "Transition",
+    "precondition",
+    "TransitionException",
+    "TransitionFailed",
+    "LockError",
+    "LockTimeout",
+    "LockLost",
+    "StaleFencingToken",
+    "LockBackendUnavailable",
+    "Lease",
+    "object_lock",
+    "state_changed",
+    "emit_signal_on_state",
+]

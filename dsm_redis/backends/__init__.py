@@ -1,0 +1,100 @@
+"""Lock backends: where leases and fencing counters live.
+
+A backend implements :class:`LockBackend`. ``get_backend()`` returns this process's instance of the
+one ``DSM_REDIS['BACKEND']`` names, created lazily and re-created after a fork or a settings change.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
+from django.utils.module_loading import import_string
+
+from ..conf import Config, get_config
+
+__all__ = ["Grant", "LockBackend", "get_backend"]
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a successful acquire returns."""
+
+    owner: str
+    fencing_token: int
+    # time.monotonic() before the request was sent + TTL: a conservative local bound on the lease.
+    valid_until: float
+
+
+class LockBackend(ABC):
+    """The interface a backend implements. Every method raises ``LockBackendUnavailable`` when the
+    store cannot be reached; none of them may block longer than its timeout."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    @abstractmethod
+    def acquire(self, key: str, *, ttl: float, timeout: float | None) -> Grant:
+        """Wait up to ``timeout`` seconds (None: forever) for the lease; ``LockTimeout`` otherwise."""
+
+    @abstractmethod
+    def renew(self, key: str, owner: str, ttl: float) -> bool:
+        """Extend the lease if ``owner`` still holds it; False when it does not."""
+
+    @abstractmethod
+    def release(self, key: str, owner: str) -> bool:
+        """Release if ``owner`` still holds it (never someone else's); False when it did not."""
+
+    @abstractmethod
+    def reanchor(self, key: str, owner: str, floor: int) -> int | None:
+        """If ``owner`` holds the lease, move the counter above ``floor`` and mint a token from it."""
+
+    @abstractmethod
+    def describe(self, key: str) -> dict[str, Any]:
+        """``{"owner": str | None, "ttl": float | None, "fencing_token": int | None}`` for operators."""
+
+    def close(self) -> None:
+        """Drop connections (tests, settings changes)."""
+
+
+_lock = threading.Lock()
+_instance: tuple[int, LockBackend] | None = None
+
+
+def get_backend() -> LockBackend:
+    global _instance
+    current = _instance
+    # A backend holds sockets and a renewal thread: a forked child must build its own.
+    if current is not None and current[0] == os.getpid():
+        return current[1]
+    with _lock:
+        if _instance is None or _instance[0] != os.getpid():
+            config = get_config()
+            try:
+                cls = import_string(config.backend)
+            except ImportError as exc:
+                raise ImproperlyConfigured(f"DSM_REDIS['BACKEND']: cannot import {config.backend!r}: {exc}") from exc
+            if not (isinstance(cls, type) and issubclass(cls, LockBackend)):
+                raise ImproperlyConfigured(
+                    f"DSM_REDIS['BACKEND']: {config.backend!r} is not a dsm_redis.backends.LockBackend subclass"
+                )
+            _instance = (os.getpid(), cls(config))
+        return _instance[1]
+
+
+def reset_backend(**kwargs: Any) -> None:
+    global _instance
+    if kwargs.get("setting") not in (None, "DSM_REDIS", "CACHES"):
+        return
+    with _lock:
+        if _instance is not None and _instance[0] == os.getpid():
+            _instance[1].close()
+        _instance = None
+
+
+setting_changed.connect(reset_backend, dispatch_uid="dsm_redis.reset_backend")

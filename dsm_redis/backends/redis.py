@@ -1,0 +1,185 @@
+"""Redis lease backend, built on python-redis-lock.
+
+Kept from python-redis-lock: its key layout (``lock:<name>`` holds the owner id,
+``lock-signal:<name>`` is the wake-up list), its owner-checked UNLOCK script that pushes a signal on
+release, and waiting with BLPOP on that list instead of polling.
+
+Not inherited (its traps): timeouts are milliseconds end to end (it truncates ``0.5`` to ``0`` and
+so to "no expiry"/"forever"); acquire and fencing-token minting are one Lua call (it first spends a
+round trip on a GET); renewal is done by ``lease.py``'s renewer, which marks a lease lost when it
+cannot renew (its thread dies silently); release returns False instead of raising ``NotAcquired``
+(which would mask the body's exception).
+
+Safety contract: at most one owner per key at any instant *according to Redis*. Redis can lose a
+key (restart without persistence, failover, eviction), so the lease alone is not a safety
+guarantee; the fencing token, judged by the database, is (see ``fence.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import cached_property
+from importlib import resources
+from typing import Any, Callable, TypeVar
+
+import redis
+import redis_lock
+from django.core.exceptions import ImproperlyConfigured
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from ..conf import Config
+from ..exceptions import LockBackendUnavailable, LockTimeout
+from ..keys import counter_key, redis_name
+from . import Grant, LockBackend
+
+logger = logging.getLogger("dsm_redis")
+T = TypeVar("T")
+
+# A BLPOP never outlasts the socket timeout (redis-py would call it a dead connection).
+_MIN_WAIT = 0.005
+
+
+def _lua(name: str) -> str:
+    return (resources.files("dsm_redis") / "lua" / f"{name}.lua").read_text()
+
+
+class _RedisLease(redis_lock.Lock):
+    """python-redis-lock's Lock, with our acquire (SET NX PX + INCR) replacing its SETNX loop."""
+
+    def __init__(self, client: Any, name: str, owner: str | None = None) -> None:
+        # strict=False: a RedisCluster client is not a StrictRedis; expire is handled in ms below.
+        super().__init__(client, name, id=owner, strict=False)
+
+
+class RedisLockBackend(LockBackend):
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self._location = config.location
+
+    # -- client ----------------------------------------------------------------------------------
+
+    @cached_property
+    def client(self) -> Any:
+        location = self._location
+        if callable(location):
+            return location()
+        if location.startswith("cache:"):
+            return _client_from_cache(location[len("cache:") :])
+        options: dict[str, Any] = {
+            "socket_timeout": self.config.socket_timeout,
+            "socket_connect_timeout": self.config.socket_connect_timeout,
+            # One retry on a broken pooled connection (e.g. Redis restarted); not on timeouts.
+            "retry": Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+        }
+        if "+cluster://" in location:
+            from redis.cluster import RedisCluster
+
+            return RedisCluster.from_url(location.replace("+cluster://", "://"), **options)
+        return redis.Redis.from_url(location, **options)
+
+    @cached_property
+    def _scripts(self) -> dict[str, Any]:
+        return {name: self.client.register_script(_lua(name)) for name in ("acquire", "renew", "reanchor", "holders")}
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            # Never echo the URL: it may carry a password.
+            raise LockBackendUnavailable(f"Redis unreachable while trying to {what}: {type(exc).__name__}") from exc
+
+    def _keys(self, key: str) -> tuple[str, str, str]:
+        name = redis_name(self.config.key_prefix, key)
+        return f"lock:{name}", f"lock-signal:{name}", counter_key(self.config.key_prefix, key)
+
+    # -- LockBackend -----------------------------------------------------------------------------
+
+    def acquire(self, key: str, *, ttl: float, timeout: float | None) -> Grant:
+        lock_key, signal_key, counter = self._keys(key)
+        owner = _RedisLease(self.client, redis_name(self.config.key_prefix, key)).id
+        ttl_ms = max(1, int(ttl * 1000))
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
+        waited = False
+        while True:
+            sent = time.monotonic()
+            ok, value = self._call(
+                "acquire a lease",
+                lambda: self._scripts["acquire"](keys=[lock_key, counter], args=[owner, ttl_ms]),
+            )
+            if ok:
+                if waited:
+                    logger.debug("lease %s acquired after waiting %.3fs", key, sent - started)
+                return Grant(owner=owner, fencing_token=int(value), valid_until=sent + ttl)
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise LockTimeout(f"lease on {key} not acquired within {timeout}s")
+            waited = True
+            # Sleep until a release pushes a signal, the holder's TTL runs out (a crashed holder
+            # pushes nothing), or our deadline: whichever is first.
+            wait = self.config.socket_timeout / 2
+            if value > 0:
+                wait = min(wait, value / 1000)
+            if deadline is not None:
+                wait = min(wait, deadline - now)
+            wait = max(wait, _MIN_WAIT)
+            self._call("wait for a lease", lambda: self.client.blpop([signal_key], timeout=wait))
+
+    def renew(self, key: str, owner: str, ttl: float) -> bool:
+        lock_key, _, _ = self._keys(key)
+        ttl_ms = max(1, int(ttl * 1000))
+        return bool(self._call("renew a lease", lambda: self._scripts["renew"](keys=[lock_key], args=[owner, ttl_ms])))
+
+    def release(self, key: str, owner: str) -> bool:
+        lease = _RedisLease(self.client, redis_name(self.config.key_prefix, key), owner=owner)
+        # python-redis-lock's UNLOCK: deletes only if we own it, and wakes one waiter.
+        error = self._call(
+            "release a lease",
+            lambda: lease.unlock_script(
+                client=self.client, keys=(lease._name, lease._signal), args=(owner, lease._signal_expire)
+            ),
+        )
+        return error == 0
+
+    def reanchor(self, key: str, owner: str, floor: int) -> int | None:
+        lock_key, _, counter = self._keys(key)
+        token = self._call(
+            "re-anchor a fencing counter",
+            lambda: self._scripts["reanchor"](keys=[lock_key, counter], args=[owner, floor]),
+        )
+        return None if int(token) < 0 else int(token)
+
+    def describe(self, key: str) -> dict[str, Any]:
+        lock_key, _, counter = self._keys(key)
+        owner, pttl, token = self._call(
+            "describe a lease", lambda: self._scripts["holders"](keys=[lock_key, counter])
+        )
+        return {
+            "owner": owner.decode() if isinstance(owner, bytes) else owner or None,
+            "ttl": pttl / 1000 if pttl and pttl > 0 else None,
+            "fencing_token": int(token) if token else None,
+        }
+
+    def close(self) -> None:
+        if "client" in self.__dict__ and not callable(self._location) and not str(self._location).startswith("cache:"):
+            self.client.close()
+        self.__dict__.pop("client", None)
+        self.__dict__.pop("_scripts", None)
+
+
+def _client_from_cache(alias: str) -> Any:
+    """The redis-py client behind a ``CACHES`` alias (django-redis or Django's ``RedisCache``)."""
+    from django.core.cache import caches
+
+    cache = caches[alias]
+    inner = getattr(cache, "_cache", None)
+    if inner is not None and hasattr(inner, "get_client"):  # django.core.cache.backends.redis
+        return inner.get_client(write=True)
+    client = getattr(cache, "client", None)
+    if client is not None and hasattr(client, "get_client"):  # django-redis
+        return client.get_client(write=True)
+    raise ImproperlyConfigured(
+        f"DSM_REDIS['LOCATION']: CACHES[{alias!r}] is not a Redis cache (django-redis or Django's RedisCache)"
+    )

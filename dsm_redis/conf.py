@@ -1,0 +1,137 @@
+"""The ``DSM_REDIS`` setting: parsed and validated strictly, in this one place.
+
+``get_config()`` returns a frozen :class:`Config` or raises ``ImproperlyConfigured`` naming the
+offending key. ``validate()`` lists every problem at once (the system checks in ``checks.py`` turn
+them into ``manage.py check`` errors); the app's ``ready()`` calls ``get_config()`` so a broken
+setting stops a process at start-up, Celery workers included (they never run the checks).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+SETTING = "DSM_REDIS"
+DEFAULT_BACKEND = "dsm_redis.backends.redis.RedisLockBackend"
+DEFAULT_LOCATION = "redis://127.0.0.1:6379/0"
+TOP_LEVEL_KEYS = frozenset({"BACKEND", "LOCATION", "OPTIONS"})
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive(value: Any) -> str | None:
+    return None if _number(value) and value > 0 else "must be a number > 0"
+
+
+def _non_negative_or_none(value: Any) -> str | None:
+    if value is None or (_number(value) and value >= 0):
+        return None
+    return "must be a number >= 0, or None to wait forever"
+
+
+def _positive_or_none(value: Any) -> str | None:
+    return None if value is None else _positive(value)
+
+
+def _bool(value: Any) -> str | None:
+    return None if isinstance(value, bool) else "must be True or False"
+
+
+def _prefix(value: Any) -> str | None:
+    if isinstance(value, str) and value and not any(c in value for c in "{} "):
+        return None
+    return "must be a non-empty string without braces or spaces (braces would break the hash tag)"
+
+
+# key -> (default, validator). A validator returns None or what is wrong with the value.
+OPTIONS: dict[str, tuple[Any, Callable[[Any], str | None]]] = {
+    "TTL": (30.0, _positive),
+    "AUTO_RENEW": (True, _bool),
+    "ACQUIRE_TIMEOUT": (10.0, _non_negative_or_none),
+    "ROW_LOCK_TIMEOUT": (None, _positive_or_none),
+    "KEY_PREFIX": ("dsm", _prefix),
+    "SOCKET_TIMEOUT": (5.0, _positive),
+    "SOCKET_CONNECT_TIMEOUT": (2.0, _positive),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    backend: str = DEFAULT_BACKEND
+    location: Any = DEFAULT_LOCATION
+    ttl: float = 30.0
+    auto_renew: bool = True
+    acquire_timeout: float | None = 10.0
+    # None: bounded by acquire_timeout (or unbounded when that is None too).
+    row_lock_timeout: float | None = None
+    key_prefix: str = "dsm"
+    socket_timeout: float = 5.0
+    socket_connect_timeout: float = 2.0
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def effective_row_lock_timeout(self) -> float | None:
+        return self.row_lock_timeout if self.row_lock_timeout is not None else self.acquire_timeout
+
+
+def validate(raw: Any) -> list[str]:
+    """Every problem with a ``DSM_REDIS`` value, as messages naming the key; empty when valid."""
+    if raw is None:
+        return []
+    if not isinstance(raw, Mapping):
+        return [f"{SETTING} must be a dict, not {type(raw).__name__}"]
+    problems = [
+        f"{SETTING} has an unknown key {key!r} (known: {', '.join(sorted(TOP_LEVEL_KEYS))})"
+        for key in raw
+        if key not in TOP_LEVEL_KEYS
+    ]
+    backend = raw.get("BACKEND", DEFAULT_BACKEND)
+    if not isinstance(backend, str) or "." not in backend:
+        problems.append(f"{SETTING}['BACKEND'] must be a dotted path to a backend class, not {backend!r}")
+    location = raw.get("LOCATION", DEFAULT_LOCATION)
+    if not (isinstance(location, str) or callable(location)):
+        problems.append(
+            f"{SETTING}['LOCATION'] must be a URL, 'cache:<alias>', or a callable returning a client"
+        )
+    options = raw.get("OPTIONS", {})
+    if not isinstance(options, Mapping):
+        return [*problems, f"{SETTING}['OPTIONS'] must be a dict, not {type(options).__name__}"]
+    for key, value in options.items():
+        if key not in OPTIONS:
+            problems.append(
+                f"{SETTING}['OPTIONS'] has an unknown key {key!r} (known: {', '.join(sorted(OPTIONS))})"
+            )
+            continue
+        wrong = OPTIONS[key][1](value)
+        if wrong:
+            problems.append(f"{SETTING}['OPTIONS']['{key}'] {wrong}; got {value!r}")
+    return problems
+
+
+def parse(raw: Any) -> Config:
+    problems = validate(raw)
+    if problems:
+        raise ImproperlyConfigured("; ".join(problems))
+    raw = raw or {}
+    options = {key: raw.get("OPTIONS", {}).get(key, default) for key, (default, _) in OPTIONS.items()}
+    return Config(
+        backend=raw.get("BACKEND", DEFAULT_BACKEND),
+        location=raw.get("LOCATION", DEFAULT_LOCATION),
+        ttl=float(options["TTL"]),
+        auto_renew=options["AUTO_RENEW"],
+        acquire_timeout=None if options["ACQUIRE_TIMEOUT"] is None else float(options["ACQUIRE_TIMEOUT"]),
+        row_lock_timeout=None if options["ROW_LOCK_TIMEOUT"] is None else float(options["ROW_LOCK_TIMEOUT"]),
+        key_prefix=options["KEY_PREFIX"],
+        socket_timeout=float(options["SOCKET_TIMEOUT"]),
+        socket_connect_timeout=float(options["SOCKET_CONNECT_TIMEOUT"]),
+    )
+
+
+def get_config() -> Config:
+    return parse(getattr(settings, SETTING, None))

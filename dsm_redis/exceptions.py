@@ -1,0 +1,79 @@
+"""Every exception dsm_redis raises on purpose.
+
+All of them pickle and unpickle to an equal exception (Celery carries them between processes), so
+each keeps the constructor arguments it needs in ``self.args`` and rebuilds from them in
+``__reduce__``.
+
+``TransitionException`` means "the machine refused": nothing was written, the instance is unchanged.
+``LockError`` and its subclasses mean "the protection could not be guaranteed": nothing was
+committed by the call that raised it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "TransitionException",
+    "TransitionFailed",
+    "LockError",
+    "LockTimeout",
+    "LockLost",
+    "StaleFencingToken",
+    "LockBackendUnavailable",
+]
+
+
+class TransitionException(Exception):
+    """An illegal transition: wrong source state, failed precondition, unknown or ambiguous target."""
+
+
+class TransitionFailed(Exception):
+    """Raised by a side effect to roll its transition back and move to ``error_state`` instead.
+
+    ``kwargs`` reach the side effect of the edge that leads to ``error_state``.
+    """
+
+    def __init__(self, error_state: Any, **kwargs: Any) -> None:
+        super().__init__(error_state)
+        self.error_state = error_state
+        self.kwargs = kwargs
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_transition_failed, (self.error_state, self.kwargs))
+
+
+def _rebuild_transition_failed(error_state: Any, kwargs: dict[str, Any]) -> TransitionFailed:
+    return TransitionFailed(error_state, **kwargs)
+
+
+class LockError(Exception):
+    """Base class: the object's protection could not be guaranteed, so nothing was committed."""
+
+
+class LockTimeout(LockError):
+    """The lease (or the database row lock) was not obtained within the acquire timeout."""
+
+
+class LockLost(LockError):
+    """The lease expired or was taken by another holder before the work committed."""
+
+
+class StaleFencingToken(LockError):
+    """The database has already seen a newer fencing token for this object: this holder is stale."""
+
+    def __init__(self, message: str, *, token: int | None = None, mark: int | None = None) -> None:
+        super().__init__(message)
+        self.token = token
+        self.mark = mark
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_stale, (self.args[0], self.token, self.mark))
+
+
+def _rebuild_stale(message: str, token: int | None, mark: int | None) -> StaleFencingToken:
+    return StaleFencingToken(message, token=token, mark=mark)
+
+
+class LockBackendUnavailable(LockError):
+    """The lock backend (Redis) could not be reached; nothing was written."""

@@ -1,0 +1,103 @@
+"""``StateMachineField``: attaches a machine to a model; ``obj.<name>`` is a ``BoundStateMachine``.
+
+Not a database column: the state lives in an ordinary field named by ``state_field_name``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable
+
+from django.db.models import Model
+
+from . import protocol
+from .machine import StateMachine, Transition, plain
+from .exceptions import TransitionException
+
+__all__ = ["StateMachineField", "BoundStateMachine"]
+
+
+class BoundStateMachine:
+    """The machine of one instance. Edges are attributes: ``obj.state_machine.survive(**kwargs)``."""
+
+    __slots__ = ("machine", "instance")
+
+    def __init__(self, machine: StateMachine, instance: Model) -> None:
+        self.machine = machine
+        self.instance = instance
+
+    def get_current_state(self) -> Any:
+        return self.machine.current_state(self.instance)
+
+    def get_possible_transitions(self) -> list[Transition]:
+        """Edges allowed from the in-memory state, preconditions applied (no lock, no query)."""
+        return self.machine.possible_transitions(self.instance)
+
+    def transition_to(self, state: Any, *args: Any, **kwargs: Any) -> Any:
+        """Take the one edge from the current state (read under the lock) to ``state``."""
+        if isinstance(state, Transition):
+            return protocol.run(self.machine, self.instance, partial(self._exactly, state), args, kwargs)
+        target = self.machine.check_known(state)
+        return protocol.run(
+            self.machine, self.instance, partial(self.machine.edge_for_target, target=target), args, kwargs
+        )
+
+    def transition_through(self, state: Any) -> Any:
+        """Walk a shortest path to ``state``, one committed transition per step, under one lease."""
+        return protocol.run_through(self.machine, self.instance, self.machine.check_known(state))
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name.startswith("_") or name not in self.machine.edge_names:
+            raise AttributeError(
+                f"{type(self.machine).__name__} has no edge {name!r} (edges: {', '.join(sorted(self.machine.edge_names))})"
+            )
+        return partial(self._call_edge, name)
+
+    def _call_edge(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return protocol.run(
+            self.machine, self.instance, partial(self.machine.edge_by_name, name=name), args, kwargs
+        )
+
+    def _exactly(self, transition: Transition, row: Model) -> Transition:
+        current = self.machine.current_state(row)
+        if plain(transition.start) != current:
+            raise TransitionException(
+                f"{type(self.machine).__name__}: edge {transition} does not start from the current state "
+                f"{self.machine.label(row, current)}"
+            )
+        return self.machine._guarded(row, transition)
+
+    def __repr__(self) -> str:
+        return f"<BoundStateMachine {type(self.machine).__name__} of {self.instance!r}>"
+
+
+class StateMachineField:
+    """``state_machine = StateMachineField(CatStateMachine, "state")`` on a model."""
+
+    def __init__(self, state_machine_class: type[StateMachine], state_field_name: str) -> None:
+        if not (isinstance(state_machine_class, type) and issubclass(state_machine_class, StateMachine)):
+            from django.core.exceptions import ImproperlyConfigured
+
+            raise ImproperlyConfigured(f"StateMachineField needs a StateMachine subclass, not {state_machine_class!r}")
+        self.state_machine_class = state_machine_class
+        self.state_field_name = state_field_name
+        self.machine: StateMachine | None = None
+        self.name = ""
+        self.model: type[Model] | None = None
+
+    def contribute_to_class(self, cls: type[Model], name: str, **kwargs: Any) -> None:
+        self.name = name
+        self.model = cls
+        self.machine = self.state_machine_class(name, self.state_field_name)
+        setattr(cls, name, self)
+        registry = cls.__dict__.get("_dsm_machines")
+        if registry is None:
+            registry = {}
+            cls._dsm_machines = registry  # type: ignore[attr-defined]
+        registry[name] = self
+
+    def __get__(self, instance: Model | None, owner: type[Model]) -> Any:
+        if instance is None:
+            return self
+        assert self.machine is not None
+        return BoundStateMachine(self.machine, instance)

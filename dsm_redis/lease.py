@@ -1,0 +1,211 @@
+"""Leases: the per-object lock a holder takes, re-enters, renews and releases.
+
+Safety contract:
+- A lease is re-entrant for its holder, the *thread* that took it: nested transitions,
+  ``transition_through``, ``TransitionFailed`` and ``object_lock`` around several calls all run
+  under the outermost acquisition (one fencing token). Another thread of the same process contends
+  for it like another process would.
+- While held, a lease is renewed every TTL/3 by one renewer thread per process (when
+  ``AUTO_RENEW``). A renewal that finds the lease gone marks it *lost*; one that cannot reach Redis
+  keeps trying until the lease's local deadline passes, then marks it lost. Either way
+  ``Lease.check()`` raises ``LockLost`` from then on, and the protocol calls it before every commit.
+- ``valid_until`` is measured from *before* the acquire/renew request was sent, so the local view
+  of the lease ends no later than Redis's. It is a local clock: a process paused between
+  ``check()`` and its COMMIT can still commit late, and that is what the fencing token (judged by
+  the database, ``fence.py``) and the row lock are for.
+- Release is owner-checked and never raises over the body's exception; a release that finds the
+  lease already gone is logged (the work was fenced, so nothing unsafe was committed).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import threading
+import time
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from .backends import LockBackend, get_backend
+from .conf import get_config
+from .exceptions import LockBackendUnavailable, LockLost
+from .keys import object_key
+
+if TYPE_CHECKING:
+    from django.db.models import Model
+
+__all__ = ["Lease", "object_lock", "hold", "held_lease"]
+
+logger = logging.getLogger("dsm_redis")
+_DEFAULT: Any = object()
+
+
+class Lease:
+    """A held lease. ``fencing_token`` strictly increases per object across leases."""
+
+    def __init__(self, key: str, backend: LockBackend, owner: str, fencing_token: int, ttl: float, valid_until: float) -> None:
+        self.key = key
+        self.backend = backend
+        self.owner = owner
+        self.fencing_token = fencing_token
+        self.ttl = ttl
+        self.valid_until = valid_until
+        self.lost: str | None = None
+        self.depth = 0
+        # ids of instances a transition under this lease is changing in an open transaction.
+        self.in_transaction: set[int] = set()
+        # run after release (state_changed receivers), so they never contend with their own lease.
+        self.after_release: list[Callable[[], None]] = []
+
+    @property
+    def remaining(self) -> float:
+        return self.valid_until - time.monotonic()
+
+    def check(self) -> None:
+        """Raise ``LockLost`` unless the lease is still ours by the local clock."""
+        if self.lost is None and self.remaining <= 0:
+            self.lost = f"lease on {self.key} expired (TTL {self.ttl}s) before the work committed"
+        if self.lost is not None:
+            raise LockLost(self.lost)
+
+    def reanchor(self, floor: int) -> bool:
+        """Redis lost our counter: mint a token above ``floor`` if Redis confirms we own the lease."""
+        token = self.backend.reanchor(self.key, self.owner, floor)
+        if token is None:
+            return False
+        logger.warning(
+            "fencing counter for %s re-anchored: token %s was behind the database mark %s; now %s",
+            self.key, self.fencing_token, floor, token,
+        )
+        self.fencing_token = token
+        return True
+
+    def __repr__(self) -> str:
+        return f"<Lease {self.key} token={self.fencing_token} remaining={self.remaining:.1f}s>"
+
+
+_local = threading.local()
+
+
+def _held() -> dict[str, Lease]:
+    leases = getattr(_local, "leases", None)
+    if leases is None:
+        leases = _local.leases = {}
+    return leases
+
+
+def held_lease(key: str) -> Lease | None:
+    """The lease this thread holds on ``key``, if any."""
+    return _held().get(key)
+
+
+@contextmanager
+def hold(key: str, *, timeout: float | None = _DEFAULT, ttl: float | None = None) -> Iterator[Lease]:
+    """Hold the lease on ``key`` for the block; re-enter it if this thread holds it already."""
+    leases = _held()
+    lease = leases.get(key)
+    if lease is not None:
+        lease.depth += 1
+        try:
+            yield lease
+        finally:
+            lease.depth -= 1
+        return
+    config = get_config()
+    backend = get_backend()
+    ttl = config.ttl if ttl is None else ttl
+    grant = backend.acquire(key, ttl=ttl, timeout=config.acquire_timeout if timeout is _DEFAULT else timeout)
+    lease = Lease(key, backend, grant.owner, grant.fencing_token, ttl, grant.valid_until)
+    leases[key] = lease
+    if config.auto_renew:
+        _renewer.add(lease)
+    try:
+        yield lease
+    finally:
+        del leases[key]
+        _renewer.discard(lease)
+        _release(lease)
+        for callback in lease.after_release:
+            callback()
+
+
+def _release(lease: Lease) -> None:
+    try:
+        released = lease.backend.release(lease.key, lease.owner)
+    except LockBackendUnavailable:
+        # Never raise here: it would mask the body's exception or report failure for committed
+        # work. The lease expires by its TTL.
+        logger.warning("could not release lease on %s: Redis unreachable; it expires in its TTL", lease.key)
+        return
+    if not released and lease.lost is None:
+        logger.warning("lease on %s had expired or been taken before release", lease.key)
+
+
+@contextmanager
+def object_lock(obj: Model, *, timeout: float | None = _DEFAULT, ttl: float | None = None) -> Iterator[Lease]:
+    """Hold ``obj``'s lease across several steps; transitions inside re-enter it and are fenced."""
+    with hold(object_key(obj), timeout=timeout, ttl=ttl) as lease:
+        yield lease
+
+
+class _Renewer:
+    """One daemon thread per process renewing every held lease at TTL/3."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, Lease]] = []
+        self._active: set[int] = set()
+        self._pid = 0
+
+    def add(self, lease: Lease) -> None:
+        with self._cond:
+            if self._pid != os.getpid():  # forked: the parent's thread does not exist here
+                self._pid, self._heap, self._active = os.getpid(), [], set()
+                threading.Thread(target=self._run, name="dsm_redis-renewer", daemon=True).start()
+            self._active.add(id(lease))
+            heapq.heappush(self._heap, (time.monotonic() + lease.ttl / 3, id(lease), lease))
+            self._cond.notify()
+
+    def discard(self, lease: Lease) -> None:
+        with self._cond:
+            self._active.discard(id(lease))
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    self._cond.wait(None if not self._heap else self._heap[0][0] - time.monotonic())
+                _, ident, lease = heapq.heappop(self._heap)
+                if ident not in self._active:
+                    continue
+            self._renew(lease)
+
+    def _renew(self, lease: Lease) -> None:
+        sent = time.monotonic()
+        try:
+            ok = lease.backend.renew(lease.key, lease.owner, lease.ttl)
+        except Exception as exc:  # Redis down: retry until the local deadline passes
+            if lease.remaining <= 0:
+                lease.lost = f"lease on {lease.key} could not be renewed ({type(exc).__name__}) and expired"
+                logger.error("%s", lease.lost)
+                return
+            logger.warning("renewing lease on %s failed (%s); retrying", lease.key, type(exc).__name__)
+            self._schedule(lease, min(1.0, lease.ttl / 10))
+            return
+        if not ok:
+            lease.lost = f"lease on {lease.key} was lost: it expired or another holder took it"
+            logger.error("%s", lease.lost)
+            return
+        lease.valid_until = sent + lease.ttl
+        logger.debug("lease on %s renewed", lease.key)
+        self._schedule(lease, lease.ttl / 3)
+
+    def _schedule(self, lease: Lease, delay: float) -> None:
+        with self._cond:
+            if id(lease) in self._active:
+                heapq.heappush(self._heap, (time.monotonic() + delay, id(lease), lease))
+                self._cond.notify()
+
+
+_renewer = _Renewer()

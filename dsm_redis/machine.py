@@ -1,0 +1,330 @@
+"""Declaring a state machine: ``State``, ``Transition``, ``precondition`` and ``StateMachine``.
+
+This module is pure data and graph logic; it never touches the database or a lock (that is
+``protocol.py``). A machine is validated when its class is defined, so a malformed machine fails at
+import time with ``ImproperlyConfigured`` naming the problem, not at the first transition in
+production.
+
+State values may be ints, strings or ``enum`` members (Django's ``IntegerChoices``/``TextChoices``
+included); they are compared by their plain value, so ``State(Status.ALIVE)``, ``Status.ALIVE`` and
+``1`` name the same state.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
+
+from django.core.exceptions import ImproperlyConfigured
+
+from .exceptions import TransitionException
+
+if TYPE_CHECKING:
+    from .lease import Lease
+
+__all__ = ["State", "Transition", "precondition", "StateMachine"]
+
+SideEffect = Callable[..., Any]
+Precondition = Callable[[Any], bool]
+
+# Names a side effect may not take: they are attributes of the bound machine (``obj.state_machine``).
+RESERVED_EDGE_NAMES = frozenset(
+    {
+        "transition_to",
+        "transition_through",
+        "get_possible_transitions",
+        "get_current_state",
+        "async_transition_to",
+        "async_transition_through",
+        "machine",
+        "instance",
+    }
+)
+
+
+def plain(value: Any) -> Any:
+    """The comparable value of a state: unwraps ``State`` and ``enum`` members."""
+    if isinstance(value, State):
+        value = value.value
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
+
+
+class State:
+    """A state of the machine; ``State(a) | side_effect | State(b)`` declares an edge."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = plain(value)
+
+    def __or__(self, side_effect: SideEffect | None) -> _HalfEdge:
+        if side_effect is not None and not callable(side_effect):
+            raise ImproperlyConfigured(
+                f"A transition is State | callable-or-None | State; got State({self.value!r}) | {side_effect!r}"
+            )
+        return _HalfEdge(self.value, side_effect)
+
+    def __eq__(self, other: object) -> bool:
+        return plain(other) == self.value
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+    def __repr__(self) -> str:
+        return f"State({self.value!r})"
+
+
+class _HalfEdge:
+    """``State(a) | side_effect``, waiting for its end state."""
+
+    __slots__ = ("start", "side_effect")
+
+    def __init__(self, start: Any, side_effect: SideEffect | None) -> None:
+        self.start = start
+        self.side_effect = side_effect
+
+    def __or__(self, end: Any) -> Transition:
+        if isinstance(end, (_HalfEdge, Transition)) or callable(end):
+            raise ImproperlyConfigured(
+                f"A transition is State | callable-or-None | State; the end of the edge from "
+                f"{self.start!r} is {end!r}"
+            )
+        return Transition(
+            start=self.start,
+            end=plain(end),
+            precondition=getattr(self.side_effect, "_precondition", None),
+            side_effect=self.side_effect,
+        )
+
+    def __repr__(self) -> str:
+        return f"State({self.start!r}) | {_name(self.side_effect)} | ?"
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One edge. A side effect receives a copy carrying the lease it runs under.
+
+    ``fencing_token`` is the token of that lease (``None`` for an unsaved object, which is not
+    locked); pass it to systems outside the database as an idempotency key or fence.
+    """
+
+    start: Any
+    end: Any
+    precondition: Precondition | None = None
+    side_effect: SideEffect | None = None
+    lease: Lease | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def name(self) -> str | None:
+        return self.side_effect.__name__ if self.side_effect is not None else None
+
+    @property
+    def fencing_token(self) -> int | None:
+        return self.lease.fencing_token if self.lease is not None else None
+
+    def allowed(self, instance: Any) -> bool:
+        return self.precondition is None or bool(self.precondition(instance))
+
+    def under(self, lease: Lease | None) -> Transition:
+        return replace(self, lease=lease)
+
+    def __str__(self) -> str:
+        return f"{self.start!r} -[{_name(self.side_effect)}]-> {self.end!r}"
+
+
+def _name(side_effect: SideEffect | None) -> str:
+    return "None" if side_effect is None else getattr(side_effect, "__name__", repr(side_effect))
+
+
+def precondition(check: Precondition) -> Callable[[SideEffect], SideEffect]:
+    """Guard an edge: ``check(instance)`` must be true, evaluated on the row read under the lock."""
+
+    def wrap(func: SideEffect) -> SideEffect:
+        func._precondition = check  # type: ignore[attr-defined]
+        return func
+
+    return wrap
+
+
+class StateMachine:
+    """Subclass it, declare ``transitions`` (and optionally ``start``), attach with ``StateMachineField``.
+
+    Side effects are called as ``side_effect(machine, instance, transition, **kwargs)``.
+    """
+
+    start: ClassVar[Any] = None
+    transitions: ClassVar[Iterable[Any] | None] = None
+
+    # Filled by __init_subclass__.
+    _transitions: ClassVar[tuple[Transition, ...]] = ()
+    _by_name: ClassVar[dict[str, tuple[Transition, ...]]] = {}
+    _states: ClassVar[frozenset[Any]] = frozenset()
+    _signatures: ClassVar[dict[SideEffect, inspect.Signature]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.transitions is None:
+            return  # an abstract base machine; the field refuses to bind it
+        cls._transitions = _validated(cls.__name__, cls.transitions, cls.start)
+        by_name: dict[str, list[Transition]] = {}
+        for t in cls._transitions:
+            if t.name is not None:
+                by_name.setdefault(t.name, []).append(t)
+        cls._by_name = {name: tuple(ts) for name, ts in by_name.items()}
+        cls._states = frozenset(s for t in cls._transitions for s in (t.start, t.end))
+        cls._signatures = {
+            t.side_effect: inspect.signature(t.side_effect) for t in cls._transitions if t.side_effect
+        }
+
+    def __init__(self, field_name: str, state_field_name: str) -> None:
+        if self.transitions is None:
+            raise ImproperlyConfigured(f"{type(self).__name__} declares no `transitions`")
+        self.field_name = field_name
+        self.state_field_name = state_field_name
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    @property
+    def states(self) -> frozenset[Any]:
+        return self._states
+
+    @property
+    def edge_names(self) -> frozenset[str]:
+        return frozenset(self._by_name)
+
+    def current_state(self, instance: Any) -> Any:
+        return plain(getattr(instance, self.state_field_name))
+
+    def label(self, instance_or_model: Any, state: Any) -> str:
+        """``1 (Alive)`` when the state field has choices, else the value's repr."""
+        value = plain(state)
+        model = instance_or_model if isinstance(instance_or_model, type) else type(instance_or_model)
+        try:
+            choices = model._meta.get_field(self.state_field_name).flatchoices
+        except Exception:  # not a Django model (unit tests of the graph), or no such field
+            choices = ()
+        for choice, text in choices:
+            if plain(choice) == value:
+                return f"{value!r} ({text})"
+        return repr(value)
+
+    def possible_transitions(self, instance: Any) -> list[Transition]:
+        current = self.current_state(instance)
+        return [t for t in self._transitions if t.start == current and t.allowed(instance)]
+
+    # -- resolving a request against a state (called with the row read under the lock) ---------
+
+    def check_known(self, state: Any) -> Any:
+        value = plain(state)
+        if value not in self._states:
+            raise TransitionException(
+                f"{type(self).__name__} has no state {value!r}; its states are "
+                f"{', '.join(repr(s) for s in sorted(self._states, key=repr))}"
+            )
+        return value
+
+    def edge_for_target(self, instance: Any, target: Any) -> Transition:
+        current = self.current_state(instance)
+        candidates = [t for t in self._transitions if t.start == current and t.end == target]
+        if not candidates:
+            raise TransitionException(
+                f"{type(self).__name__}: cannot transition from {self.label(instance, current)} "
+                f"to {self.label(instance, target)}: no such edge"
+            )
+        if len(candidates) > 1:
+            raise TransitionException(
+                f"{type(self).__name__}: ambiguous transition {self.label(instance, current)} -> "
+                f"{self.label(instance, target)}; call one of the edges instead: "
+                f"{', '.join(_name(t.side_effect) for t in candidates)}"
+            )
+        return self._guarded(instance, candidates[0])
+
+    def edge_by_name(self, instance: Any, name: str) -> Transition:
+        current = self.current_state(instance)
+        for t in self._by_name.get(name, ()):
+            if t.start == current:
+                return self._guarded(instance, t)
+        starts = ", ".join(self.label(instance, t.start) for t in self._by_name.get(name, ()))
+        raise TransitionException(
+            f"{type(self).__name__}: cannot call edge {name!r} from {self.label(instance, current)}; "
+            f"it starts from {starts}"
+        )
+
+    def edge_toward(self, instance: Any, target: Any) -> Transition | None:
+        """The first edge of a shortest path to ``target``; ``None`` when already there."""
+        current = self.current_state(instance)
+        if current == target:
+            return None
+        first_edge: dict[Any, Transition] = {}
+        queue = deque([current])
+        seen = {current}
+        while queue:
+            state = queue.popleft()
+            for t in self._transitions:
+                if t.start != state or t.end in seen:
+                    continue
+                seen.add(t.end)
+                first_edge[t.end] = first_edge.get(state, t)
+                if t.end == target:
+                    return self._guarded(instance, first_edge[t.end])
+                queue.append(t.end)
+        raise TransitionException(
+            f"{type(self).__name__}: no path from {self.label(instance, current)} to "
+            f"{self.label(instance, target)}"
+        )
+
+    def check_arguments(
+        self, transition: Transition, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """Wrong arguments are a ``TypeError`` raised before anything runs."""
+        if transition.side_effect is None:
+            if args or kwargs:
+                raise TypeError(f"edge {transition} has no side effect and takes no arguments")
+            return
+        try:
+            self._signatures[transition.side_effect].bind(self, instance, transition, *args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{transition.name}(): {exc}") from None
+
+    def _guarded(self, instance: Any, transition: Transition) -> Transition:
+        if not transition.allowed(instance):
+            raise TransitionException(
+                f"{type(self).__name__}: cannot transition from {self.label(instance, transition.start)} "
+                f"to {self.label(instance, transition.end)} using {_name(transition.side_effect)!r}: "
+                f"precondition failed"
+            )
+        return transition
+
+
+def _validated(machine: str, transitions: Iterable[Any], start: Any) -> tuple[Transition, ...]:
+    result = []
+    for index, t in enumerate(transitions):
+        if not isinstance(t, Transition):
+            raise ImproperlyConfigured(
+                f"{machine}.transitions[{index}] is {t!r}, not State | callable-or-None | State"
+            )
+        result.append(t)
+    if not result:
+        raise ImproperlyConfigured(f"{machine}.transitions is empty")
+    seen: dict[tuple[Any, str], Transition] = {}
+    for t in result:
+        if t.name is None:
+            continue
+        if t.name in RESERVED_EDGE_NAMES:
+            raise ImproperlyConfigured(
+                f"{machine}: side effect {t.name!r} shadows a method of the bound state machine; rename it"
+            )
+        if (t.start, t.name) in seen:
+            raise ImproperlyConfigured(
+                f"{machine}: two edges from {t.start!r} use the side effect {t.name!r} "
+                f"({seen[(t.start, t.name)]} and {t}); calling {t.name}() would be ambiguous"
+            )
+        seen[(t.start, t.name)] = t
+    if start is not None and plain(start) not in {s for t in result for s in (t.start, t.end)}:
+        raise ImproperlyConfigured(f"{machine}.start is {plain(start)!r}, which no transition names")
+    return tuple(result)

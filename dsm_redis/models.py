@@ -1,0 +1,19 @@
+"""The database side of fencing: the highest fencing token committed per object."""
+
+from __future__ import annotations
+
+from django.db import models
+
+
+class FencingMark(models.Model):
+    """Written in the same transaction as the object's row; a lower token is refused (``fence.py``)."""
+
+    object_key = models.CharField(max_length=255, primary_key=True)
+    token = models.BigIntegerField()
+
+    class Meta:
+        db_table = "dsm_redis_fencing_mark"
+        verbose_name = "fencing mark"
+
+    def __str__(self) -> str:
+        return f"{self.object_key} @ {self.token}"

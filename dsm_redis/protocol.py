@@ -1,0 +1,234 @@
+"""The transition protocol, in the order it runs.
+
+For a saved object, one transition (or the outermost of nested ones):
+
+1. lease       take the object's lease (``lease.hold``): one Redis round trip sets the lock with its
+               TTL and mints the fencing token; a nested call re-enters the lease it already holds;
+2. transaction open a transaction (a savepoint inside a caller's ``atomic``);
+   row lock    ``SELECT ... FOR UPDATE`` the row, bounded by the row-lock timeout, judging the
+               lease's fencing token in the same statement where the database allows
+               (``fence.lock_row``); the row read here *is* the current state — no refresh query;
+3. check       resolve the request (edge name, target state, next step of a path) against that
+               fresh row, run the precondition, validate the side effect's arguments, then run
+               the side effect;
+4. write       save only the columns that changed (``pre_save``/``post_save`` fire), and refuse
+               to commit if the lease was lost meanwhile (``LockLost``);
+5. commit      leave the atomic block; then release the lease (owner-checked); then send
+               ``state_changed`` (queued with ``transaction.on_commit``, so a rolled-back
+               transition never signals).
+
+Anything raised before the commit rolls the row back and restores the in-memory instance.
+``TransitionFailed(error_state)`` from a side effect rolls the transition back and runs the edge to
+``error_state`` in a new transaction under the same lease. An unsaved object has no row to lock:
+it transitions in memory and is saved (inserted) at the end, as deus-state-machina did.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from functools import partial
+from typing import TYPE_CHECKING, Any, Callable
+
+from django.db import router, transaction
+from django.db.models import Model
+
+from .conf import get_config
+from .exceptions import LockLost, TransitionFailed
+from .fence import lock_row
+from .keys import object_key
+from .lease import Lease, held_lease, hold
+from .signals import state_changed
+
+if TYPE_CHECKING:
+    from .machine import StateMachine, Transition
+
+logger = logging.getLogger("dsm_redis")
+
+# Given the object as it is now, the transition to take (None: nothing to do).
+Resolve = Callable[[Model], "Transition | None"]
+
+
+def run(
+    machine: StateMachine, instance: Model, resolve: Resolve, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """One transition; returns the state the object is in afterwards."""
+    using = router.db_for_write(type(instance), instance=instance)
+    if instance.pk is None or instance._state.adding:
+        return _run_unsaved(machine, instance, resolve, args, kwargs, using)
+    with hold(object_key(instance)) as lease:  # 1. lease
+        return _step(machine, instance, resolve, args, kwargs, using, lease)[0]
+
+
+def run_through(machine: StateMachine, instance: Model, target: Any) -> Any:
+    """Walk the shortest path to ``target`` one transaction per step, all under one lease."""
+
+    def resolve(row: Model) -> Transition | None:
+        return machine.edge_toward(row, target)
+
+    using = router.db_for_write(type(instance), instance=instance)
+    if instance.pk is None or instance._state.adding:
+        state = machine.current_state(instance)
+        while machine.edge_toward(instance, target) is not None:
+            state, diverted = _run_unsaved(machine, instance, resolve, (), {}, using, diverted=True)
+            if diverted:
+                break
+        return state
+    with hold(object_key(instance)) as lease:
+        while True:
+            state, diverted = _step(machine, instance, resolve, (), {}, using, lease)
+            # Each step is its own fenced transaction; stop at the target, or where a
+            # TransitionFailed diverted the walk to its error state (as deus-state-machina did).
+            if diverted or state == target or machine.current_state(instance) == target:
+                return state
+
+
+def _step(
+    machine: StateMachine,
+    instance: Model,
+    resolve: Resolve,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    using: str,
+    lease: Lease,
+) -> tuple[Any, bool]:
+    config = get_config()
+    in_transaction = lease.in_transaction
+    # A nested call on the instance this lease is already transitioning, inside the same open
+    # transaction: the row is locked and the instance is current; a second SELECT would only
+    # overwrite the outer side effect's unsaved changes.
+    nested = id(instance) in in_transaction
+    original = _snapshot(instance)
+    try:
+        with transaction.atomic(using=using):  # 2. transaction
+            row = instance if nested else lock_row(instance, using, lease, config.effective_row_lock_timeout)
+            lease.check()  # a lease lost while waiting for the row must not start a side effect
+            transition = resolve(row)  # 3. check against the row read under the lock
+            if transition is None:
+                return machine.current_state(row), False
+            machine.check_arguments(transition, instance, args, kwargs)
+            if row is not instance:
+                _adopt_row(instance, row)
+            before = _snapshot(instance)
+            in_transaction.add(id(instance))
+            try:
+                if transition.side_effect is not None:
+                    transition.side_effect(machine, instance, transition.under(lease), *args, **kwargs)
+            finally:
+                if not nested:
+                    in_transaction.discard(id(instance))
+            setattr(instance, machine.state_field_name, transition.end)
+            _write(instance, before, machine.state_field_name, using)  # 4. write
+            try:
+                lease.check()  # refuse to commit work done after the lease ran out
+            except LockLost:
+                logger.error("refusing to commit %s on %s: lease lost", transition, lease.key)
+                raise
+            transaction.on_commit(partial(_signal, instance, transition.end, machine, lease.key), using=using)
+        # 5. committed (or our savepoint released inside a caller's transaction)
+        return transition.end, False
+    except TransitionFailed as failed:
+        _restore(instance, original)
+        target = machine.check_known(failed.error_state)
+        state, _ = _step(
+            machine, instance, partial(machine.edge_for_target, target=target), (), failed.kwargs, using, lease
+        )
+        return state, True
+    except BaseException:
+        _restore(instance, original)
+        raise
+
+
+def _run_unsaved(
+    machine: StateMachine,
+    instance: Model,
+    resolve: Resolve,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    using: str,
+    diverted: bool = False,
+) -> Any:
+    """No row, no lock: transition in memory, insert at the end (deus-state-machina's behaviour)."""
+    original = _snapshot(instance)
+    transition = resolve(instance)
+    if transition is None:
+        state = machine.current_state(instance)
+        return (state, False) if diverted else state
+    machine.check_arguments(transition, instance, args, kwargs)
+    try:
+        with transaction.atomic(using=using):
+            if transition.side_effect is not None:
+                transition.side_effect(machine, instance, transition, *args, **kwargs)
+            setattr(instance, machine.state_field_name, transition.end)
+            instance.save(using=using)
+            transaction.on_commit(partial(_signal, instance, transition.end, machine, None), using=using)
+    except TransitionFailed as failed:
+        _restore(instance, original)
+        target = machine.check_known(failed.error_state)
+        state = _run_unsaved(
+            machine, instance, partial(machine.edge_for_target, target=target), (), failed.kwargs, using
+        )
+        return (state, True) if diverted else state
+    except BaseException:
+        _restore(instance, original)
+        raise
+    return (transition.end, False) if diverted else transition.end
+
+
+# -- instance bookkeeping --------------------------------------------------------------------------
+
+
+def _snapshot(instance: Model) -> dict[str, Any]:
+    # Only loaded values: touching a deferred field would cost a query. Containers are copied so
+    # that a side effect mutating a JSONField in place is seen as a change.
+    values = instance.__dict__
+    return {
+        f.attname: copy.deepcopy(values[f.attname]) if isinstance(values[f.attname], (dict, list)) else values[f.attname]
+        for f in instance._meta.concrete_fields
+        if f.attname in values
+    }
+
+
+def _restore(instance: Model, snapshot: dict[str, Any]) -> None:
+    for f in instance._meta.concrete_fields:
+        if f.attname in snapshot:
+            setattr(instance, f.attname, snapshot[f.attname])
+        else:
+            instance.__dict__.pop(f.attname, None)  # deferred again
+
+
+def _adopt_row(instance: Model, row: Model) -> None:
+    """Make ``instance`` the row read under the lock (what ``refresh_from_db`` would do)."""
+    for f in instance._meta.concrete_fields:
+        value = getattr(row, f.attname)
+        if f.is_relation and f.is_cached(instance) and instance.__dict__.get(f.attname) != value:
+            f.delete_cached_value(instance)
+        setattr(instance, f.attname, value)
+    instance._state.db = row._state.db
+    instance._state.adding = False
+
+
+def _write(instance: Model, before: dict[str, Any], state_field: str, using: str) -> None:
+    names = {state_field}
+    for f in instance._meta.concrete_fields:
+        # auto_now fields change in pre_save, as they would for a plain save().
+        if getattr(f, "auto_now", False) or instance.__dict__.get(f.attname) != before.get(f.attname):
+            names.add(f.name)
+    instance.save(using=using, update_fields=sorted(names))
+
+
+def _signal(instance: Model, state: Any, machine: StateMachine, key: str | None) -> None:
+    send = partial(_send, instance, state, machine)
+    lease = held_lease(key) if key is not None else None
+    if lease is not None:
+        lease.after_release.append(send)  # the lease is released first, then receivers run
+    else:
+        send()
+
+
+def _send(instance: Model, state: Any, machine: StateMachine) -> None:
+    for receiver, response in state_changed.send_robust(
+        sender=type(instance), instance=instance, state=state, field_name=machine.state_field_name
+    ):
+        if isinstance(response, Exception):
+            logger.error("state_changed receiver %r raised", receiver, exc_info=response)

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import pytest
+import redis as redis_py
+from django.conf import settings
+
+
+@pytest.fixture
+def redis() -> Iterator[Any]:
+    client = redis_py.Redis.from_url(settings.REDIS_URL)
+    yield client
+    client.close()
+
+
+@pytest.fixture(params=["default", "sqlite"], ids=["postgresql", "sqlite"])
+def db_alias(request: pytest.FixtureRequest) -> str:
+    """Run a test on PostgreSQL and on SQLite (the core semantics hold on both)."""
+    request.getfixturevalue("_both_databases")
+    return str(request.param)
+
+
+@pytest.fixture
+def _both_databases(django_db_blocker: Any, request: pytest.FixtureRequest) -> None:
+    marker = request.node.get_closest_marker("django_db")
+    assert marker is not None and set(marker.kwargs.get("databases", ())) >= {"default", "sqlite"}, (
+        "tests using db_alias need @pytest.mark.django_db(databases=['default', 'sqlite'])"
+    )
+
+
+@pytest.fixture
+def queries() -> Any:
+    """``with queries("default") as ctx: ...; ctx.captured_queries`` (BEGIN and COMMIT included)."""
+    from django.db import connections
+    from django.test.utils import CaptureQueriesContext
+
+    return lambda alias="default": CaptureQueriesContext(connections[alias])

@@ -1,0 +1,95 @@
+"""Declaring machines: validation at class definition, states, labels, path finding (no database)."""
+
+from __future__ import annotations
+
+import enum
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+
+from dsm_redis import State, StateMachine, TransitionException, precondition
+from tests.testapp.models import Cat, CatStateMachine
+
+
+def noop(self, instance, transition):
+    pass
+
+
+def test_half_edge_is_rejected_at_class_definition():
+    with pytest.raises(ImproperlyConfigured, match=r"transitions\[0\].*State \| callable-or-None \| State"):
+
+        class Broken(StateMachine):
+            transitions = [State(0) | noop]
+
+
+def test_non_callable_side_effect_is_rejected():
+    with pytest.raises(ImproperlyConfigured, match="callable-or-None"):
+        State(0) | "survive"
+
+
+def test_duplicate_edge_name_from_one_state_is_ambiguous():
+    with pytest.raises(ImproperlyConfigured, match="two edges from 0 use the side effect 'noop'"):
+
+        class Broken(StateMachine):
+            transitions = [State(0) | noop | State(1), State(0) | noop | State(2)]
+
+
+def test_start_must_be_named_by_a_transition():
+    with pytest.raises(ImproperlyConfigured, match="start is 9"):
+
+        class Broken(StateMachine):
+            start = 9
+            transitions = [State(0) | None | State(1)]
+
+
+def test_empty_transitions_and_reserved_names():
+    with pytest.raises(ImproperlyConfigured, match="empty"):
+
+        class Empty(StateMachine):
+            transitions = []
+
+    def transition_to(self, instance, transition):
+        pass
+
+    with pytest.raises(ImproperlyConfigured, match="shadows"):
+
+        class Shadow(StateMachine):
+            transitions = [State(0) | transition_to | State(1)]
+
+
+def test_states_may_be_ints_strings_and_enums_and_compare_by_value():
+    class Colour(enum.Enum):
+        RED = "red"
+        BLUE = "blue"
+
+    class Machine(StateMachine):
+        transitions = [State(Colour.RED) | None | State(Colour.BLUE), State("blue") | None | State(3)]
+
+    assert Machine._states == {"red", "blue", 3}
+    assert State(Colour.RED) == "red" and State("red") == State(Colour.RED)
+    with pytest.raises(TransitionException, match="no state 'green'"):
+        Machine("m", "state").check_known("green")
+
+
+def test_shortest_path_and_labels():
+    machine = CatStateMachine("state_machine", "state")
+    cat = Cat(state=0)
+    assert machine.edge_toward(cat, 2).end == 2  # direct rip beats survive + None
+    assert machine.label(cat, 1) == "1 (Alive)"
+    cat.state = 2
+    assert machine.edge_toward(cat, 2) is None
+    with pytest.raises(TransitionException, match=r"no path from 2 \(Dead\) to 0 \(Unknown\)"):
+        machine.edge_toward(cat, 0)
+
+
+def test_transition_objects_carry_the_seed_attributes():
+    @precondition(lambda obj: True)
+    def go(self, instance, transition):
+        pass
+
+    class Machine(StateMachine):
+        transitions = [State(0) | go | State(1)]
+
+    (t,) = Machine._transitions
+    assert (t.start, t.end, t.side_effect, t.fencing_token) == (0, 1, go, None)
+    assert t.precondition is go._precondition

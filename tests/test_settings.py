@@ -1,0 +1,79 @@
+"""``DSM_REDIS`` validation: every mistake is a clear error naming the key; checks report them."""
+
+from __future__ import annotations
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+
+from dsm_redis.conf import parse, validate
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ("redis://x", "must be a dict"),
+        ({"LOCATON": "redis://x"}, "unknown key 'LOCATON'"),
+        ({"OPTIONS": {"TTL": 0}}, r"\['TTL'\] must be a number > 0"),
+        ({"OPTIONS": {"TTL": "30"}}, r"\['TTL'\] must be a number > 0"),
+        ({"OPTIONS": {"TTL": float("nan")}}, r"\['TTL'\]"),
+        ({"OPTIONS": {"ACQUIRE_TIMEOUT": -1}}, r"\['ACQUIRE_TIMEOUT'\] must be a number >= 0"),
+        ({"OPTIONS": {"AUTO_RENEW": "yes"}}, r"\['AUTO_RENEW'\] must be True or False"),
+        ({"OPTIONS": {"KEY_PREFIX": "a{b}"}}, "braces"),
+        ({"OPTIONS": {"TIMEOUT": 3}}, "unknown key 'TIMEOUT'"),
+        ({"OPTIONS": []}, r"\['OPTIONS'\] must be a dict"),
+        ({"BACKEND": "RedisLockBackend"}, "dotted path"),
+        ({"LOCATION": 6379}, "LOCATION"),
+    ],
+)
+def test_bad_settings_are_named(raw, message):
+    with pytest.raises(ImproperlyConfigured, match=message):
+        parse(raw)
+
+
+def test_every_problem_is_listed_at_once():
+    assert len(validate({"X": 1, "OPTIONS": {"TTL": -1, "KEY_PREFIX": ""}})) == 3
+
+
+def test_defaults_and_fractional_values_survive():
+    config = parse({"OPTIONS": {"TTL": 0.5, "ACQUIRE_TIMEOUT": None}})
+    assert (config.ttl, config.acquire_timeout, config.effective_row_lock_timeout) == (0.5, None, None)
+    assert parse(None).backend == "dsm_redis.backends.redis.RedisLockBackend"
+
+
+def test_system_check_reports_a_broken_setting(settings):
+    from django.core import checks
+
+    settings.DSM_REDIS = {"OPTIONS": {"TTL": 0}}
+    errors = [e for e in checks.run_checks() if e.id.startswith("dsm_redis")]
+    assert [e.id for e in errors] == ["dsm_redis.E001"]
+    assert "TTL" in errors[0].msg
+
+
+def test_system_check_warns_about_local_backend_in_production(settings):
+    from django.core import checks
+
+    settings.DEBUG = False
+    settings.DSM_REDIS = {"BACKEND": "dsm_redis.backends.local.LocalLockBackend"}
+    assert [e.id for e in checks.run_checks() if e.id.startswith("dsm_redis")] == ["dsm_redis.W001"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_broken_setting_stops_a_transition_and_changes_nothing(settings):
+    from tests.testapp.models import Cat
+
+    cat = Cat.objects.create()
+    settings.DSM_REDIS = {"OPTIONS": {"TTL": -5}}
+    with pytest.raises(ImproperlyConfigured, match="TTL"):
+        cat.state_machine.survive()
+    assert Cat.objects.get(pk=cat.pk).state == 0 and cat.state == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_unknown_backend_path_is_a_clear_error(settings):
+    from tests.testapp.models import Cat
+
+    cat = Cat.objects.create()
+    settings.DSM_REDIS = {"BACKEND": "dsm_redis.backends.nope.Backend"}
+    with pytest.raises(ImproperlyConfigured, match="cannot import 'dsm_redis.backends.nope.Backend'"):
+        cat.state_machine.survive()
+    assert Cat.objects.get(pk=cat.pk).state == 0

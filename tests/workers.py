@@ -1,0 +1,89 @@
+"""Functions that run inside worker processes (see ``procs.py``). Django is set up before they are
+imported, so model imports happen inside the functions' modules lazily."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+def cowboy_deposit(index: int, account_id: int, rounds: int, work: float) -> dict[str, int]:
+    """deus-state-machina's "cowboy" code: read, check, modify, save — no lock."""
+    from tests.testapp.models import Account
+
+    committed = 0
+    for _ in range(rounds):
+        account = Account.objects.get(pk=account_id)
+        if account.state == "open":
+            balance = account.balance
+            time.sleep(work)
+            account.balance = balance + 1
+            account.deposits += 1
+            account.save()
+            committed += 1
+    return {"committed": committed}
+
+
+def dsm_deposit(index: int, account_ids: list[int], rounds: int, work: float) -> dict[str, Any]:
+    """The same work through dsm_redis; retries only when the lock backend is unavailable."""
+    import redis
+    from django.conf import settings
+
+    from dsm_redis import LockBackendUnavailable
+    from tests.testapp.models import Account
+
+    effects = redis.Redis.from_url(settings.REDIS_URL)
+    committed: list[int] = []
+    unavailable = 0
+    for i in range(rounds):
+        account_id = account_ids[(index + i) % len(account_ids)]
+        account = Account.objects.get(pk=account_id)
+        while True:
+            try:
+                account.machine.deposit(
+                    amount=1, work=work, effect=lambda: effects.incr(f"effects:{settings.DSM_REDIS['OPTIONS']['KEY_PREFIX']}:{account_id}")
+                )
+                break
+            except LockBackendUnavailable:
+                unavailable += 1
+                time.sleep(0.05)
+        committed.append(account_id)
+    return {"committed": len(committed), "per_account": committed, "unavailable": unavailable}
+
+
+def cowboy_switch(index: int, switch_id: int, rounds: int) -> dict[str, int]:
+    """Turn a switch on if it is off, cowboy style: two racers may both "turn it on"."""
+    from tests.testapp.models import Switch
+
+    turned_on = 0
+    for _ in range(rounds):
+        switch = Switch.objects.get(pk=switch_id)
+        if switch.state == "off":
+            time.sleep(0.002)
+            switch.state = "on"
+            switch.flips += 1
+            switch.save()
+            turned_on += 1
+        else:
+            switch.state = "off"
+            switch.flips += 1
+            switch.save()
+    return {"flips": rounds}
+
+
+def dsm_switch(index: int, switch_id: int, rounds: int) -> dict[str, int]:
+    from dsm_redis import TransitionException
+    from tests.testapp.models import Switch
+
+    flips = refused = 0
+    for _ in range(rounds):
+        switch = Switch.objects.get(pk=switch_id)
+        try:
+            if switch.state == "off":
+                switch.machine.turn_on()
+            else:
+                switch.machine.turn_off()
+            flips += 1
+        except TransitionException:
+            refused += 1  # the row moved on since we read it: refused, nothing written
+    return {"flips": flips, "refused": refused}
