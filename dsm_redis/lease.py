@@ -69,6 +69,18 @@ class Lease:
         if self.lost is not None:
             raise LockLost(self.lost)
 
+    def fence(self, using: str = "default") -> None:
+        """Judge this lease's token in the current transaction of ``using``, before your own writes.
+
+        Transitions do this themselves; call it when you write the object (or anything guarded by
+        its lease) yourself inside ``object_lock``. Raises ``StaleFencingToken`` when a newer lease
+        has committed, and ``LockLost`` when this lease has run out.
+        """
+        from .fence import fence
+
+        self.check()
+        fence(self, using)
+
     def reanchor(self, floor: int) -> bool:
         """Redis lost our counter: mint a token above ``floor`` if Redis confirms we own the lease."""
         token = self.backend.reanchor(self.key, self.owner, floor)
