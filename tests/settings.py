@@ -44,7 +44,11 @@ DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
 DSM_REDIS = {
     # Fault-injection tests point the leases at a Redis of their own, which they restart and stop.
     "LOCATION": os.environ.get("DSM_TEST_LOCK_REDIS_URL", REDIS_URL),
-    "OPTIONS": {"TTL": 10, "ACQUIRE_TIMEOUT": 30, "KEY_PREFIX": f"dsm-test-{os.environ.get('DSM_TEST_RUN', os.getpid())}"},
+    "OPTIONS": {
+        "TTL": float(os.environ.get("DSM_TEST_TTL", 10)),
+        "ACQUIRE_TIMEOUT": 30,
+        "KEY_PREFIX": f"dsm-test-{os.environ.get('DSM_TEST_RUN', os.getpid())}",
+    },
 }
 os.environ.setdefault("DSM_TEST_RUN", str(os.getpid()))
 LOGGING = {

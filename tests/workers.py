@@ -29,12 +29,13 @@ def dsm_deposit(index: int, account_ids: list[int], rounds: int, work: float) ->
     import redis
     from django.conf import settings
 
-    from dsm_redis import LockBackendUnavailable
+    from dsm_redis import LockBackendUnavailable, LockLost, StaleFencingToken
     from tests.testapp.models import Account
 
     effects = redis.Redis.from_url(settings.REDIS_URL)
+    reanchors = _count_log_records("re-anchored")
     committed: list[int] = []
-    unavailable = 0
+    unavailable = refused = 0
     for i in range(rounds):
         account_id = account_ids[(index + i) % len(account_ids)]
         account = Account.objects.get(pk=account_id)
@@ -45,10 +46,37 @@ def dsm_deposit(index: int, account_ids: list[int], rounds: int, work: float) ->
                 )
                 break
             except LockBackendUnavailable:
-                unavailable += 1
+                unavailable += 1  # Redis down or restarting: nothing was written, try again
                 time.sleep(0.05)
+            except (StaleFencingToken, LockLost):
+                refused += 1  # our lease died with the old Redis: nothing was committed, try again
         committed.append(account_id)
-    return {"committed": len(committed), "per_account": committed, "unavailable": unavailable}
+    return {
+        "committed": len(committed),
+        "per_account": committed,
+        "unavailable": unavailable,
+        "refused": refused,
+        "reanchored": reanchors.count,
+    }
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.count = 0
+
+
+def _count_log_records(needle: str) -> _Counter:
+    import logging
+
+    counter = _Counter()
+
+    class Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if needle in record.getMessage():
+                counter.count += 1
+
+    logging.getLogger("dsm_redis").addHandler(Handler(logging.WARNING))
+    return counter
 
 
 def cowboy_switch(index: int, switch_id: int, rounds: int) -> dict[str, int]:
@@ -87,3 +115,30 @@ def dsm_switch(index: int, switch_id: int, rounds: int) -> dict[str, int]:
         except TransitionException:
             refused += 1  # the row moved on since we read it: refused, nothing written
     return {"flips": flips, "refused": refused}
+
+
+def hold_across_two_transitions(inbox: Any, outbox: Any, account_id: int) -> str:
+    """Deposit 1 under object_lock, report, wait to be told to go on, then try to deposit 100."""
+    from dsm_redis import LockError, object_lock
+    from tests.testapp.models import Account
+
+    account = Account.objects.get(pk=account_id)
+    with object_lock(account) as lease:
+        account.machine.deposit(amount=1)
+        outbox.put(("ok", lease.fencing_token))
+        inbox.get(timeout=120)  # the test SIGSTOPs us here, past our TTL, then lets us go on
+        try:
+            account.machine.deposit(amount=100)
+        except LockError as exc:
+            return type(exc).__name__
+    return "committed"
+
+
+def hold_forever(inbox: Any, outbox: Any, account_id: int) -> None:
+    """Take the object's lease and never give it back (the test SIGKILLs us)."""
+    from dsm_redis import object_lock
+    from tests.testapp.models import Account
+
+    with object_lock(Account.objects.get(pk=account_id)) as lease:
+        outbox.put(("ok", lease.fencing_token))
+        inbox.get(timeout=300)
