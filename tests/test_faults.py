@@ -48,11 +48,11 @@ def holder(obj: Any) -> Any:
 
 def wait_until(condition: Any, what: str, limit: float = 60) -> None:
     """Poll a condition; the limit only guards against a hung test, it asserts nothing about speed."""
-    give_up = time.monotonic() + limit
-    while not condition():
-        if time.monotonic() > give_up:
-            raise AssertionError(f"gave up waiting for {what}")
+    for _ in range(int(limit / 0.02)):
+        if condition():
+            return
         time.sleep(0.02)
+    raise AssertionError(f"gave up waiting for {what}")
 
 
 def pg_connect() -> psycopg.Connection[Any]:
