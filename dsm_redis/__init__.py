@@ -10,6 +10,7 @@ from .exceptions import (
     TransitionException,
     TransitionFailed,
 )
+from .fence import FencingTokenField
 from .field import StateMachineField
 from .lease import Lease, object_lock
 from .machine import State, StateMachine, Transition, precondition
@@ -21,6 +22,7 @@ __all__ = [
     "State",
     "StateMachine",
     "StateMachineField",
+    "FencingTokenField",
     "Transition",
     "precondition",
     "TransitionException",

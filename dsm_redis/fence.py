@@ -15,9 +15,10 @@ that writes to systems outside this database must pass ``transition.fencing_toke
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
-from django.db import DatabaseError, connections
+from django.apps import apps
+from django.db import DatabaseError, connections, models
 from django.db.models import Model
 from django.db.models.expressions import RawSQL
 
@@ -26,11 +27,35 @@ from .exceptions import LockTimeout, StaleFencingToken
 if TYPE_CHECKING:
     from .lease import Lease
 
-__all__ = ["lock_row", "fence"]
+__all__ = ["FencingTokenField", "fencing_column", "lock_row", "fence"]
 
 logger = logging.getLogger("dsm_redis")
 MARK = "dsm_redis_fence_mark"
 _LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL: lock_timeout expired
+
+
+class FencingTokenField(models.BigIntegerField):
+    """Opt a model into keeping its fencing mark in its own row instead of the shared table.
+
+    ``fencing_token = FencingTokenField()`` on the model (then ``makemigrations``). The mark is
+    read by the same ``SELECT ... FOR UPDATE`` that reads the row and written by the same
+    ``UPDATE`` that writes it: no fence table, no stored function, 4 statements per transition on
+    every database. The cost: a column and a migration on your table, and writes to the row that
+    bypass dsm_redis must leave the column alone.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("default", 0)
+        kwargs.setdefault("editable", False)
+        super().__init__(*args, **kwargs)
+
+
+def fencing_column(model: type[Model]) -> str | None:
+    """The attname of the model's ``FencingTokenField``, if it opted into one."""
+    for f in model._meta.concrete_fields:
+        if isinstance(f, FencingTokenField):
+            return f.attname
+    return None
 
 
 def lock_row(instance: Model, using: str, lease: Lease, row_lock_timeout: float | None) -> Model:
@@ -38,15 +63,26 @@ def lock_row(instance: Model, using: str, lease: Lease, row_lock_timeout: float 
     model = type(instance)
     rows = model._base_manager.db_manager(using).select_for_update().filter(pk=instance.pk)
     vendor = connections[using].vendor
+    timeout = None if row_lock_timeout is None else f"{max(1, int(row_lock_timeout * 1000))}ms"
+    column = fencing_column(model)
     try:
+        if column is not None:
+            if vendor == "postgresql" and timeout is not None:
+                # set_config runs in the scan, before FOR UPDATE waits: the wait is bounded.
+                rows = rows.annotate(**{MARK: RawSQL("set_config('lock_timeout', %s, true)", (timeout,))})
+            fresh = rows.get()
+            mark = getattr(fresh, column) or 0
+            _judge(mark, lease, lambda: mark)
+            # Written by the transition's own UPDATE (protocol._write always includes it).
+            setattr(fresh, column, lease.fencing_token)
+            return fresh
         if vendor == "postgresql":
             # One round trip: the function bounds the row-lock wait (SET LOCAL lock_timeout) and
             # upserts the mark; it runs in the scan, before FOR UPDATE waits for the row.
-            timeout = None if row_lock_timeout is None else f"{max(1, int(row_lock_timeout * 1000))}ms"
             fresh = rows.annotate(
                 **{MARK: RawSQL("dsm_redis_fence(%s, %s, %s)", (lease.key, lease.fencing_token, timeout))}
             ).get()
-            _judge(getattr(fresh, MARK), lease, using)
+            _judge(getattr(fresh, MARK), lease, lambda: _upsert(lease.key, lease.fencing_token, using))
             return fresh
         # Elsewhere the mark's upsert goes first: on SQLite it is the write that takes the
         # database's write lock at the start, which avoids a read-to-write lock upgrade deadlock.
@@ -60,17 +96,35 @@ def lock_row(instance: Model, using: str, lease: Lease, row_lock_timeout: float 
 
 def fence(lease: Lease, using: str) -> None:
     """Judge ``lease``'s token in the current transaction of ``using`` (raise the mark or refuse)."""
-    _judge(_upsert(lease.key, lease.fencing_token, using), lease, using)
+    model, pk = _object_of(lease.key)
+    column = fencing_column(model) if model is not None else None
+    if column is None:
+        _judge(_upsert(lease.key, lease.fencing_token, using), lease, lambda: _upsert(lease.key, lease.fencing_token, using))
+        return
+    assert model is not None
+    rows = model._base_manager.db_manager(using).filter(pk=pk)
+    mark = rows.select_for_update().values_list(column, flat=True).get() or 0
+    _judge(mark, lease, lambda: mark)
+    rows.update(**{column: lease.fencing_token})
 
 
-def _judge(mark: int, lease: Lease, using: str) -> None:
-    if mark == lease.fencing_token:
+def _object_of(key: str) -> tuple[type[Model] | None, Any]:
+    label, _, pk = key.partition(":")
+    try:
+        model = apps.get_model(label)
+    except LookupError:
+        return None, None
+    return model, model._meta.pk.to_python(pk)
+
+
+def _judge(mark: int, lease: Lease, rejudge: Callable[[], int]) -> None:
+    if mark <= lease.fencing_token:
         return
     stale = lease.fencing_token
     # The database has seen a newer token. Either our lease ran out and another holder committed
     # (we must not write), or Redis lost its counter and re-minted low tokens while we really do
     # hold the lease: Redis alone can tell which, atomically with minting the replacement token.
-    if lease.reanchor(mark) and _upsert(lease.key, lease.fencing_token, using) == lease.fencing_token:
+    if lease.reanchor(mark) and rejudge() <= lease.fencing_token:
         return
     logger.warning("stale fencing token %s for %s refused: the database holds %s", stale, lease.key, mark)
     raise StaleFencingToken(

@@ -35,7 +35,7 @@ from django.db.models import Model
 
 from .conf import get_config
 from .exceptions import LockLost, TransitionFailed
-from .fence import lock_row
+from .fence import fencing_column, lock_row
 from .keys import object_key
 from .lease import Lease, held_lease, hold
 from .signals import state_changed
@@ -210,6 +210,9 @@ def _adopt_row(instance: Model, row: Model) -> None:
 
 def _write(instance: Model, before: dict[str, Any], state_field: str, using: str) -> None:
     names = {state_field}
+    column = fencing_column(type(instance))
+    if column is not None:
+        names.add(column)  # carries the lease's token, judged by the SELECT ... FOR UPDATE
     for f in instance._meta.concrete_fields:
         # auto_now fields change in pre_save, as they would for a plain save().
         if getattr(f, "auto_now", False) or instance.__dict__.get(f.attname) != before.get(f.attname):

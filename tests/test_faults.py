@@ -23,7 +23,7 @@ from dsm_redis.keys import object_key
 from dsm_redis.models import FencingMark
 from tests.procs import run_workers, start_worker
 from tests.test_races import effects
-from tests.testapp.models import Account, Order
+from tests.testapp.models import Account, FencedAccount, Order
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -63,10 +63,13 @@ def pg_connect() -> psycopg.Connection[Any]:
     )
 
 
-def test_paused_holder_cannot_commit_after_its_lease_ran_out(lock_redis):
+@pytest.mark.parametrize("model", [Account, FencedAccount], ids=["mark-table", "own-column"])
+def test_paused_holder_cannot_commit_after_its_lease_ran_out(lock_redis, model):
     _, env = lock_redis
-    account = Account.objects.create()
-    worker = start_worker("tests.workers:hold_across_two_transitions", account.pk, env=env)
+    account = model.objects.create()
+    worker = start_worker(
+        "tests.workers:hold_across_two_transitions", account.pk, model._meta.label, env=env
+    )
     try:
         first_token = worker.expect()
         os.kill(worker.pid, signal.SIGSTOP)  # a GC pause, a stopped VM: the renewer stops too
@@ -80,7 +83,10 @@ def test_paused_holder_cannot_commit_after_its_lease_ran_out(lock_redis):
         worker.stop()
     account.refresh_from_db()
     assert (account.balance, account.deposits) == (11, 2)  # nothing of the stale write landed
-    assert FencingMark.objects.get(pk=object_key(account)).token > first_token
+    if model is Account:
+        assert FencingMark.objects.get(pk=object_key(account)).token > first_token
+    else:
+        assert account.fencing_token > first_token
 
 
 def test_expired_lease_is_refused_before_commit_even_without_a_rival(lock_redis):

@@ -117,12 +117,13 @@ def dsm_switch(index: int, switch_id: int, rounds: int) -> dict[str, int]:
     return {"flips": flips, "refused": refused}
 
 
-def hold_across_two_transitions(inbox: Any, outbox: Any, account_id: int) -> str:
+def hold_across_two_transitions(inbox: Any, outbox: Any, account_id: int, model: str = "testapp.Account") -> str:
     """Deposit 1 under object_lock, report, wait to be told to go on, then try to deposit 100."""
-    from dsm_redis import LockError, object_lock
-    from tests.testapp.models import Account
+    from django.apps import apps
 
-    account = Account.objects.get(pk=account_id)
+    from dsm_redis import LockError, object_lock
+
+    account = apps.get_model(model).objects.get(pk=account_id)
     with object_lock(account) as lease:
         account.machine.deposit(amount=1)
         outbox.put(("ok", lease.fencing_token))

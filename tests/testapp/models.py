@@ -3,7 +3,7 @@ from __future__ import annotations
 from django.db import models
 from django.utils.timezone import now
 
-from dsm_redis import State, StateMachine, StateMachineField, TransitionFailed, precondition
+from dsm_redis import FencingTokenField, State, StateMachine, StateMachineField, TransitionFailed, precondition
 
 UNKNOWN, ALIVE, DEAD = 0, 1, 2
 
@@ -226,3 +226,13 @@ class Parcel(models.Model):
     charged_with = models.BigIntegerField(null=True)
     state_machine = StateMachineField(Shipping, "state")
     billing = StateMachineField(Billing, "billing_state")
+
+
+class FencedAccount(models.Model):
+    """An Account that keeps its fencing mark in its own row (FencingTokenField)."""
+
+    state = models.CharField(max_length=10, default="open")
+    balance = models.IntegerField(default=0)
+    deposits = models.IntegerField(default=0)
+    fencing_token = FencingTokenField()
+    machine = StateMachineField(AccountMachine, "state")

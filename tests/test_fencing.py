@@ -1,0 +1,165 @@
+"""Fencing tokens judged by the database, in the shared mark table and in an opted-in column.
+
+The multi-process versions (a holder SIGSTOPped past its TTL) are in test_faults.py; here the same
+interleavings are driven from two threads, which contend for a lease like two processes do.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import pytest
+from django.db import connections, transaction
+
+from dsm_redis import StaleFencingToken, object_lock
+from dsm_redis.backends import get_backend
+from dsm_redis.fence import fencing_column
+from dsm_redis.keys import counter_key, object_key, redis_name
+from dsm_redis.models import FencingMark
+from tests.testapp.models import Account, FencedAccount
+
+pytestmark = pytest.mark.django_db(databases=["default", "sqlite"], transaction=True)
+
+MODELS = pytest.mark.parametrize("model", [Account, FencedAccount], ids=["mark-table", "own-column"])
+
+
+def mark(obj: Any) -> int:
+    if fencing_column(type(obj)):
+        return type(obj).objects.using(obj._state.db).get(pk=obj.pk).fencing_token
+    return FencingMark.objects.using(obj._state.db).get(pk=object_key(obj)).token
+
+
+def in_other_thread(fn: Any) -> None:
+    """Run fn in another thread (its own lease holder, its own DB connection) and wait for it."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+def expire(lease: Any) -> None:
+    """What a TTL running out does: the lease key disappears from Redis."""
+    from django.conf import settings
+
+    prefix = settings.DSM_REDIS["OPTIONS"]["KEY_PREFIX"]
+    get_backend().client.delete(f"lock:{redis_name(prefix, lease.key)}")
+
+
+@MODELS
+def test_marks_follow_tokens(model, db_alias):
+    obj = model.objects.using(db_alias).create()
+    with object_lock(obj) as first:
+        obj.machine.deposit()
+    assert mark(obj) == first.fencing_token
+    obj.machine.deposit()
+    assert mark(obj) > first.fencing_token
+
+
+@MODELS
+def test_stale_holder_is_refused_and_commits_nothing(model, db_alias):
+    obj = model.objects.using(db_alias).create()
+    with object_lock(obj) as lease:
+        obj.machine.deposit(amount=1)
+        expire(lease)  # our lease runs out while we are "paused"...
+        in_other_thread(lambda: model.objects.using(db_alias).get(pk=obj.pk).machine.deposit(amount=10))
+        with pytest.raises(StaleFencingToken) as caught:
+            obj.machine.deposit(amount=100)  # ...and our next write is judged stale
+        assert caught.value.token == lease.fencing_token and caught.value.mark > lease.fencing_token
+    row = model.objects.using(db_alias).get(pk=obj.pk)
+    assert (row.balance, row.deposits) == (11, 2)
+    assert obj.balance == 1  # the refused transition left the instance as it was
+
+
+@MODELS
+def test_lost_counter_is_reanchored_above_the_mark(model, db_alias, caplog):
+    from django.conf import settings
+
+    obj = model.objects.using(db_alias).create()
+    for _ in range(3):
+        obj.machine.deposit()
+    before = mark(obj)
+    # Redis lost the counter (restart without persistence, flush, eviction): tokens restart at 1.
+    get_backend().client.delete(counter_key(settings.DSM_REDIS["OPTIONS"]["KEY_PREFIX"], object_key(obj)))
+    with caplog.at_level(logging.WARNING, logger="dsm_redis"):
+        obj.machine.deposit()
+    assert "re-anchored" in caplog.text
+    assert mark(obj) > before
+    assert model.objects.using(db_alias).get(pk=obj.pk).balance == 4
+    obj.machine.deposit()  # and the counter carries on from there
+    assert model.objects.using(db_alias).get(pk=obj.pk).balance == 5
+
+
+def test_hand_written_writes_inside_object_lock_are_fenced(db_alias):
+    obj = Account.objects.using(db_alias).create()
+    with object_lock(obj) as lease:
+        with transaction.atomic(using=db_alias):
+            lease.fence(db_alias)
+            Account.objects.using(db_alias).filter(pk=obj.pk).update(balance=5)
+        expire(lease)
+        in_other_thread(lambda: Account.objects.using(db_alias).get(pk=obj.pk).machine.deposit())
+        with pytest.raises(StaleFencingToken):
+            with transaction.atomic(using=db_alias):
+                lease.fence(db_alias)
+                Account.objects.using(db_alias).filter(pk=obj.pk).update(balance=500)
+    assert Account.objects.using(db_alias).get(pk=obj.pk).balance == 6
+
+
+@pytest.mark.parametrize(
+    ("model", "alias", "statements"),
+    [
+        (Account, "default", ["BEGIN", "SELECT", "UPDATE", "COMMIT"]),
+        (FencedAccount, "default", ["BEGIN", "SELECT", "UPDATE", "COMMIT"]),
+        (FencedAccount, "sqlite", ["BEGIN", "SELECT", "UPDATE", "COMMIT"]),
+        # SQLite has no stored functions: the mark is a statement of its own.
+        (Account, "sqlite", ["BEGIN", "INSERT", "SELECT", "UPDATE", "COMMIT"]),
+    ],
+    ids=["pg-table", "pg-column", "sqlite-column", "sqlite-table"],
+)
+def test_statements_per_uncontended_transition(model, alias, statements, queries):
+    obj = model.objects.using(alias).create()
+    obj.machine.deposit()
+    with queries(alias) as ctx:
+        obj.machine.deposit()
+    assert [q["sql"].split()[0] for q in ctx.captured_queries] == statements
+    # No separate refresh: the locking SELECT is the only read.
+
+
+def test_two_redis_round_trips_per_uncontended_transition():
+    obj = Account.objects.create()
+    obj.machine.deposit()  # scripts loaded
+    import redis as redis_py
+
+    client = get_backend().client
+    watcher = redis_py.Redis(connection_pool=redis_py.ConnectionPool(**client.connection_pool.connection_kwargs))
+    seen: list[str] = []
+    with watcher.monitor() as monitor:
+        ready = threading.Event()
+
+        def listen() -> None:
+            ready.set()
+            for command in monitor.listen():
+                if command["client_type"] != "lua":  # commands a script runs are not round trips
+                    seen.append(command["command"])
+                if "STOP-LISTENING" in command["command"]:
+                    return
+
+        listener = threading.Thread(target=listen)
+        listener.start()
+        ready.wait()
+        obj.machine.deposit()
+        client.echo("STOP-LISTENING")
+        listener.join()
+    assert [c.split()[0] for c in seen[:-1]] == ["EVALSHA", "EVALSHA"]
