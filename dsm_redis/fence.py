@@ -14,6 +14,7 @@ that writes to systems outside this database must pass ``transition.fencing_toke
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -50,6 +51,7 @@ class FencingTokenField(models.BigIntegerField):
         super().__init__(*args, **kwargs)
 
 
+@functools.lru_cache(maxsize=None)
 def fencing_column(model: type[Model]) -> str | None:
     """The attname of the model's ``FencingTokenField``, if it opted into one."""
     for f in model._meta.concrete_fields:

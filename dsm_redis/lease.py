@@ -107,6 +107,13 @@ def _held() -> dict[str, Lease]:
     return leases
 
 
+def _forget_leases_after_fork() -> None:
+    # A child forked while a thread held a lease inherits that thread's dict but not the lease:
+    # the parent still owns it. Re-entering it in the child would let two processes work at once.
+    global _local
+    _local = threading.local()
+
+
 def held_lease(key: str) -> Lease | None:
     """The lease this thread holds on ``key``, if any."""
     return _held().get(key)
@@ -165,16 +172,21 @@ class _Renewer:
     """One daemon thread per process renewing every held lease at TTL/3."""
 
     def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        # Also run in a forked child: the parent's thread does not exist there, and the parent's
+        # condition may have been held at the moment of the fork.
         self._cond = threading.Condition()
         self._heap: list[tuple[float, int, Lease]] = []
         self._active: set[int] = set()
-        self._pid = 0
+        self._started = False
 
     def add(self, lease: Lease) -> None:
         with self._cond:
-            if self._pid != os.getpid():  # forked: the parent's thread does not exist here
-                self._pid, self._heap, self._active = os.getpid(), [], set()
+            if not self._started:
                 threading.Thread(target=self._run, name="dsm_redis-renewer", daemon=True).start()
+                self._started = True
             self._active.add(id(lease))
             heapq.heappush(self._heap, (time.monotonic() + lease.ttl / 3, id(lease), lease))
             self._cond.notify()
@@ -221,3 +233,5 @@ class _Renewer:
 
 
 _renewer = _Renewer()
+os.register_at_fork(after_in_child=_forget_leases_after_fork)
+os.register_at_fork(after_in_child=_renewer._reset)

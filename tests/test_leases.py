@@ -1,0 +1,97 @@
+"""Leases: re-entrancy for the holding thread, contention from others, renewal, loss, fork safety."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import pytest
+
+from dsm_redis import LockLost, LockTimeout, object_lock
+from dsm_redis.backends import get_backend
+from dsm_redis.keys import object_key
+from tests.testapp.models import Account
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def short_ttl(settings, ttl: float, **options) -> None:
+    settings.DSM_REDIS = dict(settings.DSM_REDIS, OPTIONS=dict(settings.DSM_REDIS["OPTIONS"], TTL=ttl, **options))
+
+
+def test_another_thread_contends_for_a_held_lease():
+    account = Account.objects.create()
+    outcome: list[str] = []
+
+    def other() -> None:
+        try:
+            with object_lock(account, timeout=0):
+                outcome.append("acquired")
+        except LockTimeout:
+            outcome.append("timeout")
+
+    with object_lock(account):
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+    assert outcome == ["timeout"]  # re-entrancy is per thread, not per process
+
+
+def test_renewal_keeps_a_long_holder_alive(settings):
+    short_ttl(settings, 0.3)
+    account = Account.objects.create()
+    with object_lock(account) as lease:
+        time.sleep(1.0)  # several TTLs of work; the renewer extends the lease meanwhile
+        account.machine.deposit()
+        assert lease.lost is None
+    assert Account.objects.get(pk=account.pk).balance == 1
+
+
+def test_without_renewal_a_long_holder_cannot_commit(settings, caplog):
+    short_ttl(settings, 0.3, AUTO_RENEW=False)
+    account = Account.objects.create()
+    with caplog.at_level(logging.ERROR, logger="dsm_redis"):
+        with pytest.raises(LockLost, match="expired"):
+            account.machine.deposit(work=0.6)  # the side effect outlives the lease
+    assert "refusing to commit" in caplog.text
+    assert Account.objects.get(pk=account.pk).balance == 0
+    assert account.balance == 0
+
+
+def test_a_lease_taken_by_someone_else_is_lost_not_renewed(settings, caplog):
+    short_ttl(settings, 0.6)
+    account = Account.objects.create()
+    backend = get_backend()
+    with caplog.at_level(logging.ERROR, logger="dsm_redis"):
+        with pytest.raises(LockLost, match="was lost"):
+            with object_lock(account) as lease:
+                # Someone releases and takes our lease behind our back (an operator, a bug).
+                assert backend.release(lease.key, lease.owner)
+                backend.acquire(lease.key, ttl=30, timeout=0)
+                for _ in range(200):
+                    if lease.lost:
+                        break
+                    time.sleep(0.01)  # the renewer notices at its next round (TTL/3)
+                account.machine.deposit()
+    assert "was lost" in caplog.text
+    assert Account.objects.get(pk=account.pk).balance == 0
+
+
+def test_a_forked_child_does_not_inherit_the_parents_lease():
+    account = Account.objects.create()
+    with object_lock(account):
+        pid = os.fork()
+        if pid == 0:  # the child: the lease is the parent's, so it must contend, not re-enter
+            code = 3
+            try:
+                with object_lock(account, timeout=0):
+                    code = 1
+            except LockTimeout:
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert get_backend().describe(object_key(account))["owner"] is None  # released by the parent
