@@ -201,13 +201,14 @@ def test_crashing_side_effect_releases_the_lease_at_once(lock_redis):
     assert order.machine.ship() == "shipped"
 
 
-def test_row_lock_wait_is_bounded(lock_redis, settings):
+@pytest.mark.parametrize("model", [Account, FencedAccount], ids=["mark-table", "own-column"])
+def test_row_lock_wait_is_bounded(lock_redis, settings, model):
     settings.DSM_REDIS = dict(settings.DSM_REDIS, OPTIONS=dict(settings.DSM_REDIS["OPTIONS"], ROW_LOCK_TIMEOUT=0.2))
-    account = Account.objects.create()
+    account = model.objects.create()
     with pg_connect() as other:
         with other.transaction():
             # Someone outside dsm_redis holds the row lock (a plain ORM select_for_update).
-            other.execute("SELECT * FROM testapp_account WHERE id = %s FOR UPDATE", [account.pk])
+            other.execute(f"SELECT * FROM {model._meta.db_table} WHERE id = %s FOR UPDATE", [account.pk])
             with pytest.raises(LockTimeout, match="row lock"):
                 account.machine.deposit()
     assert holder(account) is None
