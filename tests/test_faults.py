@@ -205,6 +205,9 @@ def test_crashing_side_effect_releases_the_lease_at_once(lock_redis):
 def test_row_lock_wait_is_bounded(lock_redis, settings, model):
     settings.DSM_REDIS = dict(settings.DSM_REDIS, OPTIONS=dict(settings.DSM_REDIS["OPTIONS"], ROW_LOCK_TIMEOUT=0.2))
     account = model.objects.create()
+    with connection.cursor() as cursor:
+        # Without dsm_redis's bound the wait would never end: make that a failure, not a hang.
+        cursor.execute("SET statement_timeout = '30s'")
     with pg_connect() as other:
         with other.transaction():
             # Someone outside dsm_redis holds the row lock (a plain ORM select_for_update).
