@@ -1,32 +1,140 @@
-"""Django system checks for ``DSM_REDIS`` (``manage.py check``)."""
+"""Django system checks for ``DSM_REDIS`` (``manage.py check``).
+
+=================  =========================================================================
+``dsm_redis.E001``  a value has the wrong type or is out of range (``TTL <= 0``, ...)
+``dsm_redis.E002``  an unknown key (usually a typo: the hint names the closest known key)
+``dsm_redis.E003``  ``BACKEND`` cannot be imported
+``dsm_redis.E004``  ``BACKEND`` is not a ``dsm_redis.backends.LockBackend`` subclass
+``dsm_redis.E005``  ``LOCATION`` is unusable for the Redis backend (URL scheme, unknown ``CACHES``
+                    alias, a cache that is not a Redis cache)
+``dsm_redis.W001``  ``LocalLockBackend`` with ``DEBUG = False``: it excludes the threads of one
+                    process only, not gunicorn or Celery worker processes
+=================  =========================================================================
+
+The fatal subset (everything ``conf.validate()`` finds) also raises ``ImproperlyConfigured`` when
+the app is ready, in every process: Celery workers never run the checks. Messages never echo a
+``LOCATION`` URL (it may carry a password).
+"""
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from typing import Any
 
 from django.conf import settings
 from django.core import checks
+from django.utils.module_loading import import_string
 
-from .conf import SETTING, validate
+from .conf import DEFAULT_BACKEND, OPTIONS, SETTING, TOP_LEVEL_KEYS, validate
+
+HINT = "See the configuration reference (DSM_REDIS) in dsm_redis's README."
+REDIS_CACHES = frozenset({"django.core.cache.backends.redis.RedisCache", "django_redis.cache.RedisCache"})
 
 
 @checks.register("dsm_redis")
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     raw = getattr(settings, SETTING, None)
-    errors: list[checks.CheckMessage] = [
-        checks.Error(problem, hint="See the configuration reference in dsm_redis's README.", id="dsm_redis.E001")
-        for problem in validate(raw)
-    ]
-    if errors:
-        return errors
-    backend = (raw or {}).get("BACKEND", "")
-    if backend.endswith("LocalLockBackend") and not settings.DEBUG:
-        errors.append(
+    messages: list[checks.CheckMessage] = [_error(problem) for problem in validate(raw)]
+    if not isinstance(raw, Mapping):
+        raw = {}
+    path = raw.get("BACKEND", DEFAULT_BACKEND)
+    if not (isinstance(path, str) and "." in path):
+        return messages  # already reported as E001
+    backend = _backend_class(path, messages)
+    if backend is None:
+        return messages
+    from .backends.local import LocalLockBackend
+    from .backends.redis import RedisLockBackend
+
+    location = raw.get("LOCATION")
+    if issubclass(backend, RedisLockBackend) and isinstance(location, str) and location.startswith("cache:") and location[6:]:
+        messages += _check_cache_alias(location[len("cache:") :])
+    if issubclass(backend, LocalLockBackend) and not settings.DEBUG:
+        messages.append(
             checks.Warning(
                 "DSM_REDIS uses LocalLockBackend with DEBUG = False: it excludes threads of one process "
-                "only, not gunicorn or Celery worker processes.",
-                hint="Use dsm_redis.backends.redis.RedisLockBackend in production.",
+                "only, not gunicorn or Celery worker processes, which would run transitions of one "
+                "object concurrently.",
+                hint="Use dsm_redis.backends.redis.RedisLockBackend in production (or silence "
+                "dsm_redis.W001 in SILENCED_SYSTEM_CHECKS for a single-process deployment).",
                 id="dsm_redis.W001",
             )
         )
-    return errors
+    return messages
+
+
+def _error(problem: str) -> checks.CheckMessage:
+    kind = getattr(problem, "kind", "invalid")
+    if kind == "unknown":
+        key = str(getattr(problem, "key", ""))
+        close = difflib.get_close_matches(key.upper(), sorted(TOP_LEVEL_KEYS | set(OPTIONS)), n=1)
+        hint = f"Did you mean {close[0]!r}? {HINT}" if close else HINT
+        return checks.Error(problem, hint=hint, id="dsm_redis.E002")
+    if kind == "location":
+        return checks.Error(
+            problem,
+            hint="For example redis://:password@host:6379/0, rediss://..., unix:///path/redis.sock, "
+            "redis+cluster://host:7000/0 (one node of a Redis Cluster), or cache:default. " + HINT,
+            id="dsm_redis.E005",
+        )
+    return checks.Error(problem, hint=HINT, id="dsm_redis.E001")
+
+
+def _backend_class(path: str, messages: list[checks.CheckMessage]) -> type | None:
+    from .backends import LockBackend
+
+    try:
+        backend = import_string(path)
+    except Exception as exc:  # noqa: BLE001 - ImportError, or whatever the module raised on import
+        messages.append(
+            checks.Error(
+                f"DSM_REDIS['BACKEND'] {path!r} cannot be imported: {type(exc).__name__}: {exc}",
+                hint="The default is dsm_redis.backends.redis.RedisLockBackend; "
+                "dsm_redis.backends.local.LocalLockBackend is the in-process one. " + HINT,
+                id="dsm_redis.E003",
+            )
+        )
+        return None
+    if not (isinstance(backend, type) and issubclass(backend, LockBackend)):
+        messages.append(
+            checks.Error(
+                f"DSM_REDIS['BACKEND'] {path!r} is not a dsm_redis.backends.LockBackend subclass",
+                hint="A custom backend subclasses dsm_redis.backends.LockBackend and implements "
+                "acquire, renew, release, reanchor and describe. " + HINT,
+                id="dsm_redis.E004",
+            )
+        )
+        return None
+    return backend
+
+
+def _check_cache_alias(alias: str) -> list[checks.CheckMessage]:
+    caches = getattr(settings, "CACHES", {}) or {}
+    if alias not in caches:
+        return [
+            checks.Error(
+                f"DSM_REDIS['LOCATION'] names the cache alias {alias!r}, which is not in CACHES "
+                f"(aliases: {', '.join(map(repr, caches)) or 'none'})",
+                hint=HINT,
+                id="dsm_redis.E005",
+            )
+        ]
+    path = (caches[alias] or {}).get("BACKEND", "")
+    try:
+        cache_class = import_string(path)
+        names = {f"{c.__module__}.{c.__qualname__}" for c in cache_class.__mro__}
+    except Exception:  # noqa: BLE001 - Django's own cache checks report an unimportable cache
+        names = set()
+    if names & REDIS_CACHES:
+        return []
+    return [
+        checks.Error(
+            f"DSM_REDIS['LOCATION'] names CACHES[{alias!r}], whose BACKEND {path!r} is not a Redis cache",
+            hint="Point it at a django.core.cache.backends.redis.RedisCache or "
+            "django_redis.cache.RedisCache alias (dsm_redis borrows its redis-py client), or give a "
+            "redis:// URL. " + HINT,
+            id="dsm_redis.E005",
+        )
+    ]
+

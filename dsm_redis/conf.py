@@ -9,8 +9,10 @@ setting stops a process at start-up, Celery workers included (they never run the
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
@@ -47,6 +49,35 @@ def _prefix(value: Any) -> str | None:
     if isinstance(value, str) and value and not any(c in value for c in "{} "):
         return None
     return "must be a non-empty string without braces or spaces (braces would break the hash tag)"
+
+
+class Problem(str):
+    """One problem ``validate()`` found: a message (a ``str``), tagged with its class for the system
+    checks' ids: ``"invalid"`` (a wrong type or value), ``"unknown"`` (an unknown key, ``.key``) or
+    ``"location"`` (a ``LOCATION`` the Redis backend cannot use)."""
+
+    kind: str = "invalid"
+    key: str | None = None
+
+    def __new__(cls, message: str, kind: str = "invalid", key: str | None = None) -> Problem:
+        problem = super().__new__(cls, message)
+        problem.kind, problem.key = kind, key
+        return problem
+
+
+LOCATION_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+
+
+def _location(value: str) -> str | None:
+    """What is wrong with a string ``LOCATION`` for the Redis backend. Never echoes the value: a URL
+    may carry a password."""
+    if value.startswith("cache:"):
+        return None if value[len("cache:") :] else "names no CACHES alias after 'cache:'"
+    scheme, sep, _ = value.partition("://")
+    if sep and scheme.lower() in LOCATION_SCHEMES:
+        return None
+    shown = f"scheme {scheme!r}" if sep and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]{0,19}", scheme) else "no URL scheme"
+    return f"must be a {'://, '.join(LOCATION_SCHEMES)}:// URL or 'cache:<alias>' (it has {shown})"
 
 
 # key -> (default, validator). A validator returns None or what is wrong with the value.
@@ -86,8 +117,8 @@ def validate(raw: Any) -> list[str]:
         return []
     if not isinstance(raw, Mapping):
         return [f"{SETTING} must be a dict, not {type(raw).__name__}"]
-    problems = [
-        f"{SETTING} has an unknown key {key!r} (known: {', '.join(sorted(TOP_LEVEL_KEYS))})"
+    problems: list[str] = [
+        Problem(f"{SETTING} has an unknown key {key!r} (known: {', '.join(sorted(TOP_LEVEL_KEYS))})", "unknown", key)
         for key in raw
         if key not in TOP_LEVEL_KEYS
     ]
@@ -99,13 +130,19 @@ def validate(raw: Any) -> list[str]:
         problems.append(
             f"{SETTING}['LOCATION'] must be a URL, 'cache:<alias>', or a callable returning a client"
         )
+    elif isinstance(location, str) and backend == DEFAULT_BACKEND and (wrong := _location(location)):
+        problems.append(Problem(f"{SETTING}['LOCATION'] {wrong}", "location"))
     options = raw.get("OPTIONS", {})
     if not isinstance(options, Mapping):
         return [*problems, f"{SETTING}['OPTIONS'] must be a dict, not {type(options).__name__}"]
     for key, value in options.items():
         if key not in OPTIONS:
             problems.append(
-                f"{SETTING}['OPTIONS'] has an unknown key {key!r} (known: {', '.join(sorted(OPTIONS))})"
+                Problem(
+                    f"{SETTING}['OPTIONS'] has an unknown key {key!r} (known: {', '.join(sorted(OPTIONS))})",
+                    "unknown",
+                    key,
+                )
             )
             continue
         wrong = OPTIONS[key][1](value)

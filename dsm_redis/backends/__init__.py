@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ from django.utils.module_loading import import_string
 
 from ..conf import Config, get_config
 
-__all__ = ["Grant", "LockBackend", "get_backend"]
+__all__ = ["Grant", "LeaseInfo", "LockBackend", "get_backend", "load_backend_class"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,16 @@ class Grant:
     fencing_token: int
     # time.monotonic() before the request was sent + TTL: a conservative local bound on the lease.
     valid_until: float
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    """One held lease, as operators see it (``manage.py dsm_locks``)."""
+
+    key: str  # the object key, app_label.model:pk
+    owner: str | None
+    ttl: float | None  # seconds left; None when the lease has no expiry
+    fencing_token: int | None  # the object's counter: the token of the latest lease granted
 
 
 class LockBackend(ABC):
@@ -58,7 +69,11 @@ class LockBackend(ABC):
     def describe(self, key: str) -> dict[str, Any]:
         """``{"owner": str | None, "ttl": float | None, "fencing_token": int | None}`` for operators."""
 
-    def close(self) -> None:
+    def iter_leases(self) -> Iterator[LeaseInfo]:
+        """Every lease held now under this backend's ``KEY_PREFIX`` (for operators, not atomic)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list its leases")
+
+    def close(self) -> None:  # noqa: B027 - an optional hook, not abstract
         """Drop connections (tests, settings changes)."""
 
 
@@ -75,16 +90,19 @@ def get_backend() -> LockBackend:
     with _lock:
         if _instance is None or _instance[0] != os.getpid():
             config = get_config()
-            try:
-                cls = import_string(config.backend)
-            except ImportError as exc:
-                raise ImproperlyConfigured(f"DSM_REDIS['BACKEND']: cannot import {config.backend!r}: {exc}") from exc
-            if not (isinstance(cls, type) and issubclass(cls, LockBackend)):
-                raise ImproperlyConfigured(
-                    f"DSM_REDIS['BACKEND']: {config.backend!r} is not a dsm_redis.backends.LockBackend subclass"
-                )
-            _instance = (os.getpid(), cls(config))
+            _instance = (os.getpid(), load_backend_class(config.backend)(config))
         return _instance[1]
+
+
+def load_backend_class(path: str) -> type[LockBackend]:
+    """Import the class ``DSM_REDIS['BACKEND']`` names; ``ImproperlyConfigured`` naming the setting."""
+    try:
+        cls = import_string(path)
+    except ImportError as exc:
+        raise ImproperlyConfigured(f"DSM_REDIS['BACKEND']: cannot import {path!r}: {exc}") from exc
+    if not (isinstance(cls, type) and issubclass(cls, LockBackend)):
+        raise ImproperlyConfigured(f"DSM_REDIS['BACKEND']: {path!r} is not a dsm_redis.backends.LockBackend subclass")
+    return cls
 
 
 def reset_backend(**kwargs: Any) -> None:

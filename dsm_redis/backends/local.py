@@ -11,10 +11,11 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from ..exceptions import LockTimeout
-from . import Grant, LockBackend
+from . import Grant, LeaseInfo, LockBackend
 
 
 class LocalLockBackend(LockBackend):
@@ -77,6 +78,14 @@ class LocalLockBackend(LockBackend):
             owner = self._owner(key)
             ttl = self._leases[key][1] - time.monotonic() if owner else None
             return {"owner": owner, "ttl": ttl, "fencing_token": self._counters.get(key)}
+
+    def iter_leases(self) -> Iterator[LeaseInfo]:
+        """The leases held in *this* process (another process's table is not visible)."""
+        with self._cond:
+            now = time.monotonic()
+            held = [(key, owner, until - now) for key, (owner, until) in self._leases.items() if until > now]
+        for key, owner, ttl in sorted(held):
+            yield LeaseInfo(key=key, owner=owner, ttl=ttl, fencing_token=self._counters.get(key))
 
     def forget_counters(self) -> None:
         """Lose every fencing counter, as a Redis restart without persistence would (tests)."""

@@ -19,20 +19,22 @@ from __future__ import annotations
 
 import logging
 import time
-from functools import cached_property
+from collections.abc import Callable, Iterator
+from functools import cached_property, partial
 from importlib import resources
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import redis
 import redis_lock
 from django.core.exceptions import ImproperlyConfigured
 from redis.backoff import NoBackoff
+from redis.exceptions import ClusterDownError, RedisClusterException
 from redis.retry import Retry
 
 from ..conf import Config
 from ..exceptions import LockBackendUnavailable, LockTimeout
 from ..keys import counter_key, redis_name
-from . import Grant, LockBackend
+from . import Grant, LeaseInfo, LockBackend
 
 logger = logging.getLogger("dsm_redis")
 T = TypeVar("T")
@@ -51,6 +53,14 @@ class _RedisLease(redis_lock.Lock):
     def __init__(self, client: Any, name: str, owner: str | None = None) -> None:
         # strict=False: a RedisCluster client is not a StrictRedis; expire is handled in ms below.
         super().__init__(client, name, id=owner, strict=False)
+
+    @classmethod
+    def register_scripts(cls, redis_client: Any) -> None:
+        # python-redis-lock keeps its scripts process-wide: bound to the first client it sees, set
+        # on the class this is called on (here: this subclass), guarded by a module global. Called
+        # through this subclass it would leave redis_lock.Lock's scripts None for good, breaking
+        # any plain redis_lock.Lock in the process. The backend registers UNLOCK on its own client.
+        pass
 
 
 class RedisLockBackend(LockBackend):
@@ -73,20 +83,28 @@ class RedisLockBackend(LockBackend):
             # One retry on a broken pooled connection (e.g. Redis restarted); not on timeouts.
             "retry": Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
         }
-        if "+cluster://" in location:
+        scheme, sep, rest = location.partition("://")
+        if scheme.lower().endswith("+cluster"):
             from redis.cluster import RedisCluster
 
-            return RedisCluster.from_url(location.replace("+cluster://", "://"), **options)
+            # One node's URL; the client discovers the others (CLUSTER SLOTS) and routes by slot. It
+            # connects at once: an unreachable cluster is "unavailable", as for any other command.
+            return self._call(
+                "connect to the Redis Cluster",
+                lambda: RedisCluster.from_url(f"{scheme[: -len('+cluster')]}{sep}{rest}", **options),
+            )
         return redis.Redis.from_url(location, **options)
 
     @cached_property
     def _scripts(self) -> dict[str, Any]:
-        return {name: self.client.register_script(_lua(name)) for name in ("acquire", "renew", "reanchor", "holders")}
+        scripts = {name: self.client.register_script(_lua(name)) for name in ("acquire", "renew", "reanchor", "holders")}
+        scripts["unlock"] = self.client.register_script(redis_lock.UNLOCK_SCRIPT)
+        return scripts
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         try:
             return fn()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except (redis.ConnectionError, redis.TimeoutError, ClusterDownError, RedisClusterException) as exc:
             # Never echo the URL: it may carry a password.
             raise LockBackendUnavailable(f"Redis unreachable while trying to {what}: {type(exc).__name__}") from exc
 
@@ -111,7 +129,7 @@ class RedisLockBackend(LockBackend):
             )
             if ok:
                 if waited:
-                    logger.debug("lease %s acquired after waiting %.3fs", key, sent - started)
+                    logger.debug("lease on %s acquired after waiting %.3fs (token %s)", key, sent - started, value)
                 return Grant(owner=owner, fencing_token=int(value), valid_until=sent + ttl)
             now = time.monotonic()
             if deadline is not None and now >= deadline:
@@ -125,7 +143,7 @@ class RedisLockBackend(LockBackend):
             if deadline is not None:
                 wait = min(wait, deadline - now)
             wait = max(wait, _MIN_WAIT)
-            self._call("wait for a lease", lambda: self.client.blpop([signal_key], timeout=wait))
+            self._call("wait for a lease", partial(self.client.blpop, [signal_key], timeout=wait))
 
     def renew(self, key: str, owner: str, ttl: float) -> bool:
         lock_key, _, _ = self._keys(key)
@@ -137,9 +155,7 @@ class RedisLockBackend(LockBackend):
         # python-redis-lock's UNLOCK: deletes only if we own it, and wakes one waiter.
         error = self._call(
             "release a lease",
-            lambda: lease.unlock_script(
-                client=self.client, keys=(lease._name, lease._signal), args=(owner, lease._signal_expire)
-            ),
+            lambda: self._scripts["unlock"](keys=(lease._name, lease._signal), args=(owner, lease._signal_expire)),
         )
         return error == 0
 
@@ -153,6 +169,24 @@ class RedisLockBackend(LockBackend):
 
     def describe(self, key: str) -> dict[str, Any]:
         lock_key, _, counter = self._keys(key)
+        return self._describe(lock_key, counter)
+
+    def iter_leases(self) -> Iterator[LeaseInfo]:
+        # SCAN every primary (redis-py's RedisCluster.scan_iter visits each one) for this prefix's
+        # lock keys; the prefix is matched literally (glob characters escaped).
+        prefix = self.config.key_prefix
+        head = f"lock:{redis_name(prefix, '')[:-1]}"  # lock:<prefix>:{
+        pattern = "".join("\\" + c if c in "*?[]\\" else c for c in head) + "*"
+        names = self._call("list leases", lambda: list(self.client.scan_iter(match=pattern, count=1000)))
+        for raw in sorted(n.decode() if isinstance(n, bytes) else str(n) for n in names):
+            if not raw.endswith("}"):
+                continue
+            key = raw[len(head) : -1]
+            info = self._describe(raw, counter_key(prefix, key))
+            if info["owner"] is not None:  # not released since the scan saw it
+                yield LeaseInfo(key=key, **info)
+
+    def _describe(self, lock_key: str, counter: str) -> dict[str, Any]:
         owner, pttl, token = self._call(
             "describe a lease", lambda: self._scripts["holders"](keys=[lock_key, counter])
         )

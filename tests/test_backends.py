@@ -1,0 +1,293 @@
+"""The lease backends on their own: the Redis backend against a real Redis (its logic is Lua, so a
+fake without a Lua interpreter would test nothing), the ways it gets a client, and the in-process
+LocalLockBackend."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import threading
+import traceback
+import uuid
+from typing import Any
+
+import pytest
+import redis as redis_py
+from django.conf import settings as django_settings
+from django.core.exceptions import ImproperlyConfigured
+
+from dsm_redis import LockBackendUnavailable, LockTimeout
+from dsm_redis._servers import RedisServer, _free_port
+from dsm_redis.backends import LeaseInfo, get_backend
+from dsm_redis.backends.local import LocalLockBackend
+from dsm_redis.backends.redis import RedisLockBackend
+from dsm_redis.conf import parse
+from dsm_redis.keys import counter_key, redis_name
+
+
+def make(location: Any, prefix: str | None = None, **options: Any) -> RedisLockBackend:
+    prefix = prefix or f"t-{uuid.uuid4().hex[:8]}"
+    return RedisLockBackend(parse({"LOCATION": location, "OPTIONS": {"KEY_PREFIX": prefix, **options}}))
+
+
+@pytest.fixture
+def backend():
+    b = make(django_settings.REDIS_URL)
+    yield b
+    b.close()
+
+
+# -- the Redis backend's protocol ------------------------------------------------------------------
+
+
+def test_tokens_increase_and_only_the_owner_renews_or_releases(backend, redis):
+    first = backend.acquire("app.m:1", ttl=10, timeout=0)
+    assert backend.renew("app.m:1", first.owner, 10)
+    assert not backend.renew("app.m:1", "someone-else", 10)
+    assert not backend.release("app.m:1", "someone-else")
+    with pytest.raises(LockTimeout):
+        backend.acquire("app.m:1", ttl=10, timeout=0)
+    assert backend.release("app.m:1", first.owner)
+    assert not backend.release("app.m:1", first.owner)  # already gone: False, never raises
+    second = backend.acquire("app.m:1", ttl=10, timeout=0)
+    assert second.fencing_token == first.fencing_token + 1
+    assert second.owner != first.owner
+    backend.release("app.m:1", second.owner)
+
+
+def test_describe_reports_owner_ttl_and_counter(backend):
+    assert backend.describe("app.m:2") == {"owner": None, "ttl": None, "fencing_token": None}
+    grant = backend.acquire("app.m:2", ttl=10, timeout=0)
+    info = backend.describe("app.m:2")
+    assert info["owner"] == grant.owner and info["fencing_token"] == grant.fencing_token
+    assert 0 < info["ttl"] <= 10
+    backend.release("app.m:2", grant.owner)
+    assert backend.describe("app.m:2")["owner"] is None
+
+
+def test_reanchor_moves_a_lost_counter_above_the_floor_for_the_owner_only(backend, redis):
+    grant = backend.acquire("app.m:3", ttl=10, timeout=0)
+    redis.delete(counter_key(backend.config.key_prefix, "app.m:3"))  # Redis lost the counter
+    assert backend.reanchor("app.m:3", "not-the-owner", 41) is None
+    assert backend.reanchor("app.m:3", grant.owner, 41) == 42
+    backend.release("app.m:3", grant.owner)
+    assert backend.acquire("app.m:3", ttl=10, timeout=0).fencing_token == 43
+
+
+def test_release_wakes_a_waiter_through_the_signal_list(backend):
+    grant = backend.acquire("app.m:4", ttl=30, timeout=0)
+    signal = f"lock-signal:{redis_name(backend.config.key_prefix, 'app.m:4')}"
+    waiter = redis_py.Redis.from_url(django_settings.REDIS_URL)
+    woken: list[Any] = []
+    thread = threading.Thread(target=lambda: woken.append(waiter.blpop([signal], timeout=60)))
+    thread.start()
+    assert backend.release("app.m:4", grant.owner)
+    thread.join(90)
+    waiter.close()
+    assert woken and woken[0] is not None  # the UNLOCK script pushed the wake-up signal
+
+
+def test_iter_leases_lists_this_prefix_only_with_glob_characters_taken_literally(redis):
+    star = make(django_settings.REDIS_URL, prefix=f"g*{uuid.uuid4().hex[:6]}")
+    other = make(django_settings.REDIS_URL, prefix=star.config.key_prefix.replace("*", "x"))
+    nested = make(django_settings.REDIS_URL, prefix=star.config.key_prefix + ":deeper")
+    try:
+        mine = [star.acquire(f"app.m:{pk}", ttl=10, timeout=0) for pk in (1, 2)]
+        other.acquire("app.m:1", ttl=10, timeout=0)
+        nested.acquire("app.m:9", ttl=10, timeout=0)
+        leases = list(star.iter_leases())
+        assert [lease.key for lease in leases] == ["app.m:1", "app.m:2"]
+        assert all(isinstance(lease, LeaseInfo) for lease in leases)
+        assert [lease.owner for lease in leases] == [g.owner for g in mine]
+        assert [lease.fencing_token for lease in leases] == [1, 1]
+        assert all(0 < (lease.ttl or 0) <= 10 for lease in leases)
+    finally:
+        for b in (star, other, nested):
+            for key in redis.scan_iter(match=f"*{b.config.key_prefix}*"):
+                redis.delete(key)
+            b.close()
+
+
+def test_a_pk_with_braces_keeps_every_key_of_the_object_in_one_hash_slot(backend, redis):
+    from redis.cluster import key_slot
+
+    key = "app.m:we{ird}pk"
+    grant = backend.acquire(key, ttl=10, timeout=0)
+    lock, signal = (f"{kind}:{redis_name(backend.config.key_prefix, key)}" for kind in ("lock", "lock-signal"))
+    counter = counter_key(backend.config.key_prefix, key)
+    assert len({key_slot(k.encode()) for k in (lock, signal, counter)}) == 1
+    assert [lease.key for lease in backend.iter_leases()] == [key]
+    backend.release(key, grant.owner)
+
+
+def test_release_uses_the_backends_own_client_and_leaves_python_redis_lock_usable(redis):
+    """python-redis-lock registers its scripts once per process, on the first client it sees and on
+    the class it is called through. The backend keeps Script objects of its own per client, so a
+    second Redis gets its own release, and a plain ``redis_lock.Lock`` in the same process works."""
+    import redis_lock
+
+    first = make(django_settings.REDIS_URL)
+    grant = first.acquire("app.m:1", ttl=30, timeout=0)
+    assert first.release("app.m:1", grant.owner)
+    with RedisServer() as server:
+        second = make(server.url)
+        grant = second.acquire("app.m:5", ttl=30, timeout=0)
+        assert second.release("app.m:5", grant.owner)
+        assert second.describe("app.m:5")["owner"] is None
+        second.close()
+    first.close()
+    user_lock = redis_lock.Lock(redis, f"user-{uuid.uuid4().hex}", expire=30)
+    assert user_lock.acquire(blocking=False)
+    user_lock.release()  # raised TypeError when the scripts had been registered on a subclass
+
+
+# -- where the client comes from --------------------------------------------------------------------
+
+
+def test_location_is_read_lazily_and_a_factory_is_called_once_per_backend():
+    calls: list[int] = []
+
+    def factory():
+        calls.append(1)
+        return redis_py.Redis.from_url(django_settings.REDIS_URL)
+
+    b = make(factory)
+    assert calls == []  # nothing connects at construction
+    grant = b.acquire("app.m:1", ttl=5, timeout=0)
+    b.release("app.m:1", grant.owner)
+    b.describe("app.m:1")
+    assert calls == [1]
+    b.close()
+
+
+def test_a_django_redis_cache_alias_lends_its_client(settings):
+    settings.CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+        "locks": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": settings.REDIS_URL},
+    }
+    from django.core.cache import caches
+
+    b = make("cache:locks")
+    grant = b.acquire("app.m:1", ttl=5, timeout=0)
+    assert b.client.connection_pool is caches["locks"]._cache._get_connection_pool(write=True)
+    assert b.release("app.m:1", grant.owner)
+    b.close()
+    assert caches["locks"].set("still", "usable") is None  # close() left the cache's client alone
+
+
+def test_a_django_redis_alias_lends_its_client(settings):
+    pytest.importorskip("django_redis")
+    settings.CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+        "locks": {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": settings.REDIS_URL},
+    }
+    from django.core.cache import caches
+
+    b = make("cache:locks")
+    grant = b.acquire("app.m:1", ttl=5, timeout=0)
+    assert b.client is caches["locks"].client.get_client(write=True)
+    assert b.release("app.m:1", grant.owner)
+    b.close()
+
+
+@pytest.mark.parametrize(
+    ("caches", "match"),
+    [
+        ({"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}, "locks"),
+        (
+            {
+                "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+                "locks": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+            },
+            "not a Redis cache",
+        ),
+    ],
+)
+def test_a_cache_alias_that_cannot_lend_a_client_is_improperly_configured(settings, caches, match):
+    settings.CACHES = caches
+    with pytest.raises(ImproperlyConfigured, match=match):
+        make("cache:locks").acquire("app.m:1", ttl=5, timeout=0)
+
+
+def _child_backend(queue: Any) -> None:
+    try:
+        backend = get_backend()
+        assert isinstance(backend, RedisLockBackend)
+        queue.put(("ok", id(backend), id(backend.client)))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
+        queue.put(("error", traceback.format_exc(), None))
+
+
+def test_a_forked_child_builds_its_own_backend_and_client():
+    parent = get_backend()
+    parent.describe("app.m:1")  # the parent's client exists and is connected
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_backend, args=(queue,))
+    child.start()
+    status, backend_id, client_id = queue.get(timeout=60)
+    child.join(30)
+    assert status == "ok", backend_id
+    assert backend_id != id(parent) and client_id != id(parent.client)
+
+
+# -- Redis unreachable: "unavailable", and never a password in a message -----------------------------
+
+
+@pytest.mark.parametrize("scheme", ["redis", "redis+cluster"])
+def test_unreachable_redis_is_unavailable_and_no_message_carries_the_password(scheme, caplog):
+    caplog.set_level("DEBUG")
+    b = make(f"{scheme}://user:s3cret-pw@127.0.0.1:{_free_port()}/0", SOCKET_CONNECT_TIMEOUT=0.5)
+    with pytest.raises(LockBackendUnavailable) as info:
+        b.acquire("app.m:1", ttl=5, timeout=0)
+    everything = "".join(traceback.format_exception(info.value)) + caplog.text
+    assert "s3cret-pw" not in everything
+    b.close()
+
+
+# -- LocalLockBackend --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def local():
+    return LocalLockBackend(parse({"BACKEND": "dsm_redis.backends.local.LocalLockBackend"}))
+
+
+def test_local_backend_has_the_same_semantics(local):
+    first = local.acquire("app.m:1", ttl=10, timeout=0)
+    with pytest.raises(LockTimeout):
+        local.acquire("app.m:1", ttl=10, timeout=0)
+    assert local.renew("app.m:1", first.owner, 10) and not local.renew("app.m:1", "x", 10)
+    assert not local.release("app.m:1", "x")
+    assert local.describe("app.m:1")["owner"] == first.owner
+    assert local.release("app.m:1", first.owner) and not local.release("app.m:1", first.owner)
+    second = local.acquire("app.m:1", ttl=10, timeout=0)
+    assert second.fencing_token == first.fencing_token + 1
+    local.forget_counters()
+    assert local.reanchor("app.m:1", "x", 7) is None
+    assert local.reanchor("app.m:1", second.owner, 7) == 8
+
+
+def test_local_backend_lease_expires_by_its_ttl(local):
+    local.acquire("app.m:2", ttl=0.05, timeout=0)
+    # Waits (bounded) until the first lease's TTL has run out; no one released it.
+    grant = local.acquire("app.m:2", ttl=10, timeout=30)
+    assert grant.fencing_token == 2
+
+
+def test_local_backend_wakes_a_waiter_on_release(local):
+    first = local.acquire("app.m:3", ttl=60, timeout=0)
+    got: list[Any] = []
+    thread = threading.Thread(target=lambda: got.append(local.acquire("app.m:3", ttl=10, timeout=60)))
+    thread.start()
+    local.release("app.m:3", first.owner)
+    thread.join(90)
+    assert got and got[0].fencing_token == 2
+
+
+def test_local_backend_lists_its_leases(local):
+    grants = [local.acquire(f"app.m:{pk}", ttl=10, timeout=0) for pk in (2, 1)]
+    leases = list(local.iter_leases())
+    assert [lease.key for lease in leases] == ["app.m:1", "app.m:2"]
+    assert [lease.owner for lease in leases] == [grants[1].owner, grants[0].owner]
+    local.release("app.m:1", grants[1].owner)
+    assert [lease.key for lease in local.iter_leases()] == ["app.m:2"]
