@@ -16,6 +16,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
 
 SETTING = "DSM_REDIS"
 DEFAULT_BACKEND = "dsm_redis.backends.redis.RedisLockBackend"
@@ -170,5 +171,25 @@ def parse(raw: Any) -> Config:
     )
 
 
+_cache: tuple[Any, Config] | None = None
+
+
 def get_config() -> Config:
-    return parse(getattr(settings, SETTING, None))
+    """The parsed setting; parsed again only when the setting object changes (it is on the hot path)."""
+    global _cache
+    raw = getattr(settings, SETTING, None)
+    cached = _cache
+    if cached is not None and cached[0] is raw:
+        return cached[1]
+    config = parse(raw)
+    _cache = (raw, config)
+    return config
+
+
+def _forget(*, setting: str, **kwargs: Any) -> None:
+    global _cache
+    if setting == SETTING:
+        _cache = None
+
+
+setting_changed.connect(_forget, dispatch_uid="dsm_redis.conf.forget")

@@ -15,11 +15,16 @@ Safety contract:
   the database, ``fence.py``) and the row lock are for.
 - Release is owner-checked and never raises over the body's exception; a release that finds the
   lease already gone is logged (the work was fenced, so nothing unsafe was committed).
+- Commit, then release: when the outermost block ends inside a caller's ``transaction.atomic()``
+  that the lease's work wrote in, the lease is *parked* — still held, still renewed, re-entered by
+  later calls in that transaction — and released by ``transaction.on_commit``. Releasing earlier
+  would let the next holder take the lease and then wait on our row locks while we wait on the
+  lease: a deadlock PostgreSQL cannot see. If that transaction rolls back, the renewer releases it.
+- A forked child never re-enters nor releases its parent's lease.
 """
 
 from __future__ import annotations
 
-import heapq
 import logging
 import os
 import threading
@@ -27,15 +32,19 @@ import time
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from django.db import connections, transaction
+from django.db.transaction import TransactionManagementError
+
 from .backends import LockBackend, get_backend
 from .conf import get_config
 from .exceptions import LockBackendUnavailable, LockLost
 from .keys import object_key
+from .renewer import Renewer
 
 if TYPE_CHECKING:
     from django.db.models import Model
 
-__all__ = ["Lease", "object_lock", "hold", "held_lease"]
+__all__ = ["Lease", "object_lock", "hold", "held_lease", "after_release"]
 
 logger = logging.getLogger("dsm_redis")
 _DEFAULT: Any = object()
@@ -57,6 +66,11 @@ class Lease:
         self.in_transaction: set[int] = set()
         # run after release (state_changed receivers), so they never contend with their own lease.
         self.after_release: list[Callable[[], None]] = []
+        # databases written under this lease; the connection whose commit will release it.
+        self.databases: set[str] = set()
+        self.parked_on: Any = None
+        self.released = False
+        self.pid = os.getpid()
 
     @property
     def remaining(self) -> float:
@@ -78,8 +92,12 @@ class Lease:
         """
         from .fence import fence
 
+        if not connections[using].in_atomic_block:
+            # In autocommit the mark would commit at once and hold nothing until your write.
+            raise TransactionManagementError("Lease.fence() must be called inside transaction.atomic()")
         self.check()
         fence(self, using)
+        self.databases.add(using)
 
     def reanchor(self, floor: int) -> bool:
         """Redis lost our counter: mint a token above ``floor`` if Redis confirms we own the lease."""
@@ -116,7 +134,8 @@ def _forget_leases_after_fork() -> None:
 
 def held_lease(key: str) -> Lease | None:
     """The lease this thread holds on ``key``, if any."""
-    return _held().get(key)
+    lease = _held().get(key)
+    return None if lease is None or lease.released else lease
 
 
 @contextmanager
@@ -124,29 +143,74 @@ def hold(key: str, *, timeout: float | None = _DEFAULT, ttl: float | None = None
     """Hold the lease on ``key`` for the block; re-enter it if this thread holds it already."""
     leases = _held()
     lease = leases.get(key)
-    if lease is not None:
+    if lease is not None and lease.released:
+        del leases[key]  # released by the renewer after its caller's transaction rolled back
+        lease = None
+    if lease is not None and not (lease.parked_on is not None and not lease.parked_on.in_atomic_block):
         lease.depth += 1
         try:
             yield lease
         finally:
             lease.depth -= 1
         return
-    config = get_config()
-    backend = get_backend()
-    ttl = config.ttl if ttl is None else ttl
-    grant = backend.acquire(key, ttl=ttl, timeout=config.acquire_timeout if timeout is _DEFAULT else timeout)
-    lease = Lease(key, backend, grant.owner, grant.fencing_token, ttl, grant.valid_until)
-    leases[key] = lease
-    if config.auto_renew:
-        _renewer.add(lease)
+    if lease is not None:
+        lease.parked_on = None  # parked for a transaction that ended uncommitted: ours again
+    else:
+        config = get_config()
+        backend = get_backend()
+        ttl = config.ttl if ttl is None else ttl
+        grant = backend.acquire(key, ttl=ttl, timeout=config.acquire_timeout if timeout is _DEFAULT else timeout)
+        lease = Lease(key, backend, grant.owner, grant.fencing_token, ttl, grant.valid_until)
+        leases[key] = lease
+        if config.auto_renew:
+            _renewer.add(lease)
     try:
         yield lease
     finally:
-        del leases[key]
-        _renewer.discard(lease)
+        if lease.pid == os.getpid():  # a forked child unwinding its parent's block owns nothing
+            _release_after_commit(lease)
+
+
+def _release_after_commit(lease: Lease) -> None:
+    for alias in sorted(lease.databases):
+        connection = connections[alias]
+        if connection.in_atomic_block:
+            lease.parked_on = connection
+            transaction.on_commit(lambda: _finish(lease), using=alias)
+            return
+    _finish(lease)
+
+
+_finish_lock = threading.Lock()
+
+
+def after_release(key: str, callback: Callable[[], None]) -> None:
+    """Run ``callback`` once this thread's lease on ``key`` is released (now, if none is held)."""
+    lease = held_lease(key)
+    with _finish_lock:
+        if lease is not None and not lease.released:
+            lease.after_release.append(callback)
+            return
+    callback()
+
+
+def _finish(lease: Lease) -> None:
+    with _finish_lock:
+        if lease.released:
+            return
+        lease.released = True
+    leases = _held()
+    if leases.get(lease.key) is lease:
+        del leases[lease.key]
+    _renewer.discard(lease)
+    try:
         _release(lease)
+    finally:
         for callback in lease.after_release:
-            callback()
+            try:
+                callback()
+            except Exception:
+                logger.exception("callback after releasing %s failed", lease.key)
 
 
 def _release(lease: Lease) -> None:
@@ -168,70 +232,7 @@ def object_lock(obj: Model, *, timeout: float | None = _DEFAULT, ttl: float | No
         yield lease
 
 
-class _Renewer:
-    """One daemon thread per process renewing every held lease at TTL/3."""
-
-    def __init__(self) -> None:
-        self._reset()
-
-    def _reset(self) -> None:
-        # Also run in a forked child: the parent's thread does not exist there, and the parent's
-        # condition may have been held at the moment of the fork.
-        self._cond = threading.Condition()
-        self._heap: list[tuple[float, int, Lease]] = []
-        self._active: set[int] = set()
-        self._started = False
-
-    def add(self, lease: Lease) -> None:
-        with self._cond:
-            if not self._started:
-                threading.Thread(target=self._run, name="dsm_redis-renewer", daemon=True).start()
-                self._started = True
-            self._active.add(id(lease))
-            heapq.heappush(self._heap, (time.monotonic() + lease.ttl / 3, id(lease), lease))
-            self._cond.notify()
-
-    def discard(self, lease: Lease) -> None:
-        with self._cond:
-            self._active.discard(id(lease))
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._heap or self._heap[0][0] > time.monotonic():
-                    self._cond.wait(None if not self._heap else self._heap[0][0] - time.monotonic())
-                _, ident, lease = heapq.heappop(self._heap)
-                if ident not in self._active:
-                    continue
-            self._renew(lease)
-
-    def _renew(self, lease: Lease) -> None:
-        sent = time.monotonic()
-        try:
-            ok = lease.backend.renew(lease.key, lease.owner, lease.ttl)
-        except Exception as exc:  # Redis down: retry until the local deadline passes
-            if lease.remaining <= 0:
-                lease.lost = f"lease on {lease.key} could not be renewed ({type(exc).__name__}) and expired"
-                logger.error("%s", lease.lost)
-                return
-            logger.warning("renewing lease on %s failed (%s); retrying", lease.key, type(exc).__name__)
-            self._schedule(lease, min(1.0, lease.ttl / 10))
-            return
-        if not ok:
-            lease.lost = f"lease on {lease.key} was lost: it expired or another holder took it"
-            logger.error("%s", lease.lost)
-            return
-        lease.valid_until = sent + lease.ttl
-        logger.debug("lease on %s renewed", lease.key)
-        self._schedule(lease, lease.ttl / 3)
-
-    def _schedule(self, lease: Lease, delay: float) -> None:
-        with self._cond:
-            if id(lease) in self._active:
-                heapq.heappush(self._heap, (time.monotonic() + delay, id(lease), lease))
-                self._cond.notify()
 
 
-_renewer = _Renewer()
+_renewer = Renewer(_finish)
 os.register_at_fork(after_in_child=_forget_leases_after_fork)
-os.register_at_fork(after_in_child=_renewer._reset)

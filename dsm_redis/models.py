@@ -10,6 +10,8 @@ class FencingMark(models.Model):
 
     object_key = models.CharField(max_length=255, primary_key=True)
     token = models.BigIntegerField()
+    # The lease that wrote ``token``: an equal token from another lease is refused (fence.py).
+    owner = models.CharField(max_length=64, default="")
 
     class Meta:
         db_table = "dsm_redis_fencing_mark"

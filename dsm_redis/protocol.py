@@ -30,14 +30,14 @@ import logging
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable
 
-from django.db import router, transaction
+from django.db import connections, router, transaction
 from django.db.models import Model
 
 from .conf import get_config
 from .exceptions import LockLost, TransitionFailed
 from .fence import fencing_column, lock_row
 from .keys import object_key
-from .lease import Lease, held_lease, hold
+from .lease import Lease, after_release, hold
 from .signals import state_changed
 
 if TYPE_CHECKING:
@@ -98,10 +98,14 @@ def _step(
     # transaction: the row is locked and the instance is current; a second SELECT would only
     # overwrite the outer side effect's unsaved changes.
     nested = id(instance) in in_transaction
+    in_caller_transaction = connections[using].in_atomic_block
     original = _snapshot(instance)
+    lease.databases.add(using)  # if this is a caller's transaction, its commit releases the lease
     try:
         with transaction.atomic(using=using):  # 2. transaction
-            row = instance if nested else lock_row(instance, using, lease, config.effective_row_lock_timeout)
+            row = instance if nested else lock_row(
+                instance, using, lease, config.effective_row_lock_timeout, in_caller_transaction=in_caller_transaction
+            )
             lease.check()  # a lease lost while waiting for the row must not start a side effect
             transition = resolve(row)  # 3. check against the row read under the lock
             if transition is None:
@@ -222,11 +226,10 @@ def _write(instance: Model, before: dict[str, Any], state_field: str, using: str
 
 def _signal(instance: Model, state: Any, machine: StateMachine, key: str | None) -> None:
     send = partial(_send, instance, state, machine)
-    lease = held_lease(key) if key is not None else None
-    if lease is not None:
-        lease.after_release.append(send)  # the lease is released first, then receivers run
-    else:
+    if key is None:
         send()
+    else:
+        after_release(key, send)  # the lease is released first, then receivers run
 
 
 def _send(instance: Model, state: Any, machine: StateMachine) -> None:

@@ -95,3 +95,52 @@ def test_a_forked_child_does_not_inherit_the_parents_lease():
         _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert get_backend().describe(object_key(account))["owner"] is None  # released by the parent
+
+
+def test_a_forked_child_unwinding_its_parents_block_does_not_release_the_lease():
+    account = Account.objects.create()
+
+    def body() -> str:
+        with object_lock(account) as lease:
+            pid = os.fork()
+            if pid == 0:
+                return "child"  # leaves the with block in the child
+            os.waitpid(pid, 0)
+            assert get_backend().describe(lease.key)["owner"] == lease.owner  # still ours
+            return "parent"
+
+    if body() == "child":
+        os._exit(0)
+    assert get_backend().describe(object_key(account))["owner"] is None
+
+
+def test_fence_outside_a_transaction_is_refused():
+    from django.db.transaction import TransactionManagementError
+
+    account = Account.objects.create()
+    with object_lock(account) as lease:
+        with pytest.raises(TransactionManagementError, match="atomic"):
+            lease.fence("default")
+
+
+def test_proxy_and_inherited_models_share_the_parents_lease():
+    from tests.testapp.models import Cat, Lion, ProxyCat
+
+    lion = Lion.objects.create()
+    assert object_key(lion) == object_key(Cat.objects.get(pk=lion.pk)) == object_key(ProxyCat.objects.get(pk=lion.pk))
+    with object_lock(ProxyCat.objects.get(pk=lion.pk)):
+        outcome: list[str] = []
+
+        def other() -> None:
+            try:
+                with object_lock(lion, timeout=0):
+                    outcome.append("acquired")
+            except LockTimeout:
+                outcome.append("timeout")
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+    assert outcome == ["timeout"]
+    assert lion.state_machine.survive() == 1  # a transition on the child locks parent, then child
+    assert Cat.objects.get(pk=lion.pk).can_meow is True

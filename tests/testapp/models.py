@@ -236,3 +236,16 @@ class FencedAccount(models.Model):
     deposits = models.IntegerField(default=0)
     fencing_token = FencingTokenField()
     machine = StateMachineField(AccountMachine, "state")
+
+
+class ProxyCat(Cat):
+    """Same row, same lease: a proxy must not get a key of its own."""
+
+    class Meta:
+        proxy = True
+
+
+class Lion(Cat):
+    """Multi-table inheritance: the child's row shares its parent's key and is locked parent first."""
+
+    mane = models.CharField(max_length=10, default="short")

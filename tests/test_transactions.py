@@ -1,0 +1,115 @@
+"""Transitions inside the caller's own ``transaction.atomic()`` (``ATOMIC_REQUESTS``, services).
+
+The lease is released when the caller's transaction commits, not when the transition's savepoint
+is released: otherwise another holder takes the lease, then waits on our row locks while our next
+call waits on the lease — a deadlock PostgreSQL cannot see.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+from django.db import connection, connections, transaction
+
+from dsm_redis import TransitionException, object_lock, state_changed
+from dsm_redis.backends import get_backend
+from dsm_redis.keys import object_key
+from dsm_redis.lease import held_lease
+from tests.testapp.models import ALIVE, DEAD, Cat
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def blocked_on_a_lease() -> bool:
+    """True once some client of the lease Redis is waiting in BLPOP (a waiter for a lease)."""
+    return any(c.get("cmd") == "blpop" for c in get_backend().client.client_list())
+
+
+def test_two_transitions_in_one_request_transaction_keep_the_lease(settings):
+    settings.DSM_REDIS = dict(settings.DSM_REDIS, OPTIONS=dict(settings.DSM_REDIS["OPTIONS"], ACQUIRE_TIMEOUT=20))
+    cat = Cat.objects.create()
+    rival: dict[str, Any] = {}
+
+    def other_request() -> None:
+        try:
+            Cat.objects.get(pk=cat.pk).state_machine.survive()
+            rival["result"] = "survived"
+        except TransitionException:
+            rival["result"] = "refused"
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=other_request)
+    with transaction.atomic():  # ATOMIC_REQUESTS = True, say
+        cat.state_machine.survive()
+        thread.start()
+        for _ in range(1000):  # the other request is now waiting for *our* lease
+            if blocked_on_a_lease():
+                break
+            time.sleep(0.01)
+        assert held_lease(object_key(cat)) is not None  # parked until our commit
+        cat.state_machine.transition_to(DEAD)  # re-enters the parked lease: no wait, no deadlock
+    thread.join()
+    assert rival["result"] == "refused"  # it ran after our commit, against the Dead row
+    assert Cat.objects.get(pk=cat.pk).state == DEAD
+    assert get_backend().describe(object_key(cat))["owner"] is None
+
+
+def test_signals_fire_at_the_callers_commit_after_release():
+    seen: list[Any] = []
+
+    def receiver(sender: Any, instance: Any, state: Any, **kwargs: Any) -> None:
+        seen.append((state, get_backend().describe(object_key(instance))["owner"]))
+
+    state_changed.connect(receiver, sender=Cat)
+    try:
+        cat = Cat.objects.create()
+        with transaction.atomic():
+            cat.state_machine.survive()
+            assert seen == []
+        assert seen == [(ALIVE, None)]  # after the commit, and the lease was already released
+    finally:
+        state_changed.disconnect(receiver, sender=Cat)
+
+
+def test_a_rolled_back_callers_transaction_releases_the_parked_lease(settings):
+    settings.DSM_REDIS = dict(settings.DSM_REDIS, OPTIONS=dict(settings.DSM_REDIS["OPTIONS"], TTL=0.6))
+    cat = Cat.objects.create()
+    with pytest.raises(ZeroDivisionError):
+        with transaction.atomic():
+            cat.state_machine.survive()
+            lease = held_lease(object_key(cat))
+            1 / 0
+    assert Cat.objects.get(pk=cat.pk).state == 0
+    for _ in range(500):  # Django has no rollback hook: the renewer notices at its next round
+        if lease.released:
+            break
+        time.sleep(0.01)
+    assert lease.released  # released by us, not merely expired
+    cat.state = 0
+    assert cat.state_machine.survive() == ALIVE  # and the object is usable again
+
+
+def test_same_thread_reuses_a_parked_lease_after_rollback():
+    cat = Cat.objects.create()
+    with pytest.raises(ZeroDivisionError):
+        with transaction.atomic():
+            cat.state_machine.survive()
+            1 / 0
+    cat.state = 0
+    with object_lock(cat, timeout=0):  # ours again at once, not a wait for our own lease
+        assert cat.state_machine.survive() == ALIVE
+
+
+def test_callers_lock_timeout_is_restored():
+    cat = Cat.objects.create()
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SET LOCAL lock_timeout = '61s'")
+        cat.state_machine.survive()
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW lock_timeout")
+            assert cursor.fetchone()[0] == "61s"
