@@ -235,3 +235,16 @@ def test_lease_wait_is_bounded(lock_redis, settings):
     finally:
         worker.stop()
     assert Account.objects.get(pk=account.pk).balance == 0
+
+
+def test_a_replica_after_failover_is_unavailable_not_a_crash(settings):
+    import redis as redis_py
+
+    with RedisServer() as primary, RedisServer() as replica:
+        # After a failover the app may still point at a node that is now a replica: it refuses writes.
+        redis_py.Redis.from_url(replica.url).replicaof("127.0.0.1", primary.port)
+        settings.DSM_REDIS = {"LOCATION": replica.url, "OPTIONS": settings.DSM_REDIS["OPTIONS"]}
+        account = Account.objects.create()
+        with pytest.raises(LockBackendUnavailable, match="READONLY"):
+            account.machine.deposit()
+        assert Account.objects.get(pk=account.pk).balance == 0

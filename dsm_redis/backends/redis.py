@@ -107,6 +107,17 @@ class RedisLockBackend(LockBackend):
         except (redis.ConnectionError, redis.TimeoutError, ClusterDownError, RedisClusterException) as exc:
             # Never echo the URL: it may carry a password.
             raise LockBackendUnavailable(f"Redis unreachable while trying to {what}: {type(exc).__name__}") from exc
+        except redis.RedisError as exc:
+            # A replica after failover (READONLY), OOM, LOADING...: Redis answered but cannot serve
+            # leases. Its message names no host or password.
+            raise LockBackendUnavailable(f"Redis refused to {what}: {type(exc).__name__}: {exc}") from exc
+
+    @cached_property
+    def _max_wait(self) -> float:
+        """Longest BLPOP: under the client's real socket timeout, or redis-py calls it dead."""
+        kwargs = getattr(getattr(self.client, "connection_pool", None), "connection_kwargs", {})
+        timeout = kwargs.get("socket_timeout") or self.config.socket_timeout
+        return max(_MIN_WAIT, float(timeout) / 2)
 
     def _keys(self, key: str) -> tuple[str, str, str]:
         name = redis_name(self.config.key_prefix, key)
@@ -123,10 +134,19 @@ class RedisLockBackend(LockBackend):
         waited = False
         while True:
             sent = time.monotonic()
-            ok, value = self._call(
-                "acquire a lease",
-                lambda: self._scripts["acquire"](keys=[lock_key, counter], args=[owner, ttl_ms]),
-            )
+            try:
+                ok, value = self._call(
+                    "acquire a lease",
+                    lambda: self._scripts["acquire"](keys=[lock_key, counter], args=[owner, ttl_ms]),
+                )
+            except LockBackendUnavailable:
+                # The reply was lost, but the script may have run: give back a lease nobody would
+                # otherwise release before its TTL (owner-checked, so never someone else's).
+                try:
+                    self.release(key, owner)
+                except LockBackendUnavailable:
+                    pass
+                raise
             if ok:
                 if waited:
                     logger.debug("lease on %s acquired after waiting %.3fs (token %s)", key, sent - started, value)
@@ -137,7 +157,7 @@ class RedisLockBackend(LockBackend):
             waited = True
             # Sleep until a release pushes a signal, the holder's TTL runs out (a crashed holder
             # pushes nothing), or our deadline: whichever is first.
-            wait = self.config.socket_timeout / 2
+            wait = self._max_wait
             if value > 0:
                 wait = min(wait, value / 1000)
             if deadline is not None:
