@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import uuid
 from typing import Any
 
 import pytest
@@ -102,10 +103,14 @@ def lock_keys(key: str) -> tuple[str, str]:
 
 
 @pytest.fixture
-def backend(redis):
+def backend(settings, redis):
+    """The configured Redis backend, under a key prefix of this test's own (other tests' leases,
+    e.g. of a holder killed on purpose, may still be running out their TTL)."""
+    prefix = f"cmd-{uuid.uuid4().hex[:8]}"
+    settings.DSM_REDIS = {**settings.DSM_REDIS, "OPTIONS": {**settings.DSM_REDIS["OPTIONS"], "KEY_PREFIX": prefix}}
     b = get_backend()
     yield b
-    for key in redis.scan_iter(match=f"*{b.config.key_prefix}*{{cmd.test:*"):
+    for key in redis.scan_iter(match=f"*{prefix}*"):
         redis.delete(key)
 
 
@@ -197,7 +202,7 @@ def test_locks_with_the_local_backend_lists_this_process(settings):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_forced_release_cannot_let_the_old_holder_overwrite_a_newer_one():
+def test_a_forced_release_cannot_let_the_old_holder_overwrite_a_newer_one(backend):
     """The operator frees a lease whose holder is alive; another holder commits; the old holder's
     next write is refused by the database (fencing), not committed over the newer one."""
     from tests.testapp.models import Account
