@@ -213,7 +213,7 @@ def _child_backend(queue: Any) -> None:
         backend = get_backend()
         assert isinstance(backend, RedisLockBackend)
         queue.put(("ok", id(backend), id(backend.client)))
-    except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
+    except BaseException:  # reported to the parent, which fails the test
         queue.put(("error", traceback.format_exc(), None))
 
 
