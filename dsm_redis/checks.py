@@ -9,7 +9,14 @@
                     alias, a cache that is not a Redis cache)
 ``dsm_redis.W001``  ``LocalLockBackend`` with ``DEBUG = False``: it excludes the threads of one
                     process only, not gunicorn or Celery worker processes
+``dsm_redis.W101``  Celery: ``AUTO_RENEW`` is off and a task time limit is unset or longer than the
+                    lease ``TTL`` (a locked task may outlive its lease; its commit is refused)
+``dsm_redis.W102``  Celery: the Redis broker's ``visibility_timeout`` is shorter than a task time
+                    limit (a running ``acks_late`` task is delivered again while it runs)
 =================  =========================================================================
+
+The W1xx checks run only when the project has imported Celery (its app module), against the
+current Celery app; a worker also logs them when it is ready (``dsm_redis.tasks``).
 
 The fatal subset (everything ``conf.validate()`` finds) also raises ``ImproperlyConfigured`` when
 the app is ready, in every process: Celery workers never run the checks. Messages never echo a
@@ -138,3 +145,77 @@ def _check_cache_alias(alias: str) -> list[checks.CheckMessage]:
         )
     ]
 
+
+@checks.register("dsm_redis")
+def check_celery(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """Celery's own timeouts against the lease; only when the project uses Celery."""
+    import sys
+
+    if sys.modules.get("celery") is None:  # the project does not use Celery (or it is not installed)
+        return []
+    from celery import current_app
+
+    return celery_timeout_warnings(current_app)
+
+
+def celery_timeout_warnings(app: Any) -> list[checks.CheckMessage]:
+    """W101/W102 for a Celery app: its ``task_time_limit`` and the time limits of its locked tasks."""
+    from django.core.exceptions import ImproperlyConfigured
+
+    from .conf import get_config
+
+    try:
+        config = get_config()
+    except ImproperlyConfigured:
+        return []  # reported as E00x
+    conf = app.conf
+    limits: list[tuple[str, Any, float]] = [("task_time_limit", conf.task_time_limit, config.ttl)]
+    if app.finalized:  # never import the project's task modules just to check them
+        for name, task in sorted(app.tasks.items()):
+            locked = getattr(getattr(task, "run", None), "_dsm_locked", None)
+            # (a task's time_limit defaults to task_time_limit: report only its own)
+            if locked is not None and task.time_limit not in (None, conf.task_time_limit):
+                limits.append((f"{name}.time_limit", task.time_limit, locked.get("ttl") or config.ttl))
+    messages: list[checks.CheckMessage] = []
+    if not config.auto_renew:
+        for what, limit, ttl in limits:
+            if limit is None or limit > ttl:
+                messages.append(
+                    checks.Warning(
+                        f"DSM_REDIS['OPTIONS']['AUTO_RENEW'] is False, and Celery's {what} "
+                        + ("is unset" if limit is None else f"({limit}s) is longer than the lease TTL ({ttl}s)")
+                        + ": a locked task that runs past its TTL loses its lease, and its work is refused at commit.",
+                        hint="Turn AUTO_RENEW on, or give such tasks a time limit no longer than the TTL "
+                        "(or a locked_task(ttl=...) that covers it).",
+                        id="dsm_redis.W101",
+                    )
+                )
+    visibility = _redis_visibility_timeout(conf)
+    for what, limit, _ in limits:
+        if visibility is not None and limit is not None and visibility < limit:
+            messages.append(
+                checks.Warning(
+                    f"Celery's Redis broker redelivers an unacknowledged message after its visibility_timeout "
+                    f"({visibility}s), which is shorter than {what} ({limit}s): an acks_late task still running "
+                    "then is delivered again. The lease keeps the copy from running beside it, but the copy "
+                    "runs the task a second time afterwards.",
+                    hint="Set CELERY_BROKER_TRANSPORT_OPTIONS = {'visibility_timeout': ...} above the longest "
+                    "task time limit (and above the longest countdown or ETA you use).",
+                    id="dsm_redis.W102",
+                )
+            )
+    return messages
+
+
+def _redis_visibility_timeout(conf: Any) -> float | None:
+    """The broker's visibility timeout when it is Redis (kombu's default: one hour), else None."""
+    url = conf.broker_read_url or conf.broker_url
+    if isinstance(url, (list, tuple)):
+        url = url[0] if url else None
+    if not isinstance(url, str):
+        return None
+    scheme = url.split(";")[0].partition("://")[0].lower()
+    if not (scheme.startswith(("redis", "rediss")) or scheme in ("sentinel", "socket")):
+        return None
+    options = conf.broker_transport_options or {}
+    return float(options.get("visibility_timeout", 3600))

@@ -46,6 +46,22 @@ class BoundStateMachine:
         """Walk a shortest path to ``state``, one committed transition per step, under one lease."""
         return protocol.run_through(self.machine, self.instance, self.machine.check_known(state))
 
+    def async_transition_to(self, state: Any, **kwargs: Any) -> Any:
+        """``transition_to`` in a Celery task sent when the transaction commits; an ``AsyncResult``.
+
+        ``kwargs`` travel as JSON; the task is a logged no-op if the object has left its current
+        state by the time it runs (see ``dsm_redis.tasks``).
+        """
+        from .tasks import enqueue
+
+        return enqueue(self, "to", state, kwargs)
+
+    def async_transition_through(self, state: Any) -> Any:
+        """``transition_through`` in a Celery task sent when the transaction commits; an ``AsyncResult``."""
+        from .tasks import enqueue
+
+        return enqueue(self, "through", state, {})
+
     def __getattr__(self, name: str) -> Callable[..., Any]:
         if name.startswith("_") or name not in self.machine.edge_names:
             raise AttributeError(
@@ -53,7 +69,13 @@ class BoundStateMachine:
             )
         return partial(self._call_edge, name)
 
-    def _call_edge(self, name: str, *args: Any, **kwargs: Any) -> Any:
+    def _call_edge(self, name: str, *args: Any, as_task: bool = False, **kwargs: Any) -> Any:
+        if as_task:  # the edge in a Celery task sent on commit (keyword arguments, as JSON)
+            if args:
+                raise TypeError(f"{name}(as_task=True) takes keyword arguments only: they travel as JSON")
+            from .tasks import enqueue
+
+            return enqueue(self, "edge", name, kwargs)
         return protocol.run(
             self.machine, self.instance, partial(self.machine.edge_by_name, name=name), args, kwargs
         )

@@ -72,6 +72,13 @@ def unbound_skip(account_id: int) -> str:
     return "ran"
 
 
+@shared_task
+@locked_task("testapp.Account", pk_arg="account_id", on_contention="retry")
+def unbound_retry(account_id: int, lease: Any) -> int:
+    """Not bound: contention retries find the task through Celery's current task."""
+    return lease.fencing_token
+
+
 class CountingTask(Task):
     """A custom base class, as projects use for logging or metrics."""
 
