@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import threading
+import time
 import traceback
 import uuid
 from typing import Any
@@ -84,6 +85,24 @@ def test_release_wakes_a_waiter_through_the_signal_list(backend):
     thread.join(90)
     waiter.close()
     assert woken and woken[0] is not None  # the UNLOCK script pushed the wake-up signal
+
+
+def test_a_wait_for_a_lease_is_logged_at_debug(backend, redis, caplog):
+    caplog.set_level("DEBUG", logger="dsm_redis")
+    first = backend.acquire("app.m:6", ttl=60, timeout=0)
+    got: list[Any] = []
+    thread = threading.Thread(target=lambda: got.append(backend.acquire("app.m:6", ttl=10, timeout=60)))
+    thread.start()
+    for _ in range(6000):  # until the waiter blocks on the wake-up list (bounded, not timed)
+        if any(c.get("cmd") == "blpop" for c in redis.client_list()) or not thread.is_alive():
+            break
+        time.sleep(0.01)
+    backend.release("app.m:6", first.owner)
+    thread.join(90)
+    waited = [r for r in caplog.records if r.name == "dsm_redis" and "acquired after waiting" in r.getMessage()]
+    assert got and waited and {r.levelname for r in waited} == {"DEBUG"}
+    assert "app.m:6" in waited[0].getMessage()
+    backend.release("app.m:6", got[0].owner)
 
 
 def test_iter_leases_lists_this_prefix_only_with_glob_characters_taken_literally(redis):

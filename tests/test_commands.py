@@ -130,7 +130,7 @@ def test_locks_lists_held_leases_with_owner_ttl_and_token(backend):
     assert all(0 < r["ttl"] <= 30 for r in rows)
 
 
-def test_release_of_a_running_lease_needs_force_and_wakes_a_waiter(backend):
+def test_release_of_a_running_lease_needs_force_and_wakes_a_waiter(backend, caplog):
     grant = backend.acquire("cmd.test:3", ttl=60, timeout=0)
     with pytest.raises(CommandError, match="--force"):
         run("dsm_locks", "--release", "cmd.test:3")
@@ -146,6 +146,8 @@ def test_release_of_a_running_lease_needs_force_and_wakes_a_waiter(backend):
     assert f"Released the lease on cmd.test:3 held by {grant.owner}" in out
     assert backend.describe("cmd.test:3")["owner"] is None
     assert woken and woken[0] is not None  # the release pushed the wake-up signal
+    (logged,) = [r for r in caplog.records if "released by an operator" in r.getMessage()]
+    assert logged.name == "dsm_redis" and logged.levelname == "WARNING" and grant.owner in logged.getMessage()
     assert "nothing to release" in run("dsm_locks", "--release", "cmd.test:3")
 
 

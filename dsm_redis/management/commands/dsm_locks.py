@@ -5,10 +5,11 @@ each lease's owner, TTL left and fencing counter in one script call per key; it 
 an atomic view. ``--release`` reads the lease, then deletes it only if the owner it read (or the
 one given with ``--owner``) still holds it — python-redis-lock's UNLOCK script, which also pushes
 the wake-up signal so a waiter takes the lease at once. A lease whose TTL is still running belongs
-to a holder that may be alive: that needs ``--force``. Forcing is safe for the database (the
-holder's lease is lost, it refuses to commit, and the next holder's newer fencing token makes the
-database refuse any write it still attempts), not for side effects outside it that ignore the
-fencing token.
+to a holder that may be alive: that needs ``--force``. Forcing keeps the database safe: once a
+newer holder has committed, the database refuses the old holder's writes (its fencing token is
+older), and the old holder's renewer marks its lease lost at its next renewal (TTL/3), after which
+it refuses to commit (``LockLost``). It does not stop the old holder's side effects outside the
+database that ignore the fencing token.
 """
 
 from __future__ import annotations
@@ -104,8 +105,9 @@ class Command(BaseCommand):
         if ttl is not None and not force:
             raise CommandError(
                 f"The lease on {key} is held by {owner} for {ttl:.1f}s more: its holder may be alive and "
-                "working. It expires by itself; to release it now, pass --force (the holder then finds "
-                "its lease lost and refuses to commit, and fencing makes the database refuse its writes)."
+                "working. It expires by itself; to release it now, pass --force (the holder's writes are then "
+                "refused once a newer holder has committed, and it refuses to commit once its next renewal "
+                "finds the lease gone)."
             )
         if not backend.release(key, owner):
             raise CommandError(f"The lease on {key} changed hands or expired since it was read: nothing released.")
