@@ -1,0 +1,172 @@
+"""Counting what one uncontended transition costs: Redis round trips (server-side, ``MONITOR``),
+SQL statements (``CaptureQueriesContext``), and where the time goes (``cProfile``)."""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import pstats
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+START, END = "bench-monitor-start", "bench-monitor-end"
+
+
+def redis_commands(redis_url: str, fn: Callable[[], Any]) -> dict[str, Any]:
+    """Commands Redis received while ``fn`` ran, as ``MONITOR`` shows them.
+
+    ``client`` are the commands clients sent (each one a network round trip); ``lua`` are those a
+    script ran inside Redis (no round trip; ``INFO commandstats`` would count them too).
+    """
+    import redis
+
+    seen: list[dict[str, Any]] = []
+    ready = threading.Event()
+    monitor_client = redis.Redis.from_url(redis_url)
+    marker = redis.Redis.from_url(redis_url)
+
+    def listen() -> None:
+        with monitor_client.monitor() as monitor:
+            ready.set()
+            for command in monitor.listen():
+                seen.append(command)
+                if END in command["command"]:
+                    return
+
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    ready.wait(10)
+    time.sleep(0.05)
+    marker.echo(START)
+    fn()
+    marker.echo(END)
+    thread.join(10)
+    monitor_client.close()
+    marker.close()
+    begin = next(i for i, c in enumerate(seen) if START in c["command"])
+    window = [c for c in seen[begin + 1 :] if END not in c["command"]]
+    client = [c["command"] for c in window if c["client_type"] != "lua"]
+    lua = [c["command"] for c in window if c["client_type"] == "lua"]
+    return {"client": client, "lua": lua}
+
+
+def sql_statements(fn: Callable[[], Any]) -> list[str]:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    with CaptureQueriesContext(connection) as ctx:
+        fn()
+    return [q["sql"] for q in ctx.captured_queries]
+
+
+# Functions whose cumulative time the profile summary reports, by layer.
+_LAYERS = {
+    "SQL (Django cursor execute, incl. server time)": ("django/db/backends/utils.py", "execute"),
+    "Redis (redis-py execute_command, incl. server time)": ("redis/client.py", "execute_command"),
+    "Model.save": ("django/db/models/base.py", "save"),
+    "QuerySet.get": ("django/db/models/query.py", "get"),
+    "transaction.atomic __enter__": ("django/db/transaction.py", "__enter__"),
+    "transaction.atomic __exit__ (COMMIT)": ("django/db/transaction.py", "__exit__"),
+}
+
+
+def profile(fn: Callable[[], Any], calls: int, top: int = 18) -> dict[str, Any]:
+    """cProfile ``calls`` runs of ``fn``: per-call time by layer, and the top functions by own time."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    wall = time.perf_counter() - t0
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    layers: dict[str, float] = {}
+    for label, (path, name) in _LAYERS.items():
+        total = 0.0
+        for (filename, _, funcname), (_, _, _, cumulative, callers) in stats.stats.items():  # type: ignore[attr-defined]
+            if filename.endswith(path) and funcname == name:
+                # Count only outermost entries: skip time already counted by a recursive caller.
+                own_callers = [c for c in callers if c[0].endswith(path) and c[2] == name]
+                if not own_callers:
+                    total += cumulative
+        layers[label] = total / calls
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).strip_dirs().sort_stats("tottime").print_stats(top)
+    return {"calls": calls, "per_call_wall": wall / calls, "layers": layers, "top": _trim(out.getvalue())}
+
+
+def _trim(text: str) -> str:
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip().startswith("ncalls")), 0)
+    return "\n".join(line.rstrip() for line in lines[start:] if line.strip())
+
+
+def breakdown(calls_by_name: dict[str, tuple[Callable[[], Any], Callable[[Any], Any]]], rounds: int) -> dict[str, Any]:
+    """Where the wall time of an uncontended call goes, without a profiler's distortion.
+
+    Each entry is (load, call): ``load()`` (not timed) gets the object, ``call(obj)`` is timed.
+    Calls of every entry run interleaved (one call each, in turn). Per call: time inside SQL
+    statements (Django's ``execute_wrapper``, client + server), time inside Redis commands (redis-py
+    ``execute_command``), and the rest (Python in Django, the library and the bench). Medians, ms.
+    """
+    import redis
+    from django.db import connection
+
+    current: dict[str, float] = {"sql": 0.0, "redis": 0.0, "sql_n": 0, "redis_n": 0}
+
+    def sql_wrapper(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return execute(sql, params, many, context)
+        finally:
+            current["sql"] += time.perf_counter() - t0
+            current["sql_n"] += 1
+
+    original = redis.Redis.execute_command
+
+    def redis_wrapper(self: Any, *args: Any, **options: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return original(self, *args, **options)
+        finally:
+            current["redis"] += time.perf_counter() - t0
+            current["redis_n"] += 1
+
+    commit = connection._commit
+
+    def commit_wrapper() -> Any:  # COMMIT is a round trip too, but not a cursor statement
+        t0 = time.perf_counter()
+        try:
+            return commit()
+        finally:
+            current["sql"] += time.perf_counter() - t0
+            current["sql_n"] += 1
+
+    samples: dict[str, dict[str, list[float]]] = {n: {"total": [], "sql": [], "redis": []} for n in calls_by_name}
+    redis.Redis.execute_command = redis_wrapper  # type: ignore[method-assign]
+    connection._commit = commit_wrapper
+    try:
+        with connection.execute_wrapper(sql_wrapper):
+            for _ in range(rounds):
+                for name, (load, call) in calls_by_name.items():
+                    obj = load()
+                    current.update(sql=0.0, redis=0.0, sql_n=0, redis_n=0)
+                    t0 = time.perf_counter()
+                    call(obj)
+                    total = time.perf_counter() - t0
+                    samples[name]["total"].append(total)
+                    samples[name]["sql"].append(current["sql"])
+                    samples[name]["redis"].append(current["redis"])
+    finally:
+        redis.Redis.execute_command = original  # type: ignore[method-assign]
+        del connection._commit
+    out = {}
+    import statistics
+
+    for name, s in samples.items():
+        total, sql, red = (statistics.median(s[k]) for k in ("total", "sql", "redis"))
+        rest = statistics.median([t - q - r for t, q, r in zip(s["total"], s["sql"], s["redis"], strict=True)])
+        out[name] = {"total": total, "sql": sql, "redis": red, "rest": rest}
+    return out
