@@ -315,6 +315,11 @@ def _validated(machine: str, transitions: Iterable[Any], start: Any) -> tuple[Tr
     for t in result:
         if t.name is None:
             continue
+        if "as_task" in inspect.signature(t.side_effect).parameters:  # type: ignore[arg-type]
+            raise ImproperlyConfigured(
+                f"{machine}: side effect {t.name!r} takes an `as_task` argument, which edge calls "
+                f"reserve for sending the transition as a Celery task; rename it"
+            )
         if t.name in RESERVED_EDGE_NAMES:
             raise ImproperlyConfigured(
                 f"{machine}: side effect {t.name!r} shadows a method of the bound state machine; rename it"

@@ -19,3 +19,22 @@ class FencingMark(models.Model):
 
     def __str__(self) -> str:
         return f"{self.object_key} @ {self.token}"
+
+
+class AppliedTask(models.Model):
+    """Asynchronous transitions already applied, written in the transition's own transaction.
+
+    A redelivered or duplicated task finds its id here and does nothing, even for a self-loop edge
+    whose state alone cannot tell a duplicate apart. One row per asynchronous edge or
+    ``async_transition_to``; prune old rows (beyond your broker's redelivery horizon) as you like.
+    """
+
+    task_id = models.CharField(max_length=255, primary_key=True)
+    object_key = models.CharField(max_length=255)
+    applied_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        db_table = "dsm_redis_applied_task"
+
+    def __str__(self) -> str:
+        return f"{self.task_id} on {self.object_key}"

@@ -12,9 +12,9 @@ imports without Celery; enqueueing without it raises ``ImproperlyConfigured``.
 - The task carries the state the object was in when you asked (for ``async_transition_through``,
   the states of the walk from there). Under the object's lease the worker reads the row: if it is
   no longer in that state, the message is a duplicate or a late delivery, and the task logs that at
-  INFO and does nothing. Limit: a self-loop edge (``open -> open``) leaves the state unchanged, so a
-  duplicate of it cannot be recognised by the state and runs again: make such side effects
-  idempotent.
+  INFO and does nothing. An edge or ``async_transition_to`` also records its task id in
+  ``dsm_redis_applied_task`` in the transition's own transaction, so a redelivered copy of a
+  self-loop edge (``open -> open``), which the state cannot tell apart, is a no-op too.
 - The lease is taken as in ``dsm_redis.celery.run_locked``; a lease or row lock not obtained in
   time is retried with a short backoff that does not consume ``max_retries``.
 - The call returns the task's ``AsyncResult`` (its id is fixed before the commit sends it); the
@@ -176,12 +176,22 @@ def _transition(
                 TASK_NAME, self.request.id, key, kind, target, current, expected,
             )  # fmt: skip
             return current
-        if kind == "edge":
-            getattr(bound, target)(**(kwargs or {}))
-        elif kind == "to":
-            bound.transition_to(target, **(kwargs or {}))
-        else:
-            bound.transition_through(target)
+        if kind == "through":
+            bound.transition_through(target)  # a redelivery resumes the walk from where it is
+            return bound.get_current_state()
+        from .models import AppliedTask
+
+        with transaction.atomic(using=db):
+            # Recorded in the transition's own transaction: a copy of this message delivered again
+            # after the commit finds it and does nothing, even for a self-loop edge.
+            if AppliedTask.objects.using(db).filter(pk=self.request.id).exists():
+                logger.info("%s[%s] on %s: already applied; skipped", TASK_NAME, self.request.id, key)
+                return current
+            if kind == "edge":
+                getattr(bound, target)(**(kwargs or {}))
+            else:
+                bound.transition_to(target, **(kwargs or {}))
+            AppliedTask.objects.using(db).create(task_id=self.request.id, object_key=key)
         return bound.get_current_state()
 
     return run_locked(self, key, db, body, on_contention="retry", atomic=False, retry_body_timeouts=True)

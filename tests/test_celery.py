@@ -391,6 +391,19 @@ def test_async_transition_is_sent_on_commit_and_runs_once(worker, published):
     assert fresh(order).machine.async_transition_to(OrderStatus.CANCELLED).get(timeout=WAIT) == OrderStatus.CANCELLED
 
 
+def test_redelivered_self_loop_edge_is_applied_once(worker, published):
+    account = Account.objects.create()
+    result = account.machine.deposit(as_task=True, amount=3)  # open -> open: the state cannot tell
+    assert result.get(timeout=WAIT) == "open"
+    # The broker delivers the same message (same task id) again, after the commit. (Its result
+    # key already holds the first run's result: wait for the worker to log the second run's end.)
+    dsm_tasks.transition.apply_async(kwargs=published[-1][2], task_id=result.id)
+    done = f"dsm_redis.transition[{result.id}] succeeded"
+    wait_for(lambda: worker.log.read_text().count(done) == 2, "the redelivered copy", [worker.log])
+    row = fresh(account)
+    assert (row.balance, row.deposits) == (3, 1)
+
+
 def test_async_transition_in_a_rolled_back_block_is_never_sent(worker, published):
     order = Order.objects.create()
     with pytest.raises(RuntimeError), transaction.atomic():

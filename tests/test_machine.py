@@ -57,6 +57,16 @@ def test_empty_transitions_and_reserved_names():
             transitions = [State(0) | transition_to | State(1)]
 
 
+def test_as_task_is_reserved_for_celery():
+    def ship(self, instance, transition, *, as_task=False):
+        pass
+
+    with pytest.raises(ImproperlyConfigured, match="as_task"):
+
+        class Broken(StateMachine):
+            transitions = [State(0) | ship | State(1)]
+
+
 def test_states_may_be_ints_strings_and_enums_and_compare_by_value():
     class Colour(enum.Enum):
         RED = "red"
