@@ -330,7 +330,11 @@ class RedisServer:
             # A session of its own: a Ctrl-C meant for the program must not stop Redis before the
             # program's own cleanup runs (pg_ctl does the same for PostgreSQL).
             proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=self._dir,
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self._dir,
                 start_new_session=True,
             )
         deadline = time.monotonic() + _REDIS_START_TIMEOUT
@@ -619,9 +623,7 @@ def _find_pg_bindir() -> Path | None:
     pg_config = shutil.which("pg_config")
     if pg_config:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run(
-                [pg_config, "--bindir"], capture_output=True, text=True, timeout=10, check=True
-            )
+            out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, timeout=10, check=True)
             candidates.append(Path(out.stdout.strip()))
 
     def version(path: Path) -> tuple[int, ...]:
@@ -717,9 +719,7 @@ class PostgresServer:
                     log = _log_tail(backend.log_path())
                     with contextlib.suppress(Exception):
                         backend.stop()
-                    raise RuntimeError(
-                        f"PostgreSQL did not start: {exc}\nServer log tail:\n{log}"
-                    ) from exc
+                    raise RuntimeError(f"PostgreSQL did not start: {exc}\nServer log tail:\n{log}") from exc
                 except BaseException:  # KeyboardInterrupt while starting: leave nothing behind
                     with contextlib.suppress(Exception):
                         backend.stop()
@@ -859,10 +859,7 @@ def database_settings_from_url(url: str) -> dict[str, Any]:
             name = ":memory:"
         return {"ENGINE": "django.db.backends.sqlite3", "NAME": name}
     if scheme not in _POSTGRES_SCHEMES:
-        raise ValueError(
-            f"Unsupported database URL scheme {parts.scheme!r}: expected postgresql://... or "
-            "sqlite://..."
-        )
+        raise ValueError(f"Unsupported database URL scheme {parts.scheme!r}: expected postgresql://... or sqlite://...")
     user, password, host, port = _split_netloc(parts.netloc)
     name = unquote(parts.path[1:]) if parts.path.startswith("/") else ""
     options: dict[str, str] = {}

@@ -55,7 +55,12 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
     from .backends.redis import RedisLockBackend
 
     location = raw.get("LOCATION")
-    if issubclass(backend, RedisLockBackend) and isinstance(location, str) and location.startswith("cache:") and location[6:]:
+    if (
+        issubclass(backend, RedisLockBackend)
+        and isinstance(location, str)
+        and location.startswith("cache:")
+        and location[6:]
+    ):
         messages += _check_cache_alias(location[len("cache:") :])
     if issubclass(backend, LocalLockBackend) and not settings.DEBUG:
         messages.append(

@@ -128,9 +128,7 @@ def validate(raw: Any) -> list[str]:
         problems.append(f"{SETTING}['BACKEND'] must be a dotted path to a backend class, not {backend!r}")
     location = raw.get("LOCATION", DEFAULT_LOCATION)
     if not (isinstance(location, str) or callable(location)):
-        problems.append(
-            f"{SETTING}['LOCATION'] must be a URL, 'cache:<alias>', or a callable returning a client"
-        )
+        problems.append(f"{SETTING}['LOCATION'] must be a URL, 'cache:<alias>', or a callable returning a client")
     elif isinstance(location, str) and backend == DEFAULT_BACKEND and (wrong := _location(location)):
         problems.append(Problem(f"{SETTING}['LOCATION'] {wrong}", "location"))
     options = raw.get("OPTIONS", {})

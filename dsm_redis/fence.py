@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from django.apps import apps
 from django.db import DatabaseError, connections, models
@@ -53,7 +54,7 @@ class FencingTokenField(models.CharField):
         super().__init__(*args, **kwargs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fencing_column(model: type[Model]) -> str | None:
     """The attname of the model's ``FencingTokenField``, if it opted into one."""
     for f in model._meta.concrete_fields:

@@ -5,14 +5,15 @@ Not a database column: the state lives in an ordinary field named by ``state_fie
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 from django.db.models import Model
 
 from . import protocol
-from .machine import StateMachine, Transition, plain
 from .exceptions import TransitionException
+from .machine import StateMachine, Transition, plain
 
 __all__ = ["StateMachineField", "BoundStateMachine"]
 
@@ -76,9 +77,7 @@ class BoundStateMachine:
             from .tasks import enqueue
 
             return enqueue(self, "edge", name, kwargs)
-        return protocol.run(
-            self.machine, self.instance, partial(self.machine.edge_by_name, name=name), args, kwargs
-        )
+        return protocol.run(self.machine, self.instance, partial(self.machine.edge_by_name, name=name), args, kwargs)
 
     def _exactly(self, transition: Transition, row: Model) -> Transition:
         current = self.machine.current_state(row)

@@ -17,7 +17,7 @@ from django.db.models import Model
 
 def root_model(model: type[Model]) -> type[Model]:
     """The concrete model at the top of ``model``'s multi-table inheritance chain."""
-    root = model._meta.concrete_model
+    root: type[Model] = model._meta.concrete_model or model
     while root._meta.parents:
         root = next(iter(root._meta.parents))
     return root

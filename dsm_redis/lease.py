@@ -29,8 +29,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from django.db import connections, transaction
 from django.db.transaction import TransactionManagementError
@@ -53,7 +54,9 @@ _DEFAULT: Any = object()
 class Lease:
     """A held lease. ``fencing_token`` strictly increases per object across leases."""
 
-    def __init__(self, key: str, backend: LockBackend, owner: str, fencing_token: int, ttl: float, valid_until: float) -> None:
+    def __init__(
+        self, key: str, backend: LockBackend, owner: str, fencing_token: int, ttl: float, valid_until: float
+    ) -> None:
         self.key = key
         self.backend = backend
         self.owner = owner
@@ -106,7 +109,10 @@ class Lease:
             return False
         logger.warning(
             "fencing counter for %s re-anchored: token %s was behind the database mark %s; now %s",
-            self.key, self.fencing_token, floor, token,
+            self.key,
+            self.fencing_token,
+            floor,
+            token,
         )
         self.fencing_token = token
         return True
@@ -230,8 +236,6 @@ def object_lock(obj: Model, *, timeout: float | None = _DEFAULT, ttl: float | No
     """Hold ``obj``'s lease across several steps; transitions inside re-enter it and are fenced."""
     with hold(object_key(obj), timeout=timeout, ttl=ttl) as lease:
         yield lease
-
-
 
 
 _renewer = Renewer(_finish)

@@ -15,10 +15,11 @@ from __future__ import annotations
 import enum
 import inspect
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from django.core.exceptions import ImproperlyConfigured
+from django.core.exceptions import FieldDoesNotExist, ImproperlyConfigured
 
 from .exceptions import TransitionException
 
@@ -91,8 +92,7 @@ class _HalfEdge:
     def __or__(self, end: Any) -> Transition:
         if isinstance(end, (_HalfEdge, Transition)) or callable(end):
             raise ImproperlyConfigured(
-                f"A transition is State | callable-or-None | State; the end of the edge from "
-                f"{self.start!r} is {end!r}"
+                f"A transition is State | callable-or-None | State; the end of the edge from {self.start!r} is {end!r}"
             )
         return Transition(
             start=self.start,
@@ -177,9 +177,7 @@ class StateMachine:
                 by_name.setdefault(t.name, []).append(t)
         cls._by_name = {name: tuple(ts) for name, ts in by_name.items()}
         cls._states = frozenset(s for t in cls._transitions for s in (t.start, t.end))
-        cls._signatures = {
-            t.side_effect: inspect.signature(t.side_effect) for t in cls._transitions if t.side_effect
-        }
+        cls._signatures = {t.side_effect: inspect.signature(t.side_effect) for t in cls._transitions if t.side_effect}
 
     def __init__(self, field_name: str, state_field_name: str) -> None:
         if self.transitions is None:
@@ -204,9 +202,10 @@ class StateMachine:
         """``1 (Alive)`` when the state field has choices, else the value's repr."""
         value = plain(state)
         model = instance_or_model if isinstance(instance_or_model, type) else type(instance_or_model)
+        meta = getattr(model, "_meta", None)  # None: not a Django model (unit tests of the graph)
         try:
-            choices = model._meta.get_field(self.state_field_name).flatchoices
-        except Exception:  # not a Django model (unit tests of the graph), or no such field
+            choices = meta.get_field(self.state_field_name).flatchoices if meta is not None else ()
+        except FieldDoesNotExist:
             choices = ()
         for choice, text in choices:
             if plain(choice) == value:
@@ -274,8 +273,7 @@ class StateMachine:
                     return self._guarded(instance, first_edge[t.end])
                 queue.append(t.end)
         raise TransitionException(
-            f"{type(self).__name__}: no path from {self.label(instance, current)} to "
-            f"{self.label(instance, target)}"
+            f"{type(self).__name__}: no path from {self.label(instance, current)} to {self.label(instance, target)}"
         )
 
     def check_arguments(
@@ -305,9 +303,7 @@ def _validated(machine: str, transitions: Iterable[Any], start: Any) -> tuple[Tr
     result = []
     for index, t in enumerate(transitions):
         if not isinstance(t, Transition):
-            raise ImproperlyConfigured(
-                f"{machine}.transitions[{index}] is {t!r}, not State | callable-or-None | State"
-            )
+            raise ImproperlyConfigured(f"{machine}.transitions[{index}] is {t!r}, not State | callable-or-None | State")
         result.append(t)
     if not result:
         raise ImproperlyConfigured(f"{machine}.transitions is empty")

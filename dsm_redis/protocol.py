@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from django.db import connections, router, transaction
 from django.db.models import Model
+from django.db.models.fields.mixins import FieldCacheMixin
 
 from .conf import get_config
 from .exceptions import LockLost, TransitionFailed
@@ -49,9 +51,7 @@ logger = logging.getLogger("dsm_redis")
 Resolve = Callable[[Model], "Transition | None"]
 
 
-def run(
-    machine: StateMachine, instance: Model, resolve: Resolve, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
+def run(machine: StateMachine, instance: Model, resolve: Resolve, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """One transition; returns the state the object is in afterwards."""
     using = router.db_for_write(type(instance), instance=instance)
     if instance.pk is None or instance._state.adding:
@@ -103,8 +103,16 @@ def _step(
     lease.databases.add(using)  # if this is a caller's transaction, its commit releases the lease
     try:
         with transaction.atomic(using=using):  # 2. transaction
-            row = instance if nested else lock_row(
-                instance, using, lease, config.effective_row_lock_timeout, in_caller_transaction=in_caller_transaction
+            row = (
+                instance
+                if nested
+                else lock_row(
+                    instance,
+                    using,
+                    lease,
+                    config.effective_row_lock_timeout,
+                    in_caller_transaction=in_caller_transaction,
+                )
             )
             lease.check()  # a lease lost while waiting for the row must not start a side effect
             transition = resolve(row)  # 3. check against the row read under the lock
@@ -187,7 +195,9 @@ def _snapshot(instance: Model) -> dict[str, Any]:
     # that a side effect mutating a JSONField in place is seen as a change.
     values = instance.__dict__
     return {
-        f.attname: copy.deepcopy(values[f.attname]) if isinstance(values[f.attname], (dict, list)) else values[f.attname]
+        f.attname: copy.deepcopy(values[f.attname])
+        if isinstance(values[f.attname], (dict, list))
+        else values[f.attname]
         for f in instance._meta.concrete_fields
         if f.attname in values
     }
@@ -205,7 +215,7 @@ def _adopt_row(instance: Model, row: Model) -> None:
     """Make ``instance`` the row read under the lock (what ``refresh_from_db`` would do)."""
     for f in instance._meta.concrete_fields:
         value = getattr(row, f.attname)
-        if f.is_relation and f.is_cached(instance) and instance.__dict__.get(f.attname) != value:
+        if isinstance(f, FieldCacheMixin) and f.is_cached(instance) and instance.__dict__.get(f.attname) != value:
             f.delete_cached_value(instance)
         setattr(instance, f.attname, value)
     instance._state.db = row._state.db

@@ -15,7 +15,8 @@ import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .lease import Lease
@@ -69,7 +70,8 @@ class Renewer:
         sent = time.monotonic()
         try:
             ok = lease.backend.renew(lease.key, lease.owner, lease.ttl)
-        except Exception as exc:  # Redis down: retry until the local deadline passes
+        except Exception as exc:  # noqa: BLE001 - whatever fails, this thread must not die silently
+            # Redis down (or refusing): retry until the local deadline passes, then mark it lost.
             if lease.remaining <= 0:
                 lease.lost = f"lease on {lease.key} could not be renewed ({type(exc).__name__}) and expired"
                 logger.error("%s", lease.lost)

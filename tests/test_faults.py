@@ -10,7 +10,8 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -58,8 +59,12 @@ def wait_until(condition: Any, what: str, limit: float = 60) -> None:
 def pg_connect() -> psycopg.Connection[Any]:
     s = connection.settings_dict
     return psycopg.connect(
-        dbname=s["NAME"], user=s["USER"], password=s["PASSWORD"] or None, host=s["HOST"] or None,
-        port=s["PORT"] or None, autocommit=True,
+        dbname=s["NAME"],
+        user=s["USER"],
+        password=s["PASSWORD"] or None,
+        host=s["HOST"] or None,
+        port=s["PORT"] or None,
+        autocommit=True,
     )
 
 
@@ -67,9 +72,7 @@ def pg_connect() -> psycopg.Connection[Any]:
 def test_paused_holder_cannot_commit_after_its_lease_ran_out(lock_redis, model):
     _, env = lock_redis
     account = model.objects.create()
-    worker = start_worker(
-        "tests.workers:hold_across_two_transitions", account.pk, model._meta.label, env=env
-    )
+    worker = start_worker("tests.workers:hold_across_two_transitions", account.pk, model._meta.label, env=env)
     try:
         first_token = worker.expect()
         os.kill(worker.pid, signal.SIGSTOP)  # a GC pause, a stopped VM: the renewer stops too
@@ -227,7 +230,7 @@ def test_lease_wait_is_bounded(lock_redis, settings):
     worker = start_worker("tests.workers:hold_forever", account.pk, env=dict(env, DSM_TEST_TTL="60"))
     try:
         worker.expect()
-        with pytest.raises(LockTimeout, match="not acquired within 0.2s"):
+        with pytest.raises(LockTimeout, match=r"not acquired within 0\.2s"):
             account.machine.deposit()
         with pytest.raises(LockTimeout):
             with object_lock(account, timeout=0):

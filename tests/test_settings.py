@@ -74,6 +74,6 @@ def test_unknown_backend_path_is_a_clear_error(settings):
 
     cat = Cat.objects.create()
     settings.DSM_REDIS = {"BACKEND": "dsm_redis.backends.nope.Backend"}
-    with pytest.raises(ImproperlyConfigured, match="cannot import 'dsm_redis.backends.nope.Backend'"):
+    with pytest.raises(ImproperlyConfigured, match=r"cannot import 'dsm_redis\.backends\.nope\.Backend'"):
         cat.state_machine.survive()
     assert Cat.objects.get(pk=cat.pk).state == 0

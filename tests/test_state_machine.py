@@ -279,7 +279,9 @@ def test_side_effect_sees_the_fencing_token(db_alias):
     order = Order.objects.using(db_alias).create()
     order.machine.pay(amount=1)
     order.machine.ship()
-    tokens = list(AuditLog.objects.using(db_alias).filter(order_id=order.pk).order_by("id").values_list("token", flat=True))
+    tokens = list(
+        AuditLog.objects.using(db_alias).filter(order_id=order.pk).order_by("id").values_list("token", flat=True)
+    )
     assert len(tokens) == 2 and tokens[0] < tokens[1]
 
 

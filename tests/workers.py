@@ -41,9 +41,8 @@ def dsm_deposit(index: int, account_ids: list[int], rounds: int, work: float) ->
         account = Account.objects.get(pk=account_id)
         while True:
             try:
-                account.machine.deposit(
-                    amount=1, work=work, effect=lambda: effects.incr(f"effects:{settings.DSM_REDIS['OPTIONS']['KEY_PREFIX']}:{account_id}")
-                )
+                effect_key = f"effects:{settings.DSM_REDIS['OPTIONS']['KEY_PREFIX']}:{account_id}"
+                account.machine.deposit(amount=1, work=work, effect=lambda key=effect_key: effects.incr(key))
                 break
             except LockBackendUnavailable:
                 unavailable += 1  # Redis down or restarting: nothing was written, try again

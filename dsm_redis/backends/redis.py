@@ -97,7 +97,9 @@ class RedisLockBackend(LockBackend):
 
     @cached_property
     def _scripts(self) -> dict[str, Any]:
-        scripts = {name: self.client.register_script(_lua(name)) for name in ("acquire", "renew", "reanchor", "holders")}
+        scripts = {
+            name: self.client.register_script(_lua(name)) for name in ("acquire", "renew", "reanchor", "holders")
+        }
         scripts["unlock"] = self.client.register_script(redis_lock.UNLOCK_SCRIPT)
         return scripts
 
@@ -207,9 +209,7 @@ class RedisLockBackend(LockBackend):
                 yield LeaseInfo(key=key, **info)
 
     def _describe(self, lock_key: str, counter: str) -> dict[str, Any]:
-        owner, pttl, token = self._call(
-            "describe a lease", lambda: self._scripts["holders"](keys=[lock_key, counter])
-        )
+        owner, pttl, token = self._call("describe a lease", lambda: self._scripts["holders"](keys=[lock_key, counter]))
         return {
             "owner": owner.decode() if isinstance(owner, bytes) else owner or None,
             "ttl": pttl / 1000 if pttl and pttl > 0 else None,

@@ -41,7 +41,7 @@ def drop_function(apps, schema_editor):
 
 class Migration(migrations.Migration):
     initial = True
-    dependencies: list = []
+    dependencies = []  # type: ignore[var-annotated]
 
     operations = [
         migrations.CreateModel(

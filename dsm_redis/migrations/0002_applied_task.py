@@ -4,21 +4,20 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('dsm_redis', '0001_initial'),
+        ("dsm_redis", "0001_initial"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='AppliedTask',
+            name="AppliedTask",
             fields=[
-                ('task_id', models.CharField(max_length=255, primary_key=True, serialize=False)),
-                ('object_key', models.CharField(max_length=255)),
-                ('applied_at', models.DateTimeField(auto_now_add=True, db_index=True)),
+                ("task_id", models.CharField(max_length=255, primary_key=True, serialize=False)),
+                ("object_key", models.CharField(max_length=255)),
+                ("applied_at", models.DateTimeField(auto_now_add=True, db_index=True)),
             ],
             options={
-                'db_table': 'dsm_redis_applied_task',
+                "db_table": "dsm_redis_applied_task",
             },
         ),
     ]

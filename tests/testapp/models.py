@@ -123,13 +123,17 @@ class OrderMachine(StateMachine):
         if amount <= 0:
             raise TransitionFailed(OrderStatus.FAILED, reason=f"bad amount {amount}")
         instance.paid = amount
-        AuditLog.objects.using(instance._state.db).create(order_id=instance.pk, token=transition.fencing_token, note="paid")
+        AuditLog.objects.using(instance._state.db).create(
+            order_id=instance.pk, token=transition.fencing_token, note="paid"
+        )
 
     def fail(self, instance, transition, *, reason):
         instance.failure = reason
 
     def ship(self, instance, transition):
-        AuditLog.objects.using(instance._state.db).create(order_id=instance.pk, token=transition.fencing_token, note="shipped")
+        AuditLog.objects.using(instance._state.db).create(
+            order_id=instance.pk, token=transition.fencing_token, note="shipped"
+        )
 
     def explode(self, instance, transition):
         instance.paid = -1

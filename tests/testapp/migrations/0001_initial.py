@@ -4,77 +4,103 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='Account',
+            name="Account",
             fields=[
-                ('id', models.AutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('state', models.CharField(default='open', max_length=10)),
-                ('balance', models.IntegerField(default=0)),
-                ('deposits', models.IntegerField(default=0)),
+                ("id", models.AutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("state", models.CharField(default="open", max_length=10)),
+                ("balance", models.IntegerField(default=0)),
+                ("deposits", models.IntegerField(default=0)),
             ],
         ),
         migrations.CreateModel(
-            name='AuditLog',
+            name="AuditLog",
             fields=[
-                ('id', models.AutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('order_id', models.IntegerField()),
-                ('token', models.BigIntegerField(null=True)),
-                ('note', models.CharField(max_length=50)),
+                ("id", models.AutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("order_id", models.IntegerField()),
+                ("token", models.BigIntegerField(null=True)),
+                ("note", models.CharField(max_length=50)),
             ],
         ),
         migrations.CreateModel(
-            name='Cat',
+            name="Cat",
             fields=[
-                ('id', models.AutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('state', models.IntegerField(choices=[(0, 'Unknown'), (1, 'Alive'), (2, 'Dead')], default=0)),
-                ('can_meow', models.BooleanField(default=False)),
-                ('age', models.IntegerField(default=1)),
-                ('cause', models.CharField(blank=True, max_length=100)),
-                ('time_of_death', models.DateTimeField(null=True)),
+                ("id", models.AutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("state", models.IntegerField(choices=[(0, "Unknown"), (1, "Alive"), (2, "Dead")], default=0)),
+                ("can_meow", models.BooleanField(default=False)),
+                ("age", models.IntegerField(default=1)),
+                ("cause", models.CharField(blank=True, max_length=100)),
+                ("time_of_death", models.DateTimeField(null=True)),
             ],
         ),
         migrations.CreateModel(
-            name='Order',
+            name="Order",
             fields=[
-                ('id', models.AutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('status', models.CharField(choices=[('new', 'New'), ('paid', 'Paid'), ('shipped', 'Shipped'), ('failed', 'Payment failed'), ('cancelled', 'Cancelled')], default='new', max_length=20)),
-                ('paid', models.IntegerField(default=0)),
-                ('failure', models.CharField(blank=True, max_length=100)),
-                ('updated', models.DateTimeField(auto_now=True)),
+                ("id", models.AutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("new", "New"),
+                            ("paid", "Paid"),
+                            ("shipped", "Shipped"),
+                            ("failed", "Payment failed"),
+                            ("cancelled", "Cancelled"),
+                        ],
+                        default="new",
+                        max_length=20,
+                    ),
+                ),
+                ("paid", models.IntegerField(default=0)),
+                ("failure", models.CharField(blank=True, max_length=100)),
+                ("updated", models.DateTimeField(auto_now=True)),
             ],
         ),
         migrations.CreateModel(
-            name='Parcel',
+            name="Parcel",
             fields=[
-                ('id', models.AutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('state', models.CharField(default='packed', max_length=10)),
-                ('billing_state', models.CharField(default='open', max_length=10)),
-                ('charged_with', models.BigIntegerField(null=True)),
+                ("id", models.AutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("state", models.CharField(default="packed", max_length=10)),
+                ("billing_state", models.CharField(default="open", max_length=10)),
+                ("charged_with", models.BigIntegerField(null=True)),
             ],
         ),
         migrations.CreateModel(
-            name='SeedModel',
+            name="SeedModel",
             fields=[
-                ('id', models.AutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('state', models.IntegerField(choices=[(0, 'START'), (1, 'TRANSITION_TO_MIDDLE_ENABLED'), (2, 'MIDDLE'), (3, 'END'), (4, 'ANOTHER_END'), (5, 'THE_WAY_TO_FAILURE'), (6, 'FAILURE_IS_ACTUALLY_AN_OPTION'), (7, 'FAIL')], default=0)),
-                ('can_transition_to_middle', models.BooleanField(default=False)),
-                ('note', models.CharField(blank=True, max_length=100)),
-                ('side_effects', models.IntegerField(default=0)),
+                ("id", models.AutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                (
+                    "state",
+                    models.IntegerField(
+                        choices=[
+                            (0, "START"),
+                            (1, "TRANSITION_TO_MIDDLE_ENABLED"),
+                            (2, "MIDDLE"),
+                            (3, "END"),
+                            (4, "ANOTHER_END"),
+                            (5, "THE_WAY_TO_FAILURE"),
+                            (6, "FAILURE_IS_ACTUALLY_AN_OPTION"),
+                            (7, "FAIL"),
+                        ],
+                        default=0,
+                    ),
+                ),
+                ("can_transition_to_middle", models.BooleanField(default=False)),
+                ("note", models.CharField(blank=True, max_length=100)),
+                ("side_effects", models.IntegerField(default=0)),
             ],
         ),
         migrations.CreateModel(
-            name='Switch',
+            name="Switch",
             fields=[
-                ('id', models.AutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('state', models.CharField(default='off', max_length=3)),
-                ('flips', models.IntegerField(default=0)),
+                ("id", models.AutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("state", models.CharField(default="off", max_length=3)),
+                ("flips", models.IntegerField(default=0)),
             ],
         ),
     ]

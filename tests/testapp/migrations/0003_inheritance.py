@@ -5,29 +5,37 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('testapp', '0002_fenced_account'),
+        ("testapp", "0002_fenced_account"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='Lion',
+            name="Lion",
             fields=[
-                ('cat_ptr', models.OneToOneField(auto_created=True, on_delete=django.db.models.deletion.CASCADE, parent_link=True, primary_key=True, serialize=False, to='testapp.cat')),
-                ('mane', models.CharField(default='short', max_length=10)),
+                (
+                    "cat_ptr",
+                    models.OneToOneField(
+                        auto_created=True,
+                        on_delete=django.db.models.deletion.CASCADE,
+                        parent_link=True,
+                        primary_key=True,
+                        serialize=False,
+                        to="testapp.cat",
+                    ),
+                ),
+                ("mane", models.CharField(default="short", max_length=10)),
             ],
-            bases=('testapp.cat',),
+            bases=("testapp.cat",),
         ),
         migrations.CreateModel(
-            name='ProxyCat',
-            fields=[
-            ],
+            name="ProxyCat",
+            fields=[],
             options={
-                'proxy': True,
-                'indexes': [],
-                'constraints': [],
+                "proxy": True,
+                "indexes": [],
+                "constraints": [],
             },
-            bases=('testapp.cat',),
+            bases=("testapp.cat",),
         ),
     ]
