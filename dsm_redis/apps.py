@@ -11,8 +11,9 @@ class DsmRedisConfig(AppConfig):
 
     def ready(self) -> None:
         from . import checks  # noqa: F401  (registers the system checks)
+        from .backends import load_backend_class
         from .conf import get_config
 
         # Fatal misconfiguration stops every process at start-up, Celery workers included: they
         # never run the system checks.
-        get_config()
+        load_backend_class(get_config().backend)
