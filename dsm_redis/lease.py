@@ -72,6 +72,7 @@ class Lease:
         # databases written under this lease; the connection whose commit will release it.
         self.databases: set[str] = set()
         self.parked_on: Any = None
+        self._release_on_commit: Callable[[], None] | None = None
         self.released = False
         self.pid = os.getpid()
 
@@ -101,6 +102,18 @@ class Lease:
         self.check()
         fence(self, using)
         self.databases.add(using)
+
+    def parked_transaction_ended(self) -> bool:
+        """Parked, and the transaction it waits for is over without having released it.
+
+        Django has no rollback hook; but a rollback drops the transaction's on-commit callbacks
+        (and a commit runs them), so ours missing from the connection's list means it is over.
+        """
+        connection = self.parked_on
+        if connection is None:
+            return False
+        pending = self._release_on_commit
+        return not any(entry[1] is pending for entry in list(connection.run_on_commit))
 
     def reanchor(self, floor: int) -> bool:
         """Redis lost our counter: mint a token above ``floor`` if Redis confirms we own the lease."""
@@ -152,7 +165,7 @@ def hold(key: str, *, timeout: float | None = _DEFAULT, ttl: float | None = None
     if lease is not None and lease.released:
         del leases[key]  # released by the renewer after its caller's transaction rolled back
         lease = None
-    if lease is not None and not (lease.parked_on is not None and not lease.parked_on.in_atomic_block):
+    if lease is not None and not lease.parked_transaction_ended():
         lease.depth += 1
         try:
             yield lease
@@ -181,8 +194,13 @@ def _release_after_commit(lease: Lease) -> None:
     for alias in sorted(lease.databases):
         connection = connections[alias]
         if connection.in_atomic_block:
+
+            def release_on_commit() -> None:
+                _finish(lease)
+
+            lease._release_on_commit = release_on_commit
             lease.parked_on = connection
-            transaction.on_commit(lambda: _finish(lease), using=alias)
+            transaction.on_commit(release_on_commit, using=alias)
             return
     _finish(lease)
 

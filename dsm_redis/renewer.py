@@ -61,7 +61,7 @@ class Renewer:
                 _, ident, lease = heapq.heappop(self._heap)
                 if ident not in self._active:
                     continue
-            if lease.parked_on is not None and not lease.parked_on.in_atomic_block:
+            if lease.parked_transaction_ended():
                 self._finish(lease)  # the caller's transaction rolled back: nothing will release it
                 continue
             self._renew(lease)

@@ -113,3 +113,24 @@ def test_callers_lock_timeout_is_restored():
         with connection.cursor() as cursor:
             cursor.execute("SHOW lock_timeout")
             assert cursor.fetchone()[0] == "61s"
+
+
+def test_after_a_rollback_the_next_transaction_takes_the_lease_over_and_releases_it():
+    cat = Cat.objects.create()
+    with pytest.raises(ZeroDivisionError):
+        with transaction.atomic():
+            cat.state_machine.survive()
+            1 / 0
+    cat.state = 0
+    with transaction.atomic():  # the next request in this thread: a new transaction
+        cat.state_machine.survive()
+    outcome: list[str] = []
+
+    def other() -> None:
+        with object_lock(cat, timeout=0):
+            outcome.append("acquired")
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join()
+    assert outcome == ["acquired"]  # released at that commit, not kept for later requests
