@@ -36,6 +36,29 @@ def _cpu_ticks() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
+def _process_cpu(pid: int | None) -> float | None:
+    """utime + stime of a process on this machine, in seconds (None when it cannot be read)."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            fields = fh.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _backend_pid() -> int | None:
+    """The PostgreSQL backend serving this process's connection (to count its CPU too)."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        return None
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        return int(cursor.fetchone()[0])
+
+
 def run_race(index: int, race: Race) -> dict[str, Any]:
     from bench.contenders import CALLS, GaveUp, model_for
 
@@ -50,6 +73,8 @@ def run_race(index: int, race: Race) -> dict[str, Any]:
     started = time.time()
     end = time.perf_counter() + race.duration
     hard_stop = time.monotonic() + race.duration + race.grace
+    backend = _backend_pid()
+    server0 = _process_cpu(backend)
     cpu = time.process_time()
     latencies: list[float] = []
     ok = retries = gave_up = errors = 0
@@ -80,7 +105,13 @@ def run_race(index: int, race: Race) -> dict[str, Any]:
         "started": started,
         "ended": time.time(),
         "cpu": time.process_time() - cpu,
+        # The PostgreSQL backend's CPU (same machine only); a reconnect mid-race would make it None.
+        "server_cpu": _delta(server0, _process_cpu(backend)) if backend == _backend_pid() else None,
     }
+
+
+def _delta(before: float | None, after: float | None) -> float | None:
+    return None if before is None or after is None else after - before
 
 
 def warm_up(index: int, pks: dict[str, int]) -> None:
@@ -148,14 +179,17 @@ class Pool:
             inbox.put(("warm", ({name: pks[i] for name, pks in spread.items()},)))
         self._collect(range(len(self.inboxes)), timeout=300)
 
-    def race(self, n: int, race: Race) -> tuple[list[dict[str, Any]], float]:
-        """Run ``race`` on workers 0..n-1; their results and the CPU seconds the whole machine was busy meanwhile."""
+    def race(self, n: int, race: Race, redis_cpu: Any) -> tuple[list[dict[str, Any]], dict[str, float | None]]:
+        """Run ``race`` on workers 0..n-1: their results, and CPU seconds spent meanwhile by Redis
+        (``redis_cpu()``: its own counters) and by the whole machine (``/proc/stat``, which also
+        counts anything else running on it)."""
         busy0, _ = _cpu_ticks()
+        redis0 = redis_cpu()
         for i in range(n):
             self.inboxes[i].put(("race", race))
         results = self._collect(range(n), timeout=race.duration + race.grace + 120)
         busy1, _ = _cpu_ticks()
-        return results, (busy1 - busy0) / os.sysconf("SC_CLK_TCK")
+        return results, {"machine": (busy1 - busy0) / os.sysconf("SC_CLK_TCK"), "redis": _delta(redis0, redis_cpu())}
 
     def close(self) -> None:
         for inbox in self.inboxes:

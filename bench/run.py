@@ -36,8 +36,8 @@ SPREAD_PROCESSES = 8
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run (~1 minute): 1 repeat, 1 s races")
-    p.add_argument("--repeats", type=int, help="repeats of every race (default 5; --quick: 1)")
-    p.add_argument("--duration", type=float, help="seconds per race (default 2.5; --quick: 1)")
+    p.add_argument("--repeats", type=int, help="repeats of every race (default 8; --quick: 1)")
+    p.add_argument("--duration", type=float, help="seconds per race (default 1.5; --quick: 1)")
     p.add_argument("--objects", type=int, default=1000, help="objects in the spread scenario")
     p.add_argument("--latency-rounds", type=int, help="rounds of the uncontended latency batches")
     p.add_argument("--latency-calls", type=int, help="calls per contender per latency round")
@@ -47,8 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chart", default=str(ROOT / "bench" / "benchmarks.png"), help="PNG chart to write")
     p.add_argument("--json", default=str(ROOT / "bench" / "results.json"), help="raw results to write")
     args = p.parse_args(argv)
-    args.repeats = args.repeats or (1 if args.quick else 5)
-    args.duration = args.duration or (1.0 if args.quick else 2.5)
+    args.repeats = args.repeats or (1 if args.quick else 8)
+    args.duration = args.duration or (1.0 if args.quick else 1.5)
     args.latency_rounds = args.latency_rounds or (3 if args.quick else 7)
     args.latency_calls = args.latency_calls or (60 if args.quick else 200)
     return args
@@ -304,8 +304,19 @@ def scenarios(objects: int) -> list[dict[str, Any]]:
     return out
 
 
-def races(pool: Any, layout: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+def races(pool: Any, layout: dict[str, Any], args: argparse.Namespace, redis_url: str) -> list[dict[str, Any]]:
+    import redis
+
     from bench.pool import Race
+
+    client = redis.Redis.from_url(redis_url)
+
+    def redis_cpu() -> float | None:
+        try:
+            info = client.info("cpu")
+            return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+        except (redis.RedisError, KeyError, ValueError):
+            return None
 
     records = []
     plan = scenarios(args.objects)
@@ -317,8 +328,8 @@ def races(pool: Any, layout: dict[str, Any], args: argparse.Namespace) -> list[d
             for name in CONTENDERS[shift:] + CONTENDERS[:shift]:
                 reset(name)
                 pks = tuple(layout[name]["spread"]) if scenario["spread"] else (layout[name]["hot"],)
-                race = Race(name, pks, args.duration, time.time() + 0.3, seed=rep)
-                results, busy_cpu = pool.race(scenario["processes"], race)
+                race = Race(name, pks, args.duration, time.time() + 0.2, seed=rep)
+                results, cpu = pool.race(scenario["processes"], race, redis_cpu)
                 final = balance_sum(name)
                 ok = sum(r["ok"] for r in results)
                 elapsed = max(r["ended"] for r in results) - race.start_at
@@ -330,7 +341,9 @@ def races(pool: Any, layout: dict[str, Any], args: argparse.Namespace) -> list[d
                     "errors": sum(r["errors"] for r in results),
                     "first_error": next((r["first_error"] for r in results if r["first_error"]), None),
                     "goodput": final / elapsed, "throughput": ok / elapsed,
-                    "client_cpu": sum(r["cpu"] for r in results), "machine_cpu": busy_cpu,
+                    "client_cpu": sum(r["cpu"] for r in results), "machine_cpu": cpu["machine"],
+                    "postgres_cpu": None if any(r["server_cpu"] is None for r in results) else sum(r["server_cpu"] for r in results),
+                    "redis_cpu": cpu["redis"],
                     "latencies": [x for r in results for x in r["latencies"]],
                 })  # fmt: skip
                 done += 1
@@ -386,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         log(
             f"races: {args.repeats} repeats x {len(scenarios(args.objects))} scenarios x {len(CONTENDERS)} contenders, {args.duration:g} s each"
         )
-        records = races(pool, layout, args)
+        records = races(pool, layout, args, servers.redis_url)
         log("timing the parts of an uncontended call; profiling")
         diag = diagnostics(layout, 300 if args.quick else 1500)
         profiled = profiles(layout, 300 if args.quick else 1000)
