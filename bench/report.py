@@ -35,8 +35,8 @@ def scenario_ids(results: dict[str, Any]) -> list[str]:
 
 def race_stats(results: dict[str, Any], scenario: str, name: str) -> dict[str, Any]:
     runs = _runs(results, scenario, name)
-    lat = [x for r in runs for x in r.get("latencies", [])] if runs and "latencies" in runs[0] else []
-    pooled = runs[0].get("latency_summary") if runs and not lat else None
+    lat = [x for r in runs for x in r.get("latencies", [])]
+    pooled = results.get("latency_pooled", {}).get(f"{scenario}|{name}", {})
     ok = sum(r["ok"] for r in runs)
     return {
         "goodput": _median([r["goodput"] for r in runs]),
@@ -60,9 +60,9 @@ def race_stats(results: dict[str, Any], scenario: str, name: str) -> dict[str, A
         "stack_cpu_good_ms": _median(
             [1000 * _stack(r) / r["final_balance"] for r in runs if r["final_balance"] and _stack(r) is not None]
         ),
-        "p50": _pct(lat, 0.5) if lat else (pooled or {}).get("p50", float("nan")),
-        "p99": _pct(lat, 0.99) if lat else (pooled or {}).get("p99", float("nan")),
-        "max": max(lat) if lat else max((r["latency_summary"]["max"] for r in runs), default=float("nan")),
+        "p50": _pct(lat, 0.5) if lat else pooled.get("p50", float("nan")),
+        "p99": _pct(lat, 0.99) if lat else pooled.get("p99", float("nan")),
+        "max": max(lat) if lat else pooled.get("max", float("nan")),
     }
 
 
@@ -183,7 +183,8 @@ def markdown(results: dict[str, Any], chart: str) -> str:
       f"servers (a database is created on the PostgreSQL server for the run and dropped after it); without "
       f"them the run starts its own, like the test suite. This run: {a['repeats']} repeat{'s' if a['repeats'] != 1 else ''}, "
       f"{a['duration']:g} s per race, {a['latency_rounds']} latency rounds × {a['latency_calls']} calls, "
-      f"{results['wall_seconds'] / 60:.1f} minutes in all ({results['date']}). Raw numbers: `bench/results.json`.")  # fmt: skip
+      f"{results['wall_seconds'] / 60:.1f} minutes in all ({results['date']}). Raw numbers: `bench/results.json`; "
+      f"`python -m bench --from-json bench/results.json` rewrites this file and the chart from them.")  # fmt: skip
     w("")
     w(f"![goodput and latency per contender]({chart})")
     w("")
@@ -500,18 +501,19 @@ def analysis(results: dict[str, Any]) -> str:
     hot = next((m for m in missed if m.startswith("goodput on one hot")), None)
     if hot:
         s1 = goodput_ratio(results, "hot-1", "dsm_redis", "seed")
+        d_cpu = race_stats(results, hot_max, "dsm_redis")["stack_cpu_good_ms"]
+        s_cpu = race_stats(results, hot_max, "seed")["stack_cpu_good_ms"]
         out += [
             f"**Hot-object goodput ({measured(hot)}).** On one object a correct contender runs its critical "
             f"sections one after another, so goodput is 1 ÷ (critical section + hand-over). With one process "
             f"dsm_redis's goodput is already {s1:.2f}× seed's (its uncontended transition is longer, above). Its "
             f"hand-over costs a wake-up from `BLPOP` (the release script's signal) and then the waiter's own "
             f"acquire round trip before its row-lock SELECT can even be sent, whereas seed's waiters are queued "
-            f"inside PostgreSQL with their SELECT already sent and proceed on the holder's COMMIT. In dsm_redis's "
-            f"favour, only the lease holder has a transaction open: the waiters sleep in Redis, and the CPU "
-            f"per surviving deposit under contention (table above) is {race_stats(results, hot_max, 'dsm_redis')['stack_cpu_good_ms']:.1f} ms "
-            f"against seed's {race_stats(results, hot_max, 'seed')['stack_cpu_good_ms']:.1f} ms. With 8 processes, "
-            f"PostgreSQL and Redis on 2 cores every wake-up also waits to be scheduled, so this ratio moves "
-            f"more between repeats than any other (per-repeat values in `bench/results.json`).",
+            f"inside PostgreSQL with their SELECT already sent and proceed on the holder's COMMIT. Only the lease "
+            f"holder has a transaction open (the waiters sleep in Redis); the CPU per surviving deposit under "
+            f"contention (table above) is {d_cpu:.1f} ms for dsm_redis against {s_cpu:.1f} ms for seed. With 8 "
+            f"processes, PostgreSQL and Redis on 2 cores every wake-up also waits to be scheduled, so this ratio "
+            f"moves more between repeats than the others (lowest–highest in the ratio table).",
             "",
             "What would fix it: everything that shortens the uncontended path (above) shortens the critical "
             "section; and a direct hand-over: the release script pops the next waiter from a FIFO list, makes "
@@ -523,6 +525,7 @@ def analysis(results: dict[str, Any]) -> str:
     spread_t = next((m for m in missed if m.startswith("goodput over")), None)
     if spread_t:
         c = race_stats(results, spread, "cowboy")
+        sd, dd = race_stats(results, spread, "seed"), race_stats(results, spread, "dsm_redis")
         per = "; ".join(f"{name} {race_stats(results, spread, name)['stack_cpu_ms']:.2f} ms" for name in DSM)
         out += [
             f"**Goodput over {results['args']['objects']:,} objects ({measured(spread_t)}).** Without contention the cores are the "
@@ -532,7 +535,10 @@ def analysis(results: dict[str, Any]) -> str:
             f"costing CPU in the client, in the server and in the kernel. 0.8× would need at most "
             f"{c['stack_cpu_ms'] / 0.8:.2f} ms per transition, i.e. a protected transition costing no more "
             f"than 1.25× an unprotected read-and-write: out of reach for a protocol that takes a lease and a "
-            f"row lock and fences its write. What narrows it: the renewer and fencing-column changes above "
+            f"row lock and fences its write (seed, with the row lock and no lease, costs {sd['stack_cpu_ms']:.2f} ms). "
+            f"Most of it is Python in the calling process ({dd['client_cpu_ms']:.2f} of dsm_redis's "
+            f"{dd['stack_cpu_ms']:.2f} ms; PostgreSQL {dd['postgres_cpu_ms']:.2f}, Redis {dd['redis_cpu_ms']:.2f}): "
+            f"every statement costs Django ORM work and every Redis command redis-py work. What narrows it: the renewer and fencing-column changes above "
             f"(less CPU per transition), and sending UPDATE and COMMIT in one round trip (psycopg pipeline "
             f"mode).",
             "",
@@ -642,6 +648,12 @@ def summary(results: dict[str, Any]) -> str:
 def slim(results: dict[str, Any]) -> dict[str, Any]:
     """The results without per-call latencies (summarised instead), for bench/results.json."""
     out = dict(results)
+    out["latency_pooled"] = {}
+    for r in results["races"]:
+        key = f"{r['scenario']}|{r['contender']}"
+        if key not in out["latency_pooled"]:
+            st = race_stats(results, r["scenario"], r["contender"])
+            out["latency_pooled"][key] = {"p50": st["p50"], "p99": st["p99"], "max": st["max"]}
     races = []
     for r in results["races"]:
         lat = r.get("latencies", [])

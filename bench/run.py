@@ -46,6 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="markdown report to write")
     p.add_argument("--chart", default=str(ROOT / "bench" / "benchmarks.png"), help="PNG chart to write")
     p.add_argument("--json", default=str(ROOT / "bench" / "results.json"), help="raw results to write")
+    p.add_argument("--from-json", metavar="PATH", help="only rewrite the report and chart from saved results")
     args = p.parse_args(argv)
     args.repeats = args.repeats or (1 if args.quick else 8)
     args.duration = args.duration or (1.0 if args.quick else 1.5)
@@ -372,6 +373,14 @@ def profiles(layout: dict[str, Any], calls: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        from bench import report
+
+        results = json.loads(Path(args.from_json).read_text())
+        report.chart(results, Path(args.chart))
+        Path(args.out).write_text(report.markdown(results, chart=os.path.relpath(args.chart, Path(args.out).parent)))
+        print(report.summary(results))
+        return 0
     t_start = time.time()
     load_start = os.getloadavg()
     log("starting servers" if not (args.redis_url and args.database_url) else "using the given servers")
