@@ -11,7 +11,7 @@ from .exceptions import (
     TransitionFailed,
 )
 from .fence import FencingTokenField
-from .field import StateMachineField
+from .fields import StateMachineField
 from .lease import Lease, object_lock
 from .machine import State, StateMachine, Transition, precondition
 from .signals import emit_signal_on_state, state_changed

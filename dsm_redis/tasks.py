@@ -45,7 +45,7 @@ except ImportError:  # celery is the optional extra dsm_redis[celery]
     shared_task = None
 
 if TYPE_CHECKING:
-    from .field import BoundStateMachine
+    from .fields import BoundStateMachine
     from .lease import Lease
     from .machine import StateMachine
 

@@ -327,3 +327,11 @@ def test_exceptions_pickle():
     ):
         clone = pickle.loads(pickle.dumps(exc))
         assert type(clone) is type(exc) and clone.args == exc.args and vars(clone) == vars(exc)
+
+
+def test_deus_state_machina_import_paths_map_one_to_one():
+    # `from deus_state_machina.fields import StateMachineField` becomes `dsm_redis.fields`.
+    from dsm_redis import StateMachineField as top_level
+    from dsm_redis.fields import StateMachineField
+
+    assert StateMachineField is top_level

@@ -14,7 +14,7 @@ from django.apps import apps
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db.models import NOT_PROVIDED, Model
 
-from dsm_redis.field import StateMachineField
+from dsm_redis.fields import StateMachineField
 from dsm_redis.machine import StateMachine, Transition, plain
 
 GUARDED = "[guarded]"
