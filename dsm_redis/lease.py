@@ -74,6 +74,7 @@ class Lease:
         self.parked_on: Any = None
         self._release_on_commit: Callable[[], None] | None = None
         self.released = False
+        self.renewing = False  # in the renewer's care
         self.pid = os.getpid()
 
     @property

@@ -11,6 +11,7 @@ here if that transaction ended without committing (Django has no rollback hook).
 from __future__ import annotations
 
 import heapq
+import itertools
 import logging
 import os
 import threading
@@ -24,6 +25,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger("dsm_redis")
 
 
+# An idle renewer wakes at least this often, so that adding a lease due later never has to wake it:
+# on the hot path of a short transition, add() and discard() cost no thread switch.
+_IDLE_WAKE = 1.0
+
+
 class Renewer:
     def __init__(self, finish: Callable[[Lease], None]) -> None:
         self._finish = finish
@@ -35,36 +41,49 @@ class Renewer:
         # condition may have been held at the moment of the fork.
         self._cond = threading.Condition()
         self._heap: list[tuple[float, int, Lease]] = []
-        self._active: set[int] = set()
+        self._sequence = itertools.count()
+        self._wake_at = 0.0  # when the thread will next look at the heap on its own
         self._started = False
 
     def add(self, lease: Lease) -> None:
+        due = time.monotonic() + lease.ttl / 3
         with self._cond:
-            if id(lease) in self._active:
+            if lease.renewing:
                 return
+            lease.renewing = True
             if not self._started:
                 threading.Thread(target=self._run, name="dsm_redis-renewer", daemon=True).start()
                 self._started = True
-            self._active.add(id(lease))
-            heapq.heappush(self._heap, (time.monotonic() + lease.ttl / 3, id(lease), lease))
-            self._cond.notify()
+            heapq.heappush(self._heap, (due, next(self._sequence), lease))
+            if due < self._wake_at:
+                self._cond.notify()
 
     def discard(self, lease: Lease) -> None:
-        with self._cond:
-            self._active.discard(id(lease))
+        lease.renewing = False  # its heap entry is dropped when the thread comes across it
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._heap or self._heap[0][0] > time.monotonic():
-                    self._cond.wait(None if not self._heap else self._heap[0][0] - time.monotonic())
-                _, ident, lease = heapq.heappop(self._heap)
-                if ident not in self._active:
-                    continue
+                lease = self._next_due()
             if lease.parked_transaction_ended():
                 self._finish(lease)  # the caller's transaction rolled back: nothing will release it
                 continue
             self._renew(lease)
+
+    def _next_due(self) -> Lease:
+        heap = self._heap
+        while True:
+            while heap and not heap[0][2].renewing:
+                heapq.heappop(heap)  # released since it was added
+            if len(heap) > 64 and len(heap) > 4 * sum(1 for entry in heap if entry[2].renewing):
+                heap[:] = [entry for entry in heap if entry[2].renewing]  # behind a long holder
+                heapq.heapify(heap)
+            now = time.monotonic()
+            if heap and heap[0][0] <= now:
+                self._wake_at = now  # busy: adds need not wake us, we look again when done
+                return heapq.heappop(heap)[2]
+            self._wake_at = min(heap[0][0] if heap else now + _IDLE_WAKE, now + _IDLE_WAKE)
+            self._cond.wait(self._wake_at - now)
 
     def _renew(self, lease: Lease) -> None:
         sent = time.monotonic()
@@ -88,7 +107,7 @@ class Renewer:
         self._schedule(lease, lease.ttl / 3)
 
     def _schedule(self, lease: Lease, delay: float) -> None:
+        # Called on the renewer's own thread, which recomputes its wake-up before it sleeps again.
         with self._cond:
-            if id(lease) in self._active:
-                heapq.heappush(self._heap, (time.monotonic() + delay, id(lease), lease))
-                self._cond.notify()
+            if lease.renewing:
+                heapq.heappush(self._heap, (time.monotonic() + delay, next(self._sequence), lease))

@@ -6,7 +6,7 @@ release, and waiting with BLPOP on that list instead of polling.
 
 Not inherited (its traps): timeouts are milliseconds end to end (it truncates ``0.5`` to ``0`` and
 so to "no expiry"/"forever"); acquire and fencing-token minting are one Lua call (it first spends a
-round trip on a GET); renewal is done by ``lease.py``'s renewer, which marks a lease lost when it
+round trip on a GET); renewal is done by ``renewer.py``, which marks a lease lost when it
 cannot renew (its thread dies silently); release returns False instead of raising ``NotAcquired``
 (which would mask the body's exception).
 
@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import logging
 import time
+from base64 import b64encode
 from collections.abc import Callable, Iterator
 from functools import cached_property, partial
 from importlib import resources
+from os import urandom
 from typing import Any, TypeVar
 
 import redis
@@ -47,20 +49,14 @@ def _lua(name: str) -> str:
     return (resources.files("dsm_redis") / "lua" / f"{name}.lua").read_text()
 
 
-class _RedisLease(redis_lock.Lock):
-    """python-redis-lock's Lock, with our acquire (SET NX PX + INCR) replacing its SETNX loop."""
+def _new_owner() -> str:
+    # python-redis-lock's owner id: 18 random bytes, base64.
+    return b64encode(urandom(18)).decode("ascii")
 
-    def __init__(self, client: Any, name: str, owner: str | None = None) -> None:
-        # strict=False: a RedisCluster client is not a StrictRedis; expire is handled in ms below.
-        super().__init__(client, name, id=owner, strict=False)
 
-    @classmethod
-    def register_scripts(cls, redis_client: Any) -> None:
-        # python-redis-lock keeps its scripts process-wide: bound to the first client it sees, set
-        # on the class this is called on (here: this subclass), guarded by a module global. Called
-        # through this subclass it would leave redis_lock.Lock's scripts None for good, breaking
-        # any plain redis_lock.Lock in the process. The backend registers UNLOCK on its own client.
-        pass
+# python-redis-lock's signal-list lifetime after a release (ms): long enough for a waiter that was
+# between its failed SET and its BLPOP to still find the wake-up.
+_SIGNAL_EXPIRE_MS = 1000
 
 
 class RedisLockBackend(LockBackend):
@@ -129,7 +125,7 @@ class RedisLockBackend(LockBackend):
 
     def acquire(self, key: str, *, ttl: float, timeout: float | None) -> Grant:
         lock_key, signal_key, counter = self._keys(key)
-        owner = _RedisLease(self.client, redis_name(self.config.key_prefix, key)).id
+        owner = _new_owner()
         ttl_ms = max(1, int(ttl * 1000))
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
@@ -173,11 +169,11 @@ class RedisLockBackend(LockBackend):
         return bool(self._call("renew a lease", lambda: self._scripts["renew"](keys=[lock_key], args=[owner, ttl_ms])))
 
     def release(self, key: str, owner: str) -> bool:
-        lease = _RedisLease(self.client, redis_name(self.config.key_prefix, key), owner=owner)
+        lock_key, signal_key, _ = self._keys(key)
         # python-redis-lock's UNLOCK: deletes only if we own it, and wakes one waiter.
         error = self._call(
             "release a lease",
-            lambda: self._scripts["unlock"](keys=(lease._name, lease._signal), args=(owner, lease._signal_expire)),
+            lambda: self._scripts["unlock"](keys=(lock_key, signal_key), args=(owner, _SIGNAL_EXPIRE_MS)),
         )
         return error == 0
 
