@@ -175,7 +175,7 @@ def markdown(results: dict[str, Any], chart: str) -> str:
     w("Reproduce (from the repository root, in a virtualenv):")
     w("")
     w("```")
-    w("pip install -e '.[embedded,postgres]' django-fsm-2 django-logic matplotlib")
+    w("pip install -e '.[bench]'")
     w(results["command"])
     w("```")
     w("")
