@@ -235,7 +235,28 @@ class _PortInUse(Exception):
     pass
 
 
-class RedisServer:
+class _Server:
+    """``with Server() as server:`` starts it, and stops it (removing its directory) on the way out."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class RedisServer(_Server):
     """A ``redis-server`` on 127.0.0.1 with no persistence, in a temporary directory.
 
     ``port=None`` picks a free port at the first ``start()`` and keeps it for restarts.
@@ -392,17 +413,6 @@ class RedisServer:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         state = f"pid={self.pid}" if self.pid is not None else "stopped"
@@ -686,7 +696,7 @@ class _PathBackend:
         _stop_postmaster(self._bindir / "pg_ctl", self.data_dir, self._run_as, self._directory)
 
 
-class PostgresServer:
+class PostgresServer(_Server):
     """A PostgreSQL server in a temporary directory, reachable through a unix socket.
 
     User ``postgres`` with trust authentication; the database ``postgres`` exists (Django's test
@@ -799,17 +809,6 @@ class PostgresServer:
                 if directory is not None:
                     shutil.rmtree(directory, ignore_errors=True)
                 self._atexit.unregister()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         info = self._info

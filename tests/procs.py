@@ -121,3 +121,38 @@ def start_worker(path: str, *args: Any, env: dict[str, str] | None = None) -> Wo
     process = _ctx.Process(target=_steered, args=(path, args, _db_name(), env or {}, inbox, outbox), daemon=True)
     process.start()
     return Worker(process, inbox, outbox)
+
+
+def committed_per_account(results: list[dict[str, Any]], ids: list[int]) -> dict[int, int]:
+    """How many deposits the ``dsm_deposit`` workers saw commit, per account."""
+    counts = dict.fromkeys(ids, 0)
+    for result in results:
+        for pk in result["per_account"]:
+            counts[pk] += 1
+    return counts
+
+
+def contend_from_another_thread(obj: Any, timeout: float = 0) -> str:
+    """Try ``obj``'s lease from another thread (another holder, like another process would be):
+    ``"acquired"`` or ``"timeout"``."""
+    import threading
+
+    from django.db import connections
+
+    from dsm_redis import LockTimeout, object_lock
+
+    outcome: list[str] = []
+
+    def other() -> None:
+        try:
+            with object_lock(obj, timeout=timeout):
+                outcome.append("acquired")
+        except LockTimeout:
+            outcome.append("timeout")
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join()
+    return outcome[0]

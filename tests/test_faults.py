@@ -22,7 +22,7 @@ from dsm_redis._servers import RedisServer
 from dsm_redis.backends import get_backend
 from dsm_redis.keys import object_key
 from dsm_redis.models import FencingMark
-from tests.procs import run_workers, start_worker
+from tests.procs import committed_per_account, run_workers, start_worker
 from tests.test_races import effects
 from tests.testapp.models import Account, FencedAccount, Order
 
@@ -143,10 +143,7 @@ def test_redis_restarted_empty_mid_race_loses_and_duplicates_nothing(lock_redis,
     racer.join(timeout=300)
     assert "error" not in done, done.get("error")
     results = done["results"]
-    per_account = {pk: 0 for pk in ids}
-    for r in results:
-        for pk in r["per_account"]:
-            per_account[pk] += 1
+    per_account = committed_per_account(results, ids)
     for account in Account.objects.filter(pk__in=ids):
         # Every deposit that reported success committed exactly once; none was lost.
         assert account.balance == account.deposits == per_account[account.pk]

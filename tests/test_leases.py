@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 
 import pytest
@@ -12,6 +11,7 @@ import pytest
 from dsm_redis import LockLost, LockTimeout, object_lock
 from dsm_redis.backends import get_backend
 from dsm_redis.keys import object_key
+from tests.procs import contend_from_another_thread
 from tests.testapp.models import Account
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -23,20 +23,8 @@ def short_ttl(settings, ttl: float, **options) -> None:
 
 def test_another_thread_contends_for_a_held_lease():
     account = Account.objects.create()
-    outcome: list[str] = []
-
-    def other() -> None:
-        try:
-            with object_lock(account, timeout=0):
-                outcome.append("acquired")
-        except LockTimeout:
-            outcome.append("timeout")
-
     with object_lock(account):
-        thread = threading.Thread(target=other)
-        thread.start()
-        thread.join()
-    assert outcome == ["timeout"]  # re-entrancy is per thread, not per process
+        assert contend_from_another_thread(account) == "timeout"  # re-entrant per thread, not per process
 
 
 def test_renewal_keeps_a_long_holder_alive(settings):
@@ -129,18 +117,6 @@ def test_proxy_and_inherited_models_share_the_parents_lease():
     lion = Lion.objects.create()
     assert object_key(lion) == object_key(Cat.objects.get(pk=lion.pk)) == object_key(ProxyCat.objects.get(pk=lion.pk))
     with object_lock(ProxyCat.objects.get(pk=lion.pk)):
-        outcome: list[str] = []
-
-        def other() -> None:
-            try:
-                with object_lock(lion, timeout=0):
-                    outcome.append("acquired")
-            except LockTimeout:
-                outcome.append("timeout")
-
-        thread = threading.Thread(target=other)
-        thread.start()
-        thread.join()
-    assert outcome == ["timeout"]
+        assert contend_from_another_thread(lion) == "timeout"
     assert lion.state_machine.survive() == 1  # a transition on the child locks parent, then child
     assert Cat.objects.get(pk=lion.pk).can_meow is True

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from django.conf import settings
 
-from tests.procs import run_workers
+from tests.procs import committed_per_account, run_workers
 from tests.testapp.models import Account
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -48,10 +48,7 @@ def test_eight_processes_over_many_objects_lose_nothing(redis):
     accounts = [Account.objects.create() for _ in range(5)]
     ids = [a.pk for a in accounts]
     results = run_workers("tests.workers:dsm_deposit", PROCESSES, ids, ROUNDS, WORK / 3)
-    per_account = {pk: 0 for pk in ids}
-    for r in results:
-        for pk in r["per_account"]:
-            per_account[pk] += 1
+    per_account = committed_per_account(results, ids)
     for account in Account.objects.filter(pk__in=ids):
         assert account.balance == account.deposits == per_account[account.pk]
         assert effects(redis, account.pk) == per_account[account.pk]

@@ -18,6 +18,7 @@ from dsm_redis import TransitionException, object_lock, state_changed
 from dsm_redis.backends import get_backend
 from dsm_redis.keys import object_key
 from dsm_redis.lease import held_lease
+from tests.procs import contend_from_another_thread
 from tests.testapp.models import ALIVE, DEAD, Cat
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -26,6 +27,14 @@ pytestmark = pytest.mark.django_db(transaction=True)
 def blocked_on_a_lease() -> bool:
     """True once some client of the lease Redis is waiting in BLPOP (a waiter for a lease)."""
     return any(c.get("cmd") == "blpop" for c in get_backend().client.client_list())
+
+
+def survive_in_a_rolled_back_transaction(cat: Cat) -> None:
+    with pytest.raises(ZeroDivisionError):
+        with transaction.atomic():
+            cat.state_machine.survive()
+            1 / 0
+    cat.state = 0  # the instance as the rolled-back row has it
 
 
 def test_two_transitions_in_one_request_transaction_keep_the_lease(settings):
@@ -95,11 +104,7 @@ def test_a_rolled_back_callers_transaction_releases_the_parked_lease(settings):
 
 def test_same_thread_reuses_a_parked_lease_after_rollback():
     cat = Cat.objects.create()
-    with pytest.raises(ZeroDivisionError):
-        with transaction.atomic():
-            cat.state_machine.survive()
-            1 / 0
-    cat.state = 0
+    survive_in_a_rolled_back_transaction(cat)
     with object_lock(cat, timeout=0):  # ours again at once, not a wait for our own lease
         assert cat.state_machine.survive() == ALIVE
 
@@ -117,20 +122,7 @@ def test_callers_lock_timeout_is_restored():
 
 def test_after_a_rollback_the_next_transaction_takes_the_lease_over_and_releases_it():
     cat = Cat.objects.create()
-    with pytest.raises(ZeroDivisionError):
-        with transaction.atomic():
-            cat.state_machine.survive()
-            1 / 0
-    cat.state = 0
+    survive_in_a_rolled_back_transaction(cat)
     with transaction.atomic():  # the next request in this thread: a new transaction
         cat.state_machine.survive()
-    outcome: list[str] = []
-
-    def other() -> None:
-        with object_lock(cat, timeout=0):
-            outcome.append("acquired")
-
-    thread = threading.Thread(target=other)
-    thread.start()
-    thread.join()
-    assert outcome == ["acquired"]  # released at that commit, not kept for later requests
+    assert contend_from_another_thread(cat) == "acquired"  # released at that commit, not kept
