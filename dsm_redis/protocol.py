@@ -20,7 +20,8 @@ For a saved object, one transition (or the outermost of nested ones):
 Anything raised before the commit rolls the row back and restores the in-memory instance.
 ``TransitionFailed(error_state)`` from a side effect rolls the transition back and runs the edge to
 ``error_state`` in a new transaction under the same lease. An unsaved object has no row to lock:
-it transitions in memory and is saved (inserted) at the end, as deus-state-machina did.
+the same steps run without lease and row lock, and it is saved (inserted) at the end, as
+deus-state-machina did.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def run(machine: StateMachine, instance: Model, resolve: Resolve, args: tuple[An
     """One transition; returns the state the object is in afterwards."""
     using = router.db_for_write(type(instance), instance=instance)
     if instance.pk is None or instance._state.adding:
-        return _run_unsaved(machine, instance, resolve, args, kwargs, using)
+        return _step(machine, instance, resolve, args, kwargs, using, None)[0]
     with hold(object_key(instance)) as lease:  # 1. lease
         return _step(machine, instance, resolve, args, kwargs, using, lease)[0]
 
@@ -66,20 +67,21 @@ def run_through(machine: StateMachine, instance: Model, target: Any) -> Any:
     def resolve(row: Model) -> Transition | None:
         return machine.edge_toward(row, target)
 
+    def step(lease: Lease | None) -> tuple[Any, bool]:
+        state, diverted = _step(machine, instance, resolve, (), {}, using, lease)
+        # Each step is its own fenced transaction; stop at the target, or where a TransitionFailed
+        # diverted the walk to its error state (as deus-state-machina did).
+        return state, diverted or machine.current_state(instance) == target
+
     using = router.db_for_write(type(instance), instance=instance)
     if instance.pk is None or instance._state.adding:
-        state = machine.current_state(instance)
-        while machine.edge_toward(instance, target) is not None:
-            state, diverted = _run_unsaved(machine, instance, resolve, (), {}, using, diverted=True)
-            if diverted:
-                break
-        return state
+        state, done = step(None)  # no row to lock yet: this step inserts it
+        if done:
+            return state
     with hold(object_key(instance)) as lease:
         while True:
-            state, diverted = _step(machine, instance, resolve, (), {}, using, lease)
-            # Each step is its own fenced transaction; stop at the target, or where a
-            # TransitionFailed diverted the walk to its error state (as deus-state-machina did).
-            if diverted or state == target or machine.current_state(instance) == target:
+            state, done = step(lease)
+            if done:
                 return state
 
 
@@ -90,31 +92,30 @@ def _step(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     using: str,
-    lease: Lease,
+    lease: Lease | None,
 ) -> tuple[Any, bool]:
-    config = get_config()
-    in_transaction = lease.in_transaction
+    """One transition in one transaction; ``lease`` is None for an unsaved object (no row to lock)."""
     # A nested call on the instance this lease is already transitioning, inside the same open
     # transaction: the row is locked and the instance is current; a second SELECT would only
     # overwrite the outer side effect's unsaved changes.
-    nested = id(instance) in in_transaction
+    nested = lease is not None and id(instance) in lease.in_transaction
     in_caller_transaction = connections[using].in_atomic_block
     original = _snapshot(instance)
-    lease.databases.add(using)  # if this is a caller's transaction, its commit releases the lease
+    if lease is not None:
+        lease.databases.add(using)  # if this is a caller's transaction, its commit releases the lease
     try:
         with transaction.atomic(using=using):  # 2. transaction
-            row = (
-                instance
-                if nested
-                else lock_row(
+            row = instance
+            if lease is not None and not nested:
+                row = lock_row(
                     instance,
                     using,
                     lease,
-                    config.effective_row_lock_timeout,
+                    get_config().effective_row_lock_timeout,
                     in_caller_transaction=in_caller_transaction,
                 )
-            )
-            lease.check()  # a lease lost while waiting for the row must not start a side effect
+            if lease is not None:
+                lease.check()  # a lease lost while waiting for the row must not start a side effect
             transition = resolve(row)  # 3. check against the row read under the lock
             if transition is None:
                 return machine.current_state(row), False
@@ -122,69 +123,49 @@ def _step(
             if row is not instance:
                 _adopt_row(instance, row)
             before = _snapshot(instance)
-            in_transaction.add(id(instance))
-            try:
-                if transition.side_effect is not None:
-                    transition.side_effect(machine, instance, transition.under(lease), *args, **kwargs)
-            finally:
-                if not nested:
-                    in_transaction.discard(id(instance))
+            if transition.side_effect is not None:
+                _run_side_effect(machine, instance, transition, lease, args, kwargs, nested)
             setattr(instance, machine.state_field_name, transition.end)
-            _write(instance, before, machine.state_field_name, using)  # 4. write
-            try:
-                lease.check()  # refuse to commit work done after the lease ran out
-            except LockLost:
-                logger.error("refusing to commit %s on %s: lease lost", transition, lease.key)
-                raise
-            transaction.on_commit(partial(_signal, instance, transition.end, machine, lease.key), using=using)
+            if lease is None:
+                instance.save(using=using)  # unsaved: inserted, as deus-state-machina did
+            else:
+                _write(instance, before, machine.state_field_name, using)  # 4. write
+                try:
+                    lease.check()  # refuse to commit work done after the lease ran out
+                except LockLost:
+                    logger.error("refusing to commit %s on %s: lease lost", transition, lease.key)
+                    raise
+            key = lease.key if lease is not None else None
+            transaction.on_commit(partial(_signal, instance, transition.end, machine, key), using=using)
         # 5. committed (or our savepoint released inside a caller's transaction)
         return transition.end, False
     except TransitionFailed as failed:
         _restore(instance, original)
         target = machine.check_known(failed.error_state)
-        state, _ = _step(
-            machine, instance, partial(machine.edge_for_target, target=target), (), failed.kwargs, using, lease
-        )
-        return state, True
+        resolve_error = partial(machine.edge_for_target, target=target)
+        return _step(machine, instance, resolve_error, (), failed.kwargs, using, lease)[0], True
     except BaseException:
         _restore(instance, original)
         raise
 
 
-def _run_unsaved(
+def _run_side_effect(
     machine: StateMachine,
     instance: Model,
-    resolve: Resolve,
+    transition: Transition,
+    lease: Lease | None,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
-    using: str,
-    diverted: bool = False,
-) -> Any:
-    """No row, no lock: transition in memory, insert at the end (deus-state-machina's behaviour)."""
-    original = _snapshot(instance)
-    transition = resolve(instance)
-    if transition is None:
-        state = machine.current_state(instance)
-        return (state, False) if diverted else state
-    machine.check_arguments(transition, instance, args, kwargs)
+    nested: bool,
+) -> None:
+    assert transition.side_effect is not None
+    if lease is not None:
+        lease.in_transaction.add(id(instance))
     try:
-        with transaction.atomic(using=using):
-            if transition.side_effect is not None:
-                transition.side_effect(machine, instance, transition, *args, **kwargs)
-            setattr(instance, machine.state_field_name, transition.end)
-            instance.save(using=using)
-            transaction.on_commit(partial(_signal, instance, transition.end, machine, None), using=using)
-    except TransitionFailed as failed:
-        _restore(instance, original)
-        target = machine.check_known(failed.error_state)
-        state = _run_unsaved(
-            machine, instance, partial(machine.edge_for_target, target=target), (), failed.kwargs, using
-        )
-        return (state, True) if diverted else state
-    except BaseException:
-        _restore(instance, original)
-        raise
-    return (transition.end, False) if diverted else transition.end
+        transition.side_effect(machine, instance, transition.under(lease), *args, **kwargs)
+    finally:
+        if lease is not None and not nested:
+            lease.in_transaction.discard(id(instance))
 
 
 # -- instance bookkeeping --------------------------------------------------------------------------

@@ -335,3 +335,18 @@ def test_deus_state_machina_import_paths_map_one_to_one():
     from dsm_redis.fields import StateMachineField
 
     assert StateMachineField is top_level
+
+
+def test_unsaved_object_walks_a_path_saved_by_its_first_step(db_alias):
+    obj = SeedModel()
+    obj._state.db = db_alias
+    assert obj.state_machine.transition_through(TestStates.FAIL) == TestStates.FAIL
+    assert obj.pk is not None and fetch(obj).state == TestStates.FAIL
+
+
+def test_unsaved_object_transition_failed_moves_to_error_state(db_alias):
+    obj = SeedModel(state=TestStates.THE_WAY_TO_FAILURE)
+    obj._state.db = db_alias
+    assert obj.state_machine.transition_to(TestStates.FAILURE_IS_ACTUALLY_AN_OPTION) == TestStates.FAIL
+    row = fetch(obj)
+    assert (row.state, row.note) == (TestStates.FAIL, "")
