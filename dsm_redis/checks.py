@@ -224,3 +224,33 @@ def _redis_visibility_timeout(conf: Any) -> float | None:
         return None
     options = conf.broker_transport_options or {}
     return float(options.get("visibility_timeout", 3600))
+
+
+@checks.register("dsm_redis")
+def check_fencing_fields(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    from django.apps import apps
+
+    configs = app_configs if app_configs is not None else apps.get_app_configs()
+    return misplaced_fencing_fields(model for config in configs for model in config.get_models())
+
+
+def misplaced_fencing_fields(models: Any) -> list[checks.CheckMessage]:
+    """A FencingTokenField below the root of a multi-table inheritance chain would be ignored."""
+    from .fence import FencingTokenField
+    from .keys import root_model
+
+    errors: list[checks.CheckMessage] = []
+    for model in models:
+        root = root_model(model)
+        for field in model._meta.local_concrete_fields:
+            if isinstance(field, FencingTokenField) and root is not model._meta.concrete_model:
+                errors.append(
+                    checks.Error(
+                        f"{model._meta.label}.{field.name}: a FencingTokenField on a multi-table-inheritance "
+                        f"child is not used; the row's lease and mark belong to its root model {root._meta.label}",
+                        hint=f"Declare the FencingTokenField on {root._meta.label}.",
+                        obj=model,
+                        id="dsm_redis.E006",
+                    )
+                )
+    return errors

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.apps import apps
 from django.db import DatabaseError, connections, models
-from django.db.models import Model
+from django.db.models import F, Model
 from django.db.models.expressions import RawSQL
 
 from .exceptions import LockTimeout, StaleFencingToken
@@ -53,11 +53,25 @@ class FencingTokenField(models.CharField):
         kwargs.setdefault("editable", False)
         super().__init__(*args, **kwargs)
 
+    def pre_save(self, model_instance: Model, add: bool) -> Any:
+        value = getattr(model_instance, self.attname)
+        if add or model_instance.__dict__.pop(_STAMP, None) == value:
+            return value  # an insert, or the mark a transition just judged (once)
+        # Any other save() keeps the database's mark: an instance loaded before the latest
+        # transition must not write an older mark back and let a stale holder through.
+        return F(self.attname)
+
+
+_STAMP = "_dsm_redis_fencing_stamp"
+
 
 @functools.cache
 def fencing_column(model: type[Model]) -> str | None:
-    """The attname of the model's ``FencingTokenField``, if it opted into one."""
-    for f in model._meta.concrete_fields:
+    """The attname of the ``FencingTokenField`` of ``model``'s row, if its root model opted in.
+
+    The root's: a proxy or a multi-table-inheritance child shares its root's key and mark.
+    """
+    for f in root_model(model)._meta.concrete_fields:
         if isinstance(f, FencingTokenField):
             return f.attname
     return None
@@ -106,8 +120,11 @@ def _lock_and_judge(instance: Model, using: str, lease: Lease, timeout: str | No
         fresh = _bounded(rows, timeout).get()
         prev = _parse(getattr(fresh, column))
         _judge(_column_verdict(prev, lease), lease, lambda: _column_verdict(prev, lease))
-        # Written by the transition's own UPDATE (protocol._write always includes it).
-        setattr(fresh, column, f"{lease.fencing_token}:{lease.owner}")
+        # Written by the transition's own UPDATE (protocol._write always includes it); the stamp
+        # lets that one save() write it (FencingTokenField.pre_save).
+        mark = f"{lease.fencing_token}:{lease.owner}"
+        setattr(fresh, column, mark)
+        instance.__dict__[_STAMP] = mark
         return fresh
     if postgres:
         # One round trip: the function bounds the row-lock wait (SET LOCAL lock_timeout) and

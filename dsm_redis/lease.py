@@ -163,19 +163,17 @@ def hold(key: str, *, timeout: float | None = _DEFAULT, ttl: float | None = None
     """Hold the lease on ``key`` for the block; re-enter it if this thread holds it already."""
     leases = _held()
     lease = leases.get(key)
-    if lease is not None and lease.released:
-        del leases[key]  # released by the renewer after its caller's transaction rolled back
-        lease = None
-    if lease is not None and not lease.parked_transaction_ended():
-        lease.depth += 1
-        try:
-            yield lease
-        finally:
-            lease.depth -= 1
-        return
     if lease is not None:
-        lease.parked_on = None  # parked for a transaction that ended uncommitted: ours again
-    else:
+        reenter, lease = _take_over(leases, lease)
+        if reenter:
+            assert lease is not None
+            lease.depth += 1
+            try:
+                yield lease
+            finally:
+                lease.depth -= 1
+            return
+    if lease is None:
         config = get_config()
         backend = get_backend()
         ttl = config.ttl if ttl is None else ttl
@@ -191,6 +189,26 @@ def hold(key: str, *, timeout: float | None = _DEFAULT, ttl: float | None = None
             _release_after_commit(lease)
 
 
+def _take_over(leases: dict[str, Lease], lease: Lease) -> tuple[bool, Lease | None]:
+    """This thread's lease on a key: (re-enter it?, the lease this block may own, or None)."""
+    stale = False
+    with _finish_lock:  # the renewer must not release it while we decide
+        if lease.released:
+            pass  # released by the renewer after its caller's transaction rolled back
+        elif not lease.parked_transaction_ended():
+            return True, lease  # held by an enclosing block, or parked for this very transaction
+        elif lease.lost is None and lease.remaining > 0:
+            lease.parked_on = None  # parked for a transaction that ended uncommitted: ours again
+            return False, lease
+        else:
+            stale = lease.released = True  # parked, uncommitted, and no longer valid: drop it
+    del leases[lease.key]
+    if stale:
+        _renewer.discard(lease)
+        _release(lease)
+    return False, None
+
+
 def _release_after_commit(lease: Lease) -> None:
     for alias in sorted(lease.databases):
         connection = connections[alias]
@@ -199,9 +217,12 @@ def _release_after_commit(lease: Lease) -> None:
             def release_on_commit() -> None:
                 _finish(lease)
 
-            lease._release_on_commit = release_on_commit
-            lease.parked_on = connection
-            transaction.on_commit(release_on_commit, using=alias)
+            with _finish_lock:
+                # Callback first, then parked_on: the renewer must never see a parked lease
+                # whose callback is not registered yet (it would take it for rolled back).
+                lease._release_on_commit = release_on_commit
+                transaction.on_commit(release_on_commit, using=alias)
+                lease.parked_on = connection
             return
     _finish(lease)
 
@@ -220,22 +241,39 @@ def after_release(key: str, callback: Callable[[], None]) -> None:
 
 
 def _finish(lease: Lease) -> None:
+    """Release (once) and run the callbacks waiting for it, on the holder's thread."""
     with _finish_lock:
-        if lease.released:
-            return
+        first = not lease.released
         lease.released = True
+        callbacks, lease.after_release = lease.after_release, []
     leases = _held()
     if leases.get(lease.key) is lease:
         del leases[lease.key]
-    _renewer.discard(lease)
     try:
-        _release(lease)
+        if first:
+            _renewer.discard(lease)
+            _release(lease)
     finally:
-        for callback in lease.after_release:
+        for callback in callbacks:
             try:
                 callback()
             except Exception:
                 logger.exception("callback after releasing %s failed", lease.key)
+
+
+def release_if_rolled_back(lease: Lease) -> bool:
+    """For the renewer: release a parked lease whose caller's transaction ended uncommitted.
+
+    Only the Redis side: callbacks stay for the holder's thread (a commit's own callback runs
+    them), so ``state_changed`` receivers never run on the renewer's thread.
+    """
+    with _finish_lock:
+        if lease.released or not lease.parked_transaction_ended():
+            return lease.released
+        lease.released = True
+    _renewer.discard(lease)
+    _release(lease)
+    return True
 
 
 def _release(lease: Lease) -> None:
@@ -257,5 +295,11 @@ def object_lock(obj: Model, *, timeout: float | None = _DEFAULT, ttl: float | No
         yield lease
 
 
-_renewer = Renewer(_finish)
-os.register_at_fork(after_in_child=_forget_leases_after_fork)
+def _reset_after_fork() -> None:
+    global _finish_lock
+    _forget_leases_after_fork()
+    _finish_lock = threading.Lock()  # another thread may have held it at the moment of the fork
+
+
+_renewer = Renewer(release_if_rolled_back)
+os.register_at_fork(after_in_child=_reset_after_fork)

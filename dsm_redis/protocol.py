@@ -101,10 +101,14 @@ def _step(
     nested = lease is not None and id(instance) in lease.in_transaction
     in_caller_transaction = connections[using].in_atomic_block
     original = _snapshot(instance)
+    committed: list[bool] = []
     if lease is not None:
         lease.databases.add(using)  # if this is a caller's transaction, its commit releases the lease
     try:
         with transaction.atomic(using=using):  # 2. transaction
+            # First of our on-commit hooks: if a later one raises out of the COMMIT, the transition
+            # did commit, and the instance must keep its new state.
+            transaction.on_commit(partial(committed.append, True), using=using)
             row = instance
             if lease is not None and not nested:
                 row = lock_row(
@@ -145,7 +149,8 @@ def _step(
         resolve_error = partial(machine.edge_for_target, target=target)
         return _step(machine, instance, resolve_error, (), failed.kwargs, using, lease)[0], True
     except BaseException:
-        _restore(instance, original)
+        if not committed:
+            _restore(instance, original)
         raise
 
 

@@ -31,8 +31,8 @@ _IDLE_WAKE = 1.0
 
 
 class Renewer:
-    def __init__(self, finish: Callable[[Lease], None]) -> None:
-        self._finish = finish
+    def __init__(self, release_if_rolled_back: Callable[[Lease], bool]) -> None:
+        self._release_if_rolled_back = release_if_rolled_back
         self._reset()
         os.register_at_fork(after_in_child=self._reset)
 
@@ -65,10 +65,14 @@ class Renewer:
         while True:
             with self._cond:
                 lease = self._next_due()
-            if lease.parked_transaction_ended():
-                self._finish(lease)  # the caller's transaction rolled back: nothing will release it
-                continue
-            self._renew(lease)
+            try:
+                # A parked lease whose caller's transaction rolled back: nothing else releases it.
+                if lease.parked_on is not None and self._release_if_rolled_back(lease):
+                    continue
+                self._renew(lease)
+            except Exception:  # the thread must survive anything; the lease fails safe (lost)
+                logger.exception("renewer: unexpected error on %s", lease.key)
+                lease.lost = lease.lost or f"lease on {lease.key} could not be renewed (unexpected error)"
 
     def _next_due(self) -> Lease:
         heap = self._heap
@@ -86,6 +90,10 @@ class Renewer:
             self._cond.wait(self._wake_at - now)
 
     def _renew(self, lease: Lease) -> None:
+        if lease.lost is not None:  # nothing left to renew; a parked one is still watched
+            if lease.parked_on is not None:
+                self._schedule(lease, lease.ttl / 3)
+            return
         sent = time.monotonic()
         try:
             ok = lease.backend.renew(lease.key, lease.owner, lease.ttl)
@@ -94,6 +102,8 @@ class Renewer:
             if lease.remaining <= 0:
                 lease.lost = f"lease on {lease.key} could not be renewed ({type(exc).__name__}) and expired"
                 logger.error("%s", lease.lost)
+                if lease.parked_on is not None:
+                    self._schedule(lease, lease.ttl / 3)  # keep watching for its transaction's end
                 return
             logger.warning("renewing lease on %s failed (%s); retrying", lease.key, type(exc).__name__)
             self._schedule(lease, min(1.0, lease.ttl / 10))
@@ -101,6 +111,8 @@ class Renewer:
         if not ok:
             lease.lost = f"lease on {lease.key} was lost: it expired or another holder took it"
             logger.error("%s", lease.lost)
+            if lease.parked_on is not None:
+                self._schedule(lease, lease.ttl / 3)  # keep watching for its transaction's end
             return
         lease.valid_until = sent + lease.ttl
         logger.debug("lease on %s renewed", lease.key)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.apps import apps
 from django.core.exceptions import ImproperlyConfigured
-from django.db import router, transaction
+from django.db import IntegrityError, router, transaction
 
 from .exceptions import TransitionException
 from .keys import object_key
@@ -182,16 +182,19 @@ def _transition(
         from .models import AppliedTask
 
         with transaction.atomic(using=db):
-            # Recorded in the transition's own transaction: a copy of this message delivered again
-            # after the commit finds it and does nothing, even for a self-loop edge.
-            if AppliedTask.objects.using(db).filter(pk=self.request.id).exists():
+            # Recorded first, in the transition's own transaction: a copy of this message delivered
+            # again finds it (or, while this one is in flight, waits on its unique key and then
+            # finds it) and does nothing, even for a self-loop edge whose state cannot tell.
+            try:
+                with transaction.atomic(using=db):
+                    AppliedTask.objects.using(db).create(task_id=self.request.id, object_key=key)
+            except IntegrityError:
                 logger.info("%s[%s] on %s: already applied; skipped", TASK_NAME, self.request.id, key)
                 return current
             if kind == "edge":
                 getattr(bound, target)(**(kwargs or {}))
             else:
                 bound.transition_to(target, **(kwargs or {}))
-            AppliedTask.objects.using(db).create(task_id=self.request.id, object_key=key)
         return bound.get_current_state()
 
     return run_locked(self, key, db, body, on_contention="retry", atomic=False, retry_body_timeouts=True)

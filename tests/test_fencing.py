@@ -182,3 +182,52 @@ def test_a_token_minted_twice_after_redis_loss_is_accepted_once(model, db_alias)
             obj.machine.deposit(amount=100)
     row = model.objects.using(db_alias).get(pk=obj.pk)
     assert (row.balance, row.deposits) == (11, 2)
+
+
+def test_a_plain_save_of_an_old_instance_does_not_lower_the_column_mark(db_alias):
+    obj = FencedAccount.objects.using(db_alias).create()
+    obj.machine.deposit()
+    loaded_before = FencedAccount.objects.using(db_alias).get(pk=obj.pk)
+    obj.machine.deposit()
+    newest = mark(obj)
+    loaded_before.balance = 100
+    loaded_before.save()  # carries the older mark in memory: it must not write it back
+    assert mark(obj) == newest
+    assert FencedAccount.objects.using(db_alias).get(pk=obj.pk).balance == 100
+    with object_lock(obj) as lease:
+        expire(lease)
+        in_other_thread(lambda: FencedAccount.objects.using(db_alias).get(pk=obj.pk).machine.deposit())
+        stale = FencedAccount.objects.using(db_alias).get(pk=obj.pk)
+        stale.save()  # the same, between a newer holder's commit and our next write
+        with pytest.raises(StaleFencingToken):
+            obj.machine.deposit()  # still judged stale: the newer mark was not overwritten
+
+
+def test_a_fencing_field_below_the_root_of_an_inheritance_chain_is_reported():
+    from django.db import models
+    from django.test.utils import isolate_apps
+
+    from dsm_redis import FencingTokenField
+    from dsm_redis.checks import misplaced_fencing_fields
+
+    with isolate_apps("tests.testapp"):
+
+        class Animal(models.Model):
+            class Meta:
+                app_label = "testapp"
+
+        class Tiger(Animal):
+            fencing_token = FencingTokenField()
+
+            class Meta:
+                app_label = "testapp"
+
+        class Root(models.Model):
+            fencing_token = FencingTokenField()
+
+            class Meta:
+                app_label = "testapp"
+
+        errors = misplaced_fencing_fields([Animal, Tiger, Root])
+    assert [(e.id, e.obj) for e in errors] == [("dsm_redis.E006", Tiger)]
+    assert "testapp.Animal" in errors[0].hint

@@ -126,3 +126,28 @@ def test_after_a_rollback_the_next_transaction_takes_the_lease_over_and_releases
     with transaction.atomic():  # the next request in this thread: a new transaction
         cat.state_machine.survive()
     assert contend_from_another_thread(cat) == "acquired"  # released at that commit, not kept
+
+
+def test_a_parked_lease_that_was_lost_is_dropped_not_reused(settings):
+    settings.DSM_REDIS = dict(
+        settings.DSM_REDIS, OPTIONS=dict(settings.DSM_REDIS["OPTIONS"], TTL=0.3, AUTO_RENEW=False)
+    )
+    cat = Cat.objects.create()
+    survive_in_a_rolled_back_transaction(cat)  # parked; nothing renews it
+    time.sleep(0.4)  # its TTL runs out while parked
+    with transaction.atomic():  # the next request: it must take a fresh lease, not the dead one
+        assert cat.state_machine.survive() == ALIVE
+    assert Cat.objects.get(pk=cat.pk).state == ALIVE
+
+
+def test_a_hook_failing_after_the_commit_leaves_the_instance_as_committed():
+    from tests.testapp.models import Account
+
+    account = Account.objects.create()
+    # The side effect queues an on-commit hook that fails (e.g. a broker down when a task is sent):
+    # the exception comes out of the COMMIT, after the transition has committed.
+    with pytest.raises(ZeroDivisionError):
+        account.machine.deposit(amount=5, effect=lambda: transaction.on_commit(lambda: 1 / 0))
+    assert (account.balance, account.deposits) == (5, 1)  # not "restored" to what it no longer is
+    row = Account.objects.get(pk=account.pk)
+    assert (row.balance, row.deposits) == (5, 1)
