@@ -18,6 +18,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 PROCESSES = 8
 ROUNDS = 15
 WORK = 0.003  # seconds between read and write: an external call in the side effect
+MANY = 5  # objects the many-object races spread over
 
 
 def effects(redis, account_id: int) -> int:
@@ -44,10 +45,18 @@ def test_eight_processes_on_one_object_lose_nothing(redis):
     assert effects(redis, account.pk) == committed  # each side effect ran exactly once
 
 
+def test_cowboy_code_loses_updates_over_many_objects_under_this_load():
+    ids = [Account.objects.create().pk for _ in range(MANY)]
+    results = run_workers("tests.workers:cowboy_deposit", PROCESSES, ids, ROUNDS, WORK)
+    committed = sum(r["committed"] for r in results)
+    balance = sum(Account.objects.filter(pk__in=ids).values_list("balance", flat=True))
+    assert balance < committed, "the unprotected code lost nothing: this load cannot show a race"
+
+
 def test_eight_processes_over_many_objects_lose_nothing(redis):
-    accounts = [Account.objects.create() for _ in range(5)]
+    accounts = [Account.objects.create() for _ in range(MANY)]
     ids = [a.pk for a in accounts]
-    results = run_workers("tests.workers:dsm_deposit", PROCESSES, ids, ROUNDS, WORK / 3)
+    results = run_workers("tests.workers:dsm_deposit", PROCESSES, ids, ROUNDS, WORK)
     per_account = committed_per_account(results, ids)
     for account in Account.objects.filter(pk__in=ids):
         assert account.balance == account.deposits == per_account[account.pk]

@@ -7,13 +7,15 @@ import time
 from typing import Any
 
 
-def cowboy_deposit(index: int, account_id: int, rounds: int, work: float) -> dict[str, int]:
-    """deus-state-machina's "cowboy" code: read, check, modify, save — no lock."""
+def cowboy_deposit(index: int, account_ids: int | list[int], rounds: int, work: float) -> dict[str, int]:
+    """deus-state-machina's "cowboy" code: read, check, modify, save — no lock. Several accounts
+    are visited in the same order as ``dsm_deposit`` visits them."""
     from tests.testapp.models import Account
 
+    ids = account_ids if isinstance(account_ids, list) else [account_ids]
     committed = 0
-    for _ in range(rounds):
-        account = Account.objects.get(pk=account_id)
+    for i in range(rounds):
+        account = Account.objects.get(pk=ids[(index + i) % len(ids)])
         if account.state == "open":
             balance = account.balance
             time.sleep(work)
