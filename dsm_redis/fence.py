@@ -1,12 +1,28 @@
 """Fencing: the database judges every write made under a lease.
 
-Safety contract: inside one transaction, ``lock_row`` locks the object's row (``SELECT ... FOR
-UPDATE``) and raises the object's fencing mark (table ``dsm_redis_fencing_mark``) to the lease's
-token, or refuses with ``StaleFencingToken`` when the mark is already higher — a newer lease has
-committed, so this holder's lease ran out while it was paused. The mark commits or rolls back with
-the row, so "the highest token committed per object" is exactly what the table holds. A refused
-holder that Redis still recognises as the owner means Redis lost the counter (restart without
-persistence, failover, flush): the lease is re-anchored above the mark and judged once more.
+Safety contract:
+- A transition's ``lock_row`` locks the object's row (``SELECT ... FOR UPDATE``) and, in the same
+  round trip, raises the object's fencing mark (table ``dsm_redis_fencing_mark``, or the model's own
+  ``FencingTokenField``) to the lease's token, or refuses with ``StaleFencingToken`` when the mark
+  is already higher (a newer lease has committed). The mark commits or rolls back with the row, so
+  "the highest token committed per object" is exactly what it holds, and a judged holder keeps the
+  mark (or the row) locked until it commits: a newer holder's judgement waits for it.
+- Re-anchoring: when a token is refused but Redis confirms the holder still owns the lease, Redis
+  lost its counter (restart without persistence, flush, eviction) and a token above the mark is
+  minted. That is sound only where nothing has been read under the lease before the judgement:
+  the transition's own ``SELECT ... FOR UPDATE`` (it judges and reads in one statement) and
+  ``barrier`` (run when a lease that spans several transactions is entered, before the holder
+  reads). ``fence`` — ``Lease.fence()`` before hand-written writes — never re-anchors: a holder
+  whose key Redis brought back after another holder committed (a lagging replica promoted, an AOF
+  restore) wrote from reads older than that commit, and is refused.
+- ``barrier``: entering ``object_lock`` (or a ``locked_task`` without ``atomic``) judges the token
+  in a transaction of its own and commits it, waiting (bounded) for an older holder that is still
+  inside a judged transaction. Afterwards every older holder has either committed — and the new
+  holder's reads see it — or is refused: nothing read under the new lease can be overwritten by a
+  late commit of an older one.
+- Every row-lock wait started here is bounded by ``ROW_LOCK_TIMEOUT`` and raises ``LockTimeout``
+  (PostgreSQL's ``lock_timeout``; on SQLite the connection's busy timeout bounds it, and the
+  "database is locked" error it ends in is raised as ``LockTimeout`` too).
 
 Limits: only writes made through dsm_redis (or after ``Lease.fence()``) are judged; a side effect
 that writes to systems outside this database must pass ``transition.fencing_token`` on itself.
@@ -16,11 +32,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from django.apps import apps
-from django.db import DatabaseError, connections, models
+from django.db import DatabaseError, OperationalError, connections, models, transaction
 from django.db.models import F, Model
 from django.db.models.expressions import RawSQL
 
@@ -30,7 +48,7 @@ from .keys import root_model
 if TYPE_CHECKING:
     from .lease import Lease
 
-__all__ = ["FencingTokenField", "fencing_column", "lock_row", "fence"]
+__all__ = ["FencingTokenField", "fencing_column", "lock_row", "save_judged", "fence", "barrier"]
 
 logger = logging.getLogger("dsm_redis")
 MARK = "dsm_redis_fence_mark"
@@ -55,14 +73,17 @@ class FencingTokenField(models.CharField):
 
     def pre_save(self, model_instance: Model, add: bool) -> Any:
         value = getattr(model_instance, self.attname)
-        if add or model_instance.__dict__.pop(_STAMP, None) == value:
-            return value  # an insert, or the mark a transition just judged (once)
+        if add or _JUDGED_WRITE.get() == (id(model_instance), value):
+            return value  # an insert, or the judged write of a transition (save_judged)
         # Any other save() keeps the database's mark: an instance loaded before the latest
         # transition must not write an older mark back and let a stale holder through.
         return F(self.attname)
 
 
-_STAMP = "_dsm_redis_fencing_stamp"
+# Set only for the duration of the transition's own UPDATE (save_judged): which instance may write
+# which mark. Scoped, not a flag on the instance: a side effect's save(), refresh_from_db() or a
+# rolled-back savepoint cannot consume or alter it, so the committed row always carries the mark.
+_JUDGED_WRITE: ContextVar[tuple[int, str] | None] = ContextVar("dsm_redis_judged_write", default=None)
 
 
 @functools.cache
@@ -81,6 +102,14 @@ def lock_row(
     instance: Model, using: str, lease: Lease, row_lock_timeout: float | None, *, in_caller_transaction: bool
 ) -> Model:
     """Lock the row, judge the lease's token, and return the row as it is now (a new instance)."""
+    with _bounded_wait(using, lease.key, row_lock_timeout, in_caller_transaction) as timeout:
+        return _lock_and_judge(instance, using, lease, timeout)
+
+
+@contextmanager
+def _bounded_wait(using: str, key: str, row_lock_timeout: float | None, in_caller_transaction: bool) -> Iterator[str | None]:
+    """Yield PostgreSQL's ``lock_timeout`` value for the statements inside; a lock wait that ends
+    at the bound (PostgreSQL's lock_timeout, SQLite's busy timeout) is ``LockTimeout``."""
     postgres = connections[using].vendor == "postgresql"
     timeout = None if row_lock_timeout is None or not postgres else f"{max(1, int(row_lock_timeout * 1000))}ms"
     previous_timeout = None
@@ -89,15 +118,26 @@ def lock_row(
         # put the caller's own lock_timeout back afterwards (a rollback to our savepoint undoes it).
         previous_timeout = _execute(using, "SELECT current_setting('lock_timeout')", [])
     try:
-        fresh = _lock_and_judge(instance, using, lease, timeout)
+        yield timeout
     except DatabaseError as exc:
         cause = exc.__cause__
-        if (getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)) == _LOCK_NOT_AVAILABLE:
-            raise LockTimeout(f"row lock on {lease.key} not obtained within {row_lock_timeout}s") from exc
+        pg_timeout = (getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)) == _LOCK_NOT_AVAILABLE
+        sqlite_busy = isinstance(exc, OperationalError) and "database is locked" in str(exc)
+        if pg_timeout or sqlite_busy:
+            raise LockTimeout(f"row lock on {key} not obtained within {row_lock_timeout}s") from exc
         raise
     if previous_timeout is not None:
         _execute(using, "SELECT set_config('lock_timeout', %s, true)", [previous_timeout])
-    return fresh
+
+
+@contextmanager
+def bounded_row_locks(using: str, key: str, row_lock_timeout: float | None) -> Iterator[None]:
+    """Bound every lock wait of the statements inside (in the current transaction) by
+    ``row_lock_timeout``, raising ``LockTimeout``; the transaction's own setting is put back."""
+    with _bounded_wait(using, key, row_lock_timeout, in_caller_transaction=True) as timeout:
+        if timeout is not None:
+            _execute(using, "SELECT set_config('lock_timeout', %s, true)", [timeout])
+        yield
 
 
 def _lock_and_judge(instance: Model, using: str, lease: Lease, timeout: str | None) -> Model:
@@ -112,44 +152,92 @@ def _lock_and_judge(instance: Model, using: str, lease: Lease, timeout: str | No
         root_rows = root._base_manager.db_manager(using).select_for_update().filter(pk=instance.pk)
         if column is None and postgres:
             result = root_rows.annotate(**{MARK: _pg_fence(lease, timeout)}).values_list(MARK, flat=True).get()
-            _judge(_pg_verdict(result), lease, lambda: _table_verdict(lease, using))
+            _judge(_pg_verdict(result), lease, lambda: _table_verdict(lease, using, None))
             return rows.get()  # judged; the parent row is locked, the child's lock cannot wait long
-        _bounded(root_rows, timeout).values_list("pk", flat=True).get()
+        _lock_bounded(root_rows, timeout)
         timeout = None
     if column is not None:
         fresh = _bounded(rows, timeout).get()
         prev = _parse(getattr(fresh, column))
         _judge(_column_verdict(prev, lease), lease, lambda: _column_verdict(prev, lease))
-        # Written by the transition's own UPDATE (protocol._write always includes it); the stamp
-        # lets that one save() write it (FencingTokenField.pre_save).
-        mark = f"{lease.fencing_token}:{lease.owner}"
-        setattr(fresh, column, mark)
-        instance.__dict__[_STAMP] = mark
+        setattr(fresh, column, column_mark(lease))  # written by the transition's UPDATE (save_judged)
         return fresh
     if postgres:
         # One round trip: the function bounds the row-lock wait (SET LOCAL lock_timeout) and
         # judges the mark; it runs in the scan, before FOR UPDATE waits for the row.
         fresh = rows.annotate(**{MARK: _pg_fence(lease, timeout)}).get()
-        _judge(_pg_verdict(getattr(fresh, MARK)), lease, lambda: _table_verdict(lease, using))
+        _judge(_pg_verdict(getattr(fresh, MARK)), lease, lambda: _table_verdict(lease, using, None))
         return fresh
     # Elsewhere the mark goes first: on SQLite it is the write that takes the database's write
     # lock at the start, which avoids a read-to-write lock upgrade deadlock.
-    fence(lease, using)
+    _judge(_table_verdict(lease, using, timeout), lease, lambda: _table_verdict(lease, using, timeout))
     return rows.get()
 
 
-def fence(lease: Lease, using: str) -> None:
-    """Judge ``lease``'s token in the current transaction of ``using`` (raise the mark or refuse)."""
+def column_mark(lease: Lease) -> str:
+    """The value of a ``FencingTokenField`` that a write under ``lease`` leaves behind."""
+    return f"{lease.fencing_token}:{lease.owner}"
+
+
+def save_judged(instance: Model, lease: Lease, using: str, update_fields: set[str]) -> None:
+    """The transition's own UPDATE, after ``lock_row`` judged ``lease`` in this transaction.
+
+    With a ``FencingTokenField`` it always carries the lease's mark, whatever the side effect did
+    to the instance (``refresh_from_db()``, its own ``save()``, a rolled-back savepoint): a
+    committed transition that left the old mark would let a holder older than it through.
+    """
+    column = fencing_column(type(instance))
+    if column is None:
+        instance.save(using=using, update_fields=sorted(update_fields))
+        return
+    mark = column_mark(lease)
+    setattr(instance, column, mark)
+    scope = _JUDGED_WRITE.set((id(instance), mark))
+    try:
+        instance.save(using=using, update_fields=sorted(update_fields | {column}))
+    finally:
+        _JUDGED_WRITE.reset(scope)
+
+
+def fence(lease: Lease, using: str, row_lock_timeout: float | None) -> None:
+    """Judge ``lease``'s token in the current transaction of ``using`` before hand-written writes.
+
+    Raises the mark, or refuses with ``StaleFencingToken`` — without re-anchoring (module
+    docstring): whatever the holder read before this call may predate a newer holder's commit.
+    """
+    _fence(lease, using, row_lock_timeout, reanchor=False)
+
+
+def barrier(lease: Lease, using: str, row_lock_timeout: float | None) -> None:
+    """Judge a freshly taken lease before its holder reads anything (``object_lock``'s entry).
+
+    In a transaction of its own that commits at once (a savepoint inside a caller's transaction,
+    whose commit then publishes it): the judgement waits for an older holder still inside a
+    judged transaction, so that holder's commit is visible to every read after this call, and a
+    holder older still is refused from now on. Nothing has been read under the lease yet, so a
+    refused token may be re-anchored when Redis confirms ownership. An object with no row has
+    nothing to protect and nothing is stored for it.
+    """
+    with transaction.atomic(using=using):
+        _fence(lease, using, row_lock_timeout, reanchor=True)
+
+
+def _fence(lease: Lease, using: str, row_lock_timeout: float | None, *, reanchor: bool) -> None:
     model, pk = _object_of(lease.key)
     column = fencing_column(model) if model is not None else None
-    if column is None:
-        _judge(_table_verdict(lease, using), lease, lambda: _table_verdict(lease, using))
-        return
-    assert model is not None
-    rows = model._base_manager.db_manager(using).filter(pk=pk)
-    prev = _parse(rows.select_for_update().values_list(column, flat=True).get())
-    _judge(_column_verdict(prev, lease), lease, lambda: _column_verdict(prev, lease))
-    rows.update(**{column: f"{lease.fencing_token}:{lease.owner}"})
+    with _bounded_wait(using, lease.key, row_lock_timeout, in_caller_transaction=True) as timeout:
+        if column is None:
+            rejudge = (lambda: _table_verdict(lease, using, timeout)) if reanchor else None
+            _judge(_table_verdict(lease, using, timeout), lease, rejudge)
+            return
+        assert model is not None
+        rows = model._base_manager.db_manager(using).filter(pk=pk)
+        found = _bounded(rows.select_for_update(), timeout).values_list(column, *_BOUND_ALIAS[: timeout is not None]).first()
+        if found is None:
+            return  # no row: nothing to write, nothing to protect
+        prev = _parse(found[0])
+        _judge(_column_verdict(prev, lease), lease, (lambda: _column_verdict(prev, lease)) if reanchor else None)
+        rows.update(**{column: column_mark(lease)})
 
 
 # -- verdicts: None when the token is accepted, else the mark that refused it --------------------
@@ -160,15 +248,16 @@ def fence(lease: Lease, using: str) -> None:
 # loss still holds, and the two must not both be accepted.
 
 
-def _judge(verdict: int | None, lease: Lease, rejudge: Callable[[], int | None]) -> None:
+def _judge(verdict: int | None, lease: Lease, rejudge: Callable[[], int | None] | None) -> None:
     if verdict is None:
         return
     stale = lease.fencing_token
     # The database has seen this token or a newer one from another lease. Either our lease ran out
     # and another holder committed (we must not write), or Redis lost its counter and minted us a
     # low token while we really do hold the lease: Redis alone can tell which, atomically with
-    # minting the replacement token.
-    if lease.reanchor(verdict) and rejudge() is None:
+    # minting the replacement token — and only where nothing was read under the lease before this
+    # judgement (rejudge is None otherwise: module docstring).
+    if rejudge is not None and lease.reanchor(verdict) and rejudge() is None:
         return
     logger.warning("stale fencing token %s for %s refused: the database holds %s", stale, lease.key, verdict)
     raise StaleFencingToken(
@@ -195,11 +284,11 @@ def _pg_verdict(result: int) -> int | None:
     return None if result > 0 else -result
 
 
-def _table_verdict(lease: Lease, using: str) -> int | None:
+def _table_verdict(lease: Lease, using: str, timeout: str | None) -> int | None:
     connection = connections[using]
     key, token, owner = lease.key, lease.fencing_token, lease.owner
     if connection.vendor == "postgresql":
-        return _pg_verdict(_execute(using, "SELECT dsm_redis_fence(%s, %s, %s, NULL)", [key, token, owner]))
+        return _pg_verdict(_execute(using, "SELECT dsm_redis_fence(%s, %s, %s, %s)", [key, token, owner, timeout]))
     if connection.vendor == "sqlite":
         accepted = _execute(
             using,
@@ -243,8 +332,16 @@ def _execute(using: str, sql: str, params: list[Any]) -> Any:
 def _bounded(rows: Any, timeout: str | None) -> Any:
     if timeout is None:
         return rows
-    # set_config runs in the scan, before FOR UPDATE waits: the wait is bounded.
+    # set_config runs in the scan, before FOR UPDATE waits: the wait is bounded. values_list() must
+    # name MARK (_BOUND_ALIAS), or Django leaves the annotation out of the SELECT.
     return rows.annotate(**{MARK: RawSQL("set_config('lock_timeout', %s, true)", (timeout,))})
+
+
+_BOUND_ALIAS = (MARK,)
+
+
+def _lock_bounded(rows: Any, timeout: str | None) -> None:
+    _bounded(rows, timeout).values_list("pk", *_BOUND_ALIAS[: timeout is not None]).get()
 
 
 def _parse(value: str | None) -> tuple[int, str]:

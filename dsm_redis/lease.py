@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from django.db import connections, transaction
+from django.db import connections, router, transaction
 from django.db.transaction import TransactionManagementError
 
 from .backends import LockBackend, get_backend
@@ -93,7 +93,9 @@ class Lease:
 
         Transitions do this themselves; call it when you write the object (or anything guarded by
         its lease) yourself inside ``object_lock``. Raises ``StaleFencingToken`` when a newer lease
-        has committed, and ``LockLost`` when this lease has run out.
+        has committed — also when Redis brought this lease back after losing it (the token is
+        never re-anchored here: see ``fence.py``) — ``LockLost`` when this lease has run out, and
+        ``LockTimeout`` when the row lock is not obtained within ``ROW_LOCK_TIMEOUT``.
         """
         from .fence import fence
 
@@ -101,7 +103,7 @@ class Lease:
             # In autocommit the mark would commit at once and hold nothing until your write.
             raise TransactionManagementError("Lease.fence() must be called inside transaction.atomic()")
         self.check()
-        fence(self, using)
+        fence(self, using, get_config().effective_row_lock_timeout)
         self.databases.add(using)
 
     def parked_transaction_ended(self) -> bool:
@@ -289,10 +291,29 @@ def _release(lease: Lease) -> None:
 
 
 @contextmanager
-def object_lock(obj: Model, *, timeout: float | None = _DEFAULT, ttl: float | None = None) -> Iterator[Lease]:
-    """Hold ``obj``'s lease across several steps; transitions inside re-enter it and are fenced."""
+def object_lock(
+    obj: Model, *, timeout: float | None = _DEFAULT, ttl: float | None = None, using: str | None = None
+) -> Iterator[Lease]:
+    """Hold ``obj``'s lease across several steps; transitions inside re-enter it and are fenced.
+
+    Entering it (not re-entering it) passes the fencing barrier on ``using`` (the model's write
+    database by default) before the block runs: what the block reads afterwards cannot be
+    overwritten by the late commit of a holder whose lease ran out (``fence.barrier``).
+    """
     with hold(object_key(obj), timeout=timeout, ttl=ttl) as lease:
+        if lease.depth == 0:  # not re-entered from an enclosing block of this thread
+            enter_barrier(lease, using or router.db_for_write(type(obj), instance=obj))
         yield lease
+
+
+def enter_barrier(lease: Lease, using: str) -> None:
+    """Judge a lease that spans several transactions before its holder reads (``fence.barrier``)."""
+    from .fence import barrier
+
+    lease.check()
+    barrier(lease, using, get_config().effective_row_lock_timeout)
+    if connections[using].in_atomic_block:
+        lease.databases.add(using)  # the judged mark stays locked until the caller commits
 
 
 def _reset_after_fork() -> None:

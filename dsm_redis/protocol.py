@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
+from contextvars import ContextVar
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -37,8 +38,8 @@ from django.db.models import Model
 from django.db.models.fields.mixins import FieldCacheMixin
 
 from .conf import get_config
-from .exceptions import LockLost, TransitionFailed
-from .fence import fencing_column, lock_row
+from .exceptions import LockLost, TransitionException, TransitionFailed
+from .fence import lock_row, save_judged
 from .keys import object_key
 from .lease import Lease, after_release, hold
 from .signals import state_changed
@@ -50,6 +51,13 @@ logger = logging.getLogger("dsm_redis")
 
 # Given the object as it is now, the transition to take (None: nothing to do).
 Resolve = Callable[[Model], "Transition | None"]
+# Called inside each step's transaction of a walk, with the locked row and the edge it will take.
+OnStep = Callable[[Model, "Transition"], None]
+
+# (object, machine field) pairs whose side effect is running in this context. A side effect that
+# calls its own machine on the same object again would resolve against the state *before* the
+# outer edge and commit a mix of two edges from one state: refused (_refuse_reentry).
+_RUNNING: ContextVar[frozenset[tuple[Any, str]]] = ContextVar("dsm_redis_running", default=frozenset())
 
 
 def run(machine: StateMachine, instance: Model, resolve: Resolve, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -61,17 +69,21 @@ def run(machine: StateMachine, instance: Model, resolve: Resolve, args: tuple[An
         return _step(machine, instance, resolve, args, kwargs, using, lease)[0]
 
 
-def run_through(machine: StateMachine, instance: Model, target: Any) -> Any:
+def run_through(machine: StateMachine, instance: Model, target: Any, *, on_step: OnStep | None = None) -> Any:
     """Walk the shortest path to ``target`` one transaction per step, all under one lease."""
 
     def resolve(row: Model) -> Transition | None:
-        return machine.edge_toward(row, target)
+        transition = machine.edge_toward(row, target)
+        if transition is not None and on_step is not None:
+            on_step(row, transition)
+        return transition
 
     def step(lease: Lease | None) -> tuple[Any, bool]:
-        state, diverted = _step(machine, instance, resolve, (), {}, using, lease)
-        # Each step is its own fenced transaction; stop at the target, or where a TransitionFailed
-        # diverted the walk to its error state (as deus-state-machina did).
-        return state, diverted or machine.current_state(instance) == target
+        state, done = _step(machine, instance, resolve, (), {}, using, lease)
+        # Each step is its own fenced transaction; stop at the target — judged on the row read
+        # under the lock, not on the instance, which may be older than the row — or where a
+        # TransitionFailed diverted the walk to its error state (as deus-state-machina did).
+        return state, done or state == target
 
     using = router.db_for_write(type(instance), instance=instance)
     if instance.pk is None or instance._state.adding:
@@ -94,7 +106,12 @@ def _step(
     using: str,
     lease: Lease | None,
 ) -> tuple[Any, bool]:
-    """One transition in one transaction; ``lease`` is None for an unsaved object (no row to lock)."""
+    """One transition in one transaction; ``lease`` is None for an unsaved object (no row to lock).
+
+    Returns the object's state afterwards, and whether the request is over without a step to its
+    own end: nothing to do (the row already is where it asked for), or diverted by ``TransitionFailed``.
+    """
+    _refuse_reentry(machine, instance, lease)
     # A nested call on the instance this lease is already transitioning, inside the same open
     # transaction: the row is locked and the instance is current; a second SELECT would only
     # overwrite the outer side effect's unsaved changes.
@@ -122,7 +139,9 @@ def _step(
                 lease.check()  # a lease lost while waiting for the row must not start a side effect
             transition = resolve(row)  # 3. check against the row read under the lock
             if transition is None:
-                return machine.current_state(row), False
+                if row is not instance:
+                    _adopt_row(instance, row)  # the caller's instance may be older than the row
+                return machine.current_state(row), True
             machine.check_arguments(transition, instance, args, kwargs)
             if row is not instance:
                 _adopt_row(instance, row)
@@ -133,7 +152,7 @@ def _step(
             if lease is None:
                 instance.save(using=using)  # unsaved: inserted, as deus-state-machina did
             else:
-                _write(instance, before, machine.state_field_name, using)  # 4. write
+                _write(instance, before, machine.state_field_name, using, lease)  # 4. write
                 try:
                     lease.check()  # refuse to commit work done after the lease ran out
                 except LockLost:
@@ -166,11 +185,26 @@ def _run_side_effect(
     assert transition.side_effect is not None
     if lease is not None:
         lease.in_transaction.add(id(instance))
+    running = _RUNNING.set(_RUNNING.get() | {(_identity(instance, lease), machine.field_name)})
     try:
         transition.side_effect(machine, instance, transition.under(lease), *args, **kwargs)
     finally:
+        _RUNNING.reset(running)
         if lease is not None and not nested:
             lease.in_transaction.discard(id(instance))
+
+
+def _identity(instance: Model, lease: Lease | None) -> Any:
+    # The row (its lease key) when saved, whichever instance of it the side effect holds.
+    return lease.key if lease is not None else id(instance)
+
+
+def _refuse_reentry(machine: StateMachine, instance: Model, lease: Lease | None) -> None:
+    if (_identity(instance, lease), machine.field_name) in _RUNNING.get():
+        raise TransitionException(
+            f"{type(machine).__name__}: a transition of {machine.field_name!r} on this object is in progress "
+            f"(called from its own side effect); one edge per transition — other machines may nest"
+        )
 
 
 # -- instance bookkeeping --------------------------------------------------------------------------
@@ -208,16 +242,13 @@ def _adopt_row(instance: Model, row: Model) -> None:
     instance._state.adding = False
 
 
-def _write(instance: Model, before: dict[str, Any], state_field: str, using: str) -> None:
+def _write(instance: Model, before: dict[str, Any], state_field: str, using: str, lease: Lease) -> None:
     names = {state_field}
-    column = fencing_column(type(instance))
-    if column is not None:
-        names.add(column)  # carries the lease's token, judged by the SELECT ... FOR UPDATE
     for f in instance._meta.concrete_fields:
         # auto_now fields change in pre_save, as they would for a plain save().
         if getattr(f, "auto_now", False) or instance.__dict__.get(f.attname) != before.get(f.attname):
             names.add(f.name)
-    instance.save(using=using, update_fields=sorted(names))
+    save_judged(instance, lease, using, names)  # with the lease's mark, judged by lock_row
 
 
 def _signal(instance: Model, state: Any, machine: StateMachine, key: str | None) -> None:

@@ -17,6 +17,7 @@ from dsm_redis import StaleFencingToken, object_lock
 from dsm_redis.backends import get_backend
 from dsm_redis.fence import fencing_column
 from dsm_redis.keys import counter_key, object_key, redis_name
+from dsm_redis.lease import hold
 from dsm_redis.models import FencingMark
 from tests.testapp.models import Account, FencedAccount
 
@@ -172,7 +173,9 @@ def test_a_token_minted_twice_after_redis_loss_is_accepted_once(model, db_alias)
     prefix = settings.DSM_REDIS["OPTIONS"]["KEY_PREFIX"]
     obj = model.objects.using(db_alias).create()
     obj.machine.deposit()
-    with object_lock(obj) as a:  # A holds the next token and has not written with it yet
+    # A holds the next token and has not been judged yet (a transition before its SELECT ... FOR
+    # UPDATE; object_lock would have judged it at its door).
+    with hold(object_key(obj)) as a:
         client = get_backend().client
         client.delete(f"lock:{redis_name(prefix, a.key)}", counter_key(prefix, a.key))  # Redis restarts empty
         # B gets token 1, is refused by the mark, re-anchors above it: to A's token.
