@@ -53,6 +53,8 @@ __all__ = ["FencingTokenField", "fencing_column", "lock_row", "save_judged", "fe
 logger = logging.getLogger("dsm_redis")
 MARK = "dsm_redis_fence_mark"
 _LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL: lock_timeout expired
+# SQLite: the busy timeout expired (or, with a shared cache, another connection holds the table).
+_SQLITE_BUSY = ("database is locked", "database table is locked")
 
 
 class FencingTokenField(models.CharField):
@@ -107,7 +109,9 @@ def lock_row(
 
 
 @contextmanager
-def _bounded_wait(using: str, key: str, row_lock_timeout: float | None, in_caller_transaction: bool) -> Iterator[str | None]:
+def _bounded_wait(
+    using: str, key: str, row_lock_timeout: float | None, in_caller_transaction: bool
+) -> Iterator[str | None]:
     """Yield PostgreSQL's ``lock_timeout`` value for the statements inside; a lock wait that ends
     at the bound (PostgreSQL's lock_timeout, SQLite's busy timeout) is ``LockTimeout``."""
     postgres = connections[using].vendor == "postgresql"
@@ -122,7 +126,7 @@ def _bounded_wait(using: str, key: str, row_lock_timeout: float | None, in_calle
     except DatabaseError as exc:
         cause = exc.__cause__
         pg_timeout = (getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)) == _LOCK_NOT_AVAILABLE
-        sqlite_busy = isinstance(exc, OperationalError) and "database is locked" in str(exc)
+        sqlite_busy = isinstance(exc, OperationalError) and str(exc) in _SQLITE_BUSY
         if pg_timeout or sqlite_busy:
             raise LockTimeout(f"row lock on {key} not obtained within {row_lock_timeout}s") from exc
         raise
@@ -157,6 +161,7 @@ def _lock_and_judge(instance: Model, using: str, lease: Lease, timeout: str | No
         _lock_bounded(root_rows, timeout)
         timeout = None
     if column is not None:
+        _take_write_lock(rows, column, using)
         fresh = _bounded(rows, timeout).get()
         prev = _parse(getattr(fresh, column))
         _judge(_column_verdict(prev, lease), lease, lambda: _column_verdict(prev, lease))
@@ -232,7 +237,12 @@ def _fence(lease: Lease, using: str, row_lock_timeout: float | None, *, reanchor
             return
         assert model is not None
         rows = model._base_manager.db_manager(using).filter(pk=pk)
-        found = _bounded(rows.select_for_update(), timeout).values_list(column, *_BOUND_ALIAS[: timeout is not None]).first()
+        _take_write_lock(rows, column, using)
+        found = (
+            _bounded(rows.select_for_update(), timeout)
+            .values_list(column, *_BOUND_ALIAS[: timeout is not None])
+            .first()
+        )
         if found is None:
             return  # no row: nothing to write, nothing to protect
         prev = _parse(found[0])
@@ -338,6 +348,14 @@ def _bounded(rows: Any, timeout: str | None) -> Any:
 
 
 _BOUND_ALIAS = (MARK,)
+
+
+def _take_write_lock(rows: Any, column: str, using: str) -> None:
+    # SQLite has no row locks: a transaction that reads first and writes later deadlocks with
+    # another that does the same (each holds a read lock the other's commit needs), and one of them
+    # fails. Writing first takes the database's write lock up front, as the mark table's INSERT does.
+    if connections[using].vendor != "postgresql":
+        rows.update(**{column: F(column)})
 
 
 def _lock_bounded(rows: Any, timeout: str | None) -> None:

@@ -156,3 +156,33 @@ def contend_from_another_thread(obj: Any, timeout: float = 0) -> str:
     thread.start()
     thread.join()
     return outcome[0]
+
+
+def in_background(fn: Any) -> Any:
+    """Start ``fn`` in another thread (its own lease holder, its own DB connection); returns a
+    ``join()`` that waits for it (bounded) and re-raises what it raised."""
+    import threading
+
+    from django.db import connections
+
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def join(timeout: float = 120) -> None:
+        thread.join(timeout)
+        if thread.is_alive():
+            raise AssertionError(f"{fn!r} did not finish")
+        if errors:
+            raise errors[0]
+
+    return join

@@ -37,7 +37,12 @@ DATABASES = {
     "sqlite": {
         "ENGINE": "django.db.backends.sqlite3",
         "NAME": os.path.join(tempfile.gettempdir(), f"dsm_tests_{os.getpid()}.sqlite3"),
-        "TEST": {"NAME": os.environ.get("DSM_TEST_SQLITE_NAME") or None},
+        # A file, not shared-cache memory: SQLite's real locking (a busy wait for the write lock),
+        # which is what deployments on SQLite get.
+        "TEST": {
+            "NAME": os.environ.get("DSM_TEST_SQLITE_NAME")
+            or os.path.join(tempfile.gettempdir(), f"test_dsm_tests_{os.getpid()}.sqlite3")
+        },
     },
 }
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"

@@ -19,6 +19,7 @@ from dsm_redis.fence import fencing_column
 from dsm_redis.keys import counter_key, object_key, redis_name
 from dsm_redis.lease import hold
 from dsm_redis.models import FencingMark
+from tests.procs import in_background
 from tests.testapp.models import Account, FencedAccount
 
 pytestmark = pytest.mark.django_db(databases=["default", "sqlite"], transaction=True)
@@ -34,21 +35,7 @@ def mark(obj: Any) -> int:
 
 def in_other_thread(fn: Any) -> None:
     """Run fn in another thread (its own lease holder, its own DB connection) and wait for it."""
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            fn()
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            connections.close_all()
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
+    in_background(fn)()
 
 
 def expire(lease: Any) -> None:
@@ -123,7 +110,8 @@ def test_hand_written_writes_inside_object_lock_are_fenced(db_alias):
     [
         (Account, "default", ["BEGIN", "SELECT", "UPDATE", "COMMIT"]),
         (FencedAccount, "default", ["BEGIN", "SELECT", "UPDATE", "COMMIT"]),
-        (FencedAccount, "sqlite", ["BEGIN", "SELECT", "UPDATE", "COMMIT"]),
+        # SQLite has no row locks: the write lock is taken first (a no-op UPDATE), see fence.py.
+        (FencedAccount, "sqlite", ["BEGIN", "UPDATE", "SELECT", "UPDATE", "COMMIT"]),
         # SQLite has no stored functions: the mark is a statement of its own.
         (Account, "sqlite", ["BEGIN", "INSERT", "SELECT", "UPDATE", "COMMIT"]),
     ],
@@ -234,3 +222,174 @@ def test_a_fencing_field_below_the_root_of_an_inheritance_chain_is_reported():
         errors = misplaced_fencing_fields([Animal, Tiger, Root])
     assert [(e.id, e.obj) for e in errors] == [("dsm_redis.E006", Tiger)]
     assert "testapp.Animal" in errors[0].hint
+
+
+# -- the transition's own write always carries the lease's mark --------------------------------------
+
+
+def _refresh(row: Any) -> None:
+    row.refresh_from_db()  # common after a queryset update(F(...)) in a side effect
+
+
+def _save_in_a_rolled_back_savepoint(row: Any) -> None:
+    try:
+        with transaction.atomic(using=row._state.db):
+            row.save()
+            raise RuntimeError("caught by the side effect")
+    except RuntimeError:
+        pass
+
+
+@pytest.mark.parametrize("side_effect", [_refresh, _save_in_a_rolled_back_savepoint], ids=["refresh", "savepoint"])
+def test_a_committed_transition_always_raises_the_column_mark(db_alias, side_effect):
+    obj = FencedAccount.objects.using(db_alias).create()
+    obj.machine.deposit()
+    with object_lock(obj, ttl=60) as older:  # judged at the door: the mark is now older's token
+        expire(older)
+
+        def newer() -> None:
+            row = FencedAccount.objects.using(db_alias).get(pk=obj.pk)
+            row.machine.deposit(amount=10, effect=lambda: side_effect(row))
+
+        in_other_thread(newer)
+        assert mark(obj) > older.fencing_token  # the newer transition's mark, whatever its side effect did
+        with pytest.raises(StaleFencingToken):
+            with transaction.atomic(using=db_alias):
+                older.fence(db_alias)
+                FencedAccount.objects.using(db_alias).filter(pk=obj.pk).update(balance=500)
+    assert FencedAccount.objects.using(db_alias).get(pk=obj.pk).balance == 11
+
+
+# -- Lease.fence() never re-anchors ---------------------------------------------------------------
+
+
+@MODELS
+def test_a_lease_redis_brings_back_is_refused_by_fence(model, db_alias):
+    from django.conf import settings
+
+    prefix = settings.DSM_REDIS["OPTIONS"]["KEY_PREFIX"]
+    obj = model.objects.using(db_alias).create()
+    client = get_backend().client
+    with object_lock(obj, ttl=60) as a:
+        read = model.objects.using(db_alias).get(pk=obj.pk).balance
+        lock_key, counter = f"lock:{redis_name(prefix, a.key)}", counter_key(prefix, a.key)
+        saved_counter = client.get(counter)
+        client.delete(lock_key)  # `dsm_locks --release --force`, or eviction
+        in_other_thread(lambda: model.objects.using(db_alias).get(pk=obj.pk).machine.deposit(amount=10))
+        # Redis rolls back (a lagging replica promoted, an AOF restore): A's key and the old counter return.
+        client.set(lock_key, a.owner, px=60_000)
+        client.set(counter, saved_counter)
+        with pytest.raises(StaleFencingToken):
+            with transaction.atomic(using=db_alias):
+                a.fence(db_alias)  # Redis says A owns the lease; A's read predates the newer commit
+                model.objects.using(db_alias).filter(pk=obj.pk).update(balance=read + 100)
+    assert model.objects.using(db_alias).get(pk=obj.pk).balance == 10
+
+
+# -- what object_lock reads cannot be overtaken by an older holder's late commit --------------------
+
+
+@MODELS
+def test_an_older_holders_late_commit_cannot_overwrite_what_object_lock_read(model, db_alias, monkeypatch):
+    from dsm_redis import fence
+    from dsm_redis.lease import held_lease
+
+    obj = model.objects.using(db_alias).create()
+    older_inside, older_go, newer_waiting, newer_go = (threading.Event() for _ in range(4))
+    older_lease: list[Any] = []
+
+    def older() -> None:
+        row = model.objects.using(db_alias).get(pk=obj.pk)
+
+        def stall() -> None:  # the row is locked and the token judged, the transaction is open
+            older_lease.append(held_lease(object_key(row)))
+            older_inside.set()
+            older_go.wait(60)
+
+        row.machine.deposit(amount=1, effect=stall)
+
+    join_older = in_background(older)
+    assert older_inside.wait(60)
+    expire(older_lease[0])  # its lease ends (Redis restarted empty, or it paused past its TTL)
+
+    barrier = getattr(fence, "barrier", None)
+
+    def barrier_reached(*args: Any, **kwargs: Any) -> Any:
+        newer_waiting.set()
+        assert barrier is not None
+        return barrier(*args, **kwargs)
+
+    monkeypatch.setattr(fence, "barrier", barrier_reached, raising=False)
+    outcome: list[str] = []
+
+    def newer() -> None:
+        with object_lock(obj) as lease:
+            read = model.objects.using(db_alias).get(pk=obj.pk).balance  # a plain read, as the README shows
+            newer_waiting.set()
+            newer_go.wait(60)
+            try:
+                with transaction.atomic(using=db_alias):
+                    lease.fence(db_alias)
+                    model.objects.using(db_alias).filter(pk=obj.pk).update(balance=read + 100)
+                outcome.append("wrote")
+            except StaleFencingToken:
+                outcome.append("refused")
+
+    join_newer = in_background(newer)
+    assert newer_waiting.wait(60)  # the newer holder has read, or is at the door
+    older_go.set()
+    join_older()  # the older holder commits
+    newer_go.set()
+    join_newer()
+    balance = model.objects.using(db_alias).get(pk=obj.pk).balance
+    assert (outcome[0], balance) in {("wrote", 101), ("refused", 1)}, (outcome, balance)
+
+
+# -- every row-lock wait is bounded ----------------------------------------------------------------
+
+
+@MODELS
+def test_fence_waits_for_a_row_lock_no_longer_than_the_bound(model, settings):
+    from django.db import connection
+
+    from dsm_redis import LockTimeout
+    from tests.test_faults import pg_connect
+
+    settings.DSM_REDIS = dict(settings.DSM_REDIS, OPTIONS=dict(settings.DSM_REDIS["OPTIONS"], ROW_LOCK_TIMEOUT=0.2))
+    obj = model.objects.create()
+    obj.machine.deposit()
+    with connection.cursor() as cursor:
+        cursor.execute("SET statement_timeout = '30s'")  # without the bound: a failure, not a hang
+    with object_lock(obj) as lease, pg_connect() as other:
+        with other.transaction():
+            # A stale holder that fenced and stalled with its transaction open.
+            if fencing_column(model):
+                other.execute(f"SELECT 1 FROM {model._meta.db_table} WHERE id = %s FOR UPDATE", [obj.pk])
+            else:
+                other.execute("SELECT 1 FROM dsm_redis_fencing_mark WHERE object_key = %s FOR UPDATE", [lease.key])
+            with pytest.raises(LockTimeout, match="row lock"):
+                with transaction.atomic():
+                    lease.fence()
+    assert model.objects.get(pk=obj.pk).balance == 1
+
+
+def test_a_busy_sqlite_database_is_a_lock_timeout(db_alias):
+    import sqlite3
+
+    from dsm_redis import LockTimeout
+
+    if db_alias != "sqlite":
+        pytest.skip("SQLite's busy error")
+    obj = Account.objects.using("sqlite").create()
+    name = connections["sqlite"].settings_dict["NAME"]
+    with connections["sqlite"].cursor() as cursor:
+        cursor.execute("PRAGMA busy_timeout = 50")
+    other = sqlite3.connect(name, uri=str(name).startswith("file:"), isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another writer holds the database
+        with pytest.raises(LockTimeout):
+            obj.machine.deposit()
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    assert Account.objects.using("sqlite").get(pk=obj.pk).balance == 0

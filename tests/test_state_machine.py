@@ -14,12 +14,14 @@ from tests.testapp.models import (
     ALIVE,
     DEAD,
     UNKNOWN,
+    Account,
     AuditLog,
     Cat,
     Order,
     OrderStatus,
     Parcel,
     SeedModel,
+    Switch,
     TestStates,
 )
 
@@ -350,3 +352,49 @@ def test_unsaved_object_transition_failed_moves_to_error_state(db_alias):
     assert obj.state_machine.transition_to(TestStates.FAILURE_IS_ACTUALLY_AN_OPTION) == TestStates.FAIL
     row = fetch(obj)
     assert (row.state, row.note) == (TestStates.FAIL, "")
+
+
+def test_transition_through_on_a_stale_instance_already_at_the_target_ends(db_alias, monkeypatch):
+    from dsm_redis import protocol
+
+    switch = Switch.objects.using(db_alias).create()
+    fetch(switch).machine.turn_on()  # another process moved it; our instance still says "off"
+    steps = 0
+    step = protocol._step
+
+    def counted(*args, **kwargs):
+        nonlocal steps
+        steps += 1
+        assert steps < 10, "the walk does not end"
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(protocol, "_step", counted)
+    assert switch.machine.transition_through("on") == "on"
+    assert (switch.state, switch.flips) == ("on", 1)  # the instance now is the row
+    assert fetch(switch).flips == 1
+
+
+@pytest.mark.parametrize("same_instance", [True, False], ids=["same-instance", "another-instance"])
+def test_a_side_effect_cannot_take_a_second_edge_of_its_own_machine(db_alias, same_instance):
+    account = Account.objects.using(db_alias).create()
+    sent = []
+
+    def receiver(sender, instance, state, **kwargs):
+        sent.append(state)
+
+    def close_again():
+        target = account if same_instance else fetch(account)
+        target.machine.close()  # a second edge from "open", while open -> open is in progress
+
+    state_changed.connect(receiver, sender=Account)
+    try:
+        with pytest.raises(TransitionException, match="in progress"):
+            account.machine.deposit(effect=close_again)
+    finally:
+        state_changed.disconnect(receiver, sender=Account)
+    row = fetch(account)
+    assert (row.state, row.balance, row.deposits) == ("open", 0, 0)
+    assert (account.state, account.balance) == ("open", 0)
+    assert sent == []
+    account.machine.close()  # and nothing is left behind
+    assert fetch(account).state == "closed"
