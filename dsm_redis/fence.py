@@ -10,11 +10,13 @@ Safety contract:
 - Re-anchoring: when a token is refused but Redis confirms the holder still owns the lease, Redis
   lost its counter (restart without persistence, flush, eviction) and a token above the mark is
   minted. That is sound only where nothing has been read under the lease before the judgement:
-  the transition's own ``SELECT ... FOR UPDATE`` (it judges and reads in one statement) and
-  ``barrier`` (run when a lease that spans several transactions is entered, before the holder
-  reads). ``fence`` — ``Lease.fence()`` before hand-written writes — never re-anchors: a holder
-  whose key Redis brought back after another holder committed (a lagging replica promoted, an AOF
-  restore) wrote from reads older than that commit, and is refused.
+  the *first* judgement of a lease, made by a transition's own ``SELECT ... FOR UPDATE`` (it
+  judges and reads in one statement) or by ``barrier`` (run when a lease that spans several
+  transactions is entered, before the holder reads). After a lease was accepted once, its token is
+  anchored; a later refusal means another holder wrote in between, and it stands. ``fence`` —
+  ``Lease.fence()`` before hand-written writes — never re-anchors: a holder whose key Redis
+  brought back after another holder committed (a lagging replica promoted, an AOF restore) wrote
+  from reads older than that commit, and is refused.
 - ``barrier``: entering ``object_lock`` (or a ``locked_task`` without ``atomic``) judges the token
   in a transaction of its own and commits it, waiting (bounded) for an older holder that is still
   inside a judged transaction. Afterwards every older holder has either committed — and the new
@@ -260,14 +262,18 @@ def _fence(lease: Lease, using: str, row_lock_timeout: float | None, *, reanchor
 
 def _judge(verdict: int | None, lease: Lease, rejudge: Callable[[], int | None] | None) -> None:
     if verdict is None:
+        lease.judged = True
         return
     stale = lease.fencing_token
     # The database has seen this token or a newer one from another lease. Either our lease ran out
     # and another holder committed (we must not write), or Redis lost its counter and minted us a
     # low token while we really do hold the lease: Redis alone can tell which, atomically with
-    # minting the replacement token — and only where nothing was read under the lease before this
-    # judgement (rejudge is None otherwise: module docstring).
-    if rejudge is not None and lease.reanchor(verdict) and rejudge() is None:
+    # minting the replacement token — and only at the lease's first judgement, where nothing was
+    # read under it before (rejudge is None otherwise: module docstring). A lease already accepted
+    # once had its token anchored then; refused later, another holder wrote in between, and what
+    # this holder read (an enclosing object_lock's reads, a walk's earlier steps) predates it.
+    if rejudge is not None and not lease.judged and lease.reanchor(verdict) and rejudge() is None:
+        lease.judged = True
         return
     logger.warning("stale fencing token %s for %s refused: the database holds %s", stale, lease.key, verdict)
     raise StaleFencingToken(

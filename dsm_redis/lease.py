@@ -64,6 +64,8 @@ class Lease:
         self.ttl = ttl
         self.valid_until = valid_until
         self.lost: str | None = None
+        # Accepted by the database once (fence.py): its token is anchored, never re-anchored again.
+        self.judged = False
         self.depth = 0
         # ids of instances a transition under this lease is changing in an open transaction.
         self.in_transaction: set[int] = set()

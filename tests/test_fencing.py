@@ -393,3 +393,23 @@ def test_a_busy_sqlite_database_is_a_lock_timeout(db_alias):
     finally:
         other.close()
     assert Account.objects.using("sqlite").get(pk=obj.pk).balance == 0
+
+
+@MODELS
+def test_a_transition_inside_object_lock_is_not_re_anchored_after_redis_brings_the_lease_back(model, db_alias):
+    from django.conf import settings
+
+    prefix = settings.DSM_REDIS["OPTIONS"]["KEY_PREFIX"]
+    obj = model.objects.using(db_alias).create()
+    client = get_backend().client
+    with object_lock(obj, ttl=60) as a:
+        read = model.objects.using(db_alias).get(pk=obj.pk).balance
+        lock_key, counter = f"lock:{redis_name(prefix, a.key)}", counter_key(prefix, a.key)
+        saved_counter = client.get(counter)
+        client.delete(lock_key)
+        in_other_thread(lambda: model.objects.using(db_alias).get(pk=obj.pk).machine.deposit(amount=10))
+        client.set(lock_key, a.owner, px=60_000)  # Redis rolls back: A's key and the old counter return
+        client.set(counter, saved_counter)
+        with pytest.raises(StaleFencingToken):
+            obj.machine.deposit(amount=100 - read)  # an amount computed from what A read before B's commit
+    assert model.objects.using(db_alias).get(pk=obj.pk).balance == 10
