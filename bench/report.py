@@ -409,7 +409,9 @@ def markdown(results: dict[str, Any], chart: str) -> str:
       "`execute_wrapper` and `_commit`, client and server), time inside Redis commands (redis-py `execute_command`, client and server) and the "
       "rest (Python: Django, the library, the bench). All entries take turns call by call; medians, ms. "
       "`dsm_redis (renewer stubbed)` is a diagnostic variant: the lease renewer's per-lease `add`/`discard` "
-      "replaced by no-ops for those calls, to measure what registering each lease with the renewer costs.")  # fmt: skip
+      "replaced by no-ops for those calls, to measure what registering each lease with the renewer costs. "
+      "`object_lock, empty block` against `lease alone, empty block (no door)` is what entering "
+      "`object_lock` costs for its door (the token judged and committed before the block reads).")  # fmt: skip
     w("")
     w("| call | total | SQL + COMMIT | Redis | rest (Python) |")
     w("|---|---:|---:|---:|---:|")

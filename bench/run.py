@@ -293,6 +293,23 @@ def diagnostics(layout: dict[str, Any], calls: int) -> dict[str, Any]:
                 del renewer.add, renewer.discard
 
         entries["dsm_redis (renewer stubbed)"] = (load, dsm_stubbed)
+    if hasattr(dsm_lease, "enter_barrier"):
+        # What object_lock's door costs (fence.barrier: the token judged in a transaction of its
+        # own before the block reads): an empty object_lock block against the bare lease.
+        from dsm_redis.keys import object_key
+
+        load, _ = entries["dsm_redis"]
+
+        def door(obj: Any) -> None:
+            with dsm_lease.object_lock(obj):
+                pass
+
+        def no_door(obj: Any) -> None:
+            with dsm_lease.hold(object_key(obj)):
+                pass
+
+        entries["object_lock, empty block"] = (load, door)
+        entries["lease alone, empty block (no door)"] = (load, no_door)
     return probes.breakdown(entries, calls)
 
 
