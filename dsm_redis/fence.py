@@ -45,7 +45,7 @@ from django.db.models import F, Model
 from django.db.models.expressions import RawSQL
 
 from .exceptions import LockTimeout, StaleFencingToken
-from .keys import root_model
+from .keys import root_model, stored_key
 
 if TYPE_CHECKING:
     from .lease import Lease
@@ -292,7 +292,7 @@ def _column_verdict(prev: tuple[int, str], lease: Lease) -> int | None:
 
 
 def _pg_fence(lease: Lease, timeout: str | None) -> RawSQL:
-    return RawSQL("dsm_redis_fence(%s, %s, %s, %s)", (lease.key, lease.fencing_token, lease.owner, timeout))
+    return RawSQL("dsm_redis_fence(%s, %s, %s, %s)", (stored_key(lease.key), lease.fencing_token, lease.owner, timeout))
 
 
 def _pg_verdict(result: int) -> int | None:
@@ -302,7 +302,7 @@ def _pg_verdict(result: int) -> int | None:
 
 def _table_verdict(lease: Lease, using: str, timeout: str | None) -> int | None:
     connection = connections[using]
-    key, token, owner = lease.key, lease.fencing_token, lease.owner
+    key, token, owner = stored_key(lease.key), lease.fencing_token, lease.owner
     if connection.vendor == "postgresql":
         return _pg_verdict(_execute(using, "SELECT dsm_redis_fence(%s, %s, %s, %s)", [key, token, owner, timeout]))
     if connection.vendor == "sqlite":
@@ -325,13 +325,14 @@ def _portable_verdict(lease: Lease, using: str) -> int | None:
     from .models import FencingMark
 
     marks = FencingMark.objects.using(using)
-    mark: Any = marks.select_for_update().filter(pk=lease.key).first()
+    key = stored_key(lease.key)
+    mark: Any = marks.select_for_update().filter(pk=key).first()
     if mark is None:
-        marks.create(object_key=lease.key, token=lease.fencing_token, owner=lease.owner)
+        marks.create(object_key=key, token=lease.fencing_token, owner=lease.owner)
         return None
     verdict = _column_verdict((mark.token, mark.owner), lease)
     if verdict is None:
-        marks.filter(pk=lease.key).update(token=lease.fencing_token, owner=lease.owner)
+        marks.filter(pk=key).update(token=lease.fencing_token, owner=lease.owner)
     return verdict
 
 

@@ -10,6 +10,7 @@ touch all three.
 
 from __future__ import annotations
 
+from hashlib import sha256
 from typing import Any
 
 from django.db.models import Model
@@ -41,3 +42,18 @@ def redis_name(prefix: str, key: str) -> str:
 
 def counter_key(prefix: str, key: str) -> str:
     return f"{prefix}:{{{key}}}:fence"
+
+
+# The library's tables keep object keys in varchar(255) columns (portable to every database Django
+# supports as a primary key).
+STORED_KEY_LENGTH = 255
+
+
+def stored_key(key: str) -> str:
+    """``key`` as the library's tables store it: unchanged when it fits, else its head and the
+    SHA-256 of the whole — the same for the same key, distinct for distinct keys (short keys never
+    contain a ``#`` followed by 64 hex digits at that position, since they fit)."""
+    if len(key) <= STORED_KEY_LENGTH:
+        return key
+    digest = sha256(key.encode()).hexdigest()
+    return f"{key[: STORED_KEY_LENGTH - len(digest) - 1]}#{digest}"

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import uuid
+
 from django.db import models
 from django.utils.timezone import now
 
@@ -253,3 +255,23 @@ class Lion(Cat):
     """Multi-table inheritance: the child's row shares its parent's key and is locked parent first."""
 
     mane = models.CharField(max_length=10, default="short")
+
+
+class KeyedAccount(models.Model):
+    """An Account whose primary key is any string: long, with ':', braces and spaces."""
+
+    key = models.CharField(primary_key=True, max_length=600)
+    state = models.CharField(max_length=10, default="open")
+    balance = models.IntegerField(default=0)
+    deposits = models.IntegerField(default=0)
+    machine = StateMachineField(AccountMachine, "state")
+
+
+class UuidAccount(models.Model):
+    """An Account with a UUID primary key."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4)
+    state = models.CharField(max_length=10, default="open")
+    balance = models.IntegerField(default=0)
+    deposits = models.IntegerField(default=0)
+    machine = StateMachineField(AccountMachine, "state")
