@@ -6,9 +6,14 @@ Safety contract:
   beat, ``send_task``, a broker redelivery, a retry. A redelivered duplicate of a task that is still
   running contends for the lease like any other task; it never runs beside the live holder.
 - The lease is renewed while the body runs (``AUTO_RENEW``). With ``atomic=True`` (the default) the
-  body runs in ``transaction.atomic(using=db)``: the lease's fencing token is judged first
-  (``Lease.fence``), ``Lease.check()`` runs before the commit, and the lease is released only after
-  the commit. A body whose lease ran out (or was overtaken by a newer holder) commits nothing.
+  body runs in ``transaction.atomic(using=db)``: the lease's fencing token is judged first (the
+  fencing barrier, ``lease.enter_barrier``), ``Lease.check()`` runs before the commit, and the lease
+  is released only after the commit. A body whose lease ran out (or was overtaken by a newer holder)
+  commits nothing.
+- With ``atomic=False`` the body's lease passes the same barrier, in a transaction of its own, before
+  the body runs: whatever the body reads afterwards cannot be overwritten by the late commit of an
+  older holder whose lease ran out (every older holder has committed by then, or is refused).
+  A task run eagerly under a lease its caller holds re-enters it: its caller passed the barrier.
 - Contention (the lease not obtained within ``timeout``): ``"retry"`` re-sends the same task id
   with a short, jittered, growing countdown; the message keeps its ``retries`` count, so contention
   does not consume the task's ``max_retries`` (it has its own bound, ``max_contention_retries``,
@@ -18,6 +23,11 @@ Safety contract:
   re-entrant, so a task run eagerly under its object's lease does not contend with its caller. On
   real contention they cannot be re-sent later: "retry" waits ``ACQUIRE_TIMEOUT`` and then raises
   ``LockTimeout``.
+- ``retry_lock_errors=True``: any other ``LockError`` (Redis unreachable, the lease lost, a stale
+  fencing token, a row lock not obtained in time) releases the lease and re-sends the task the same
+  way, within the same bound (``max_contention_retries``). The transaction that raised it committed
+  nothing (that is what a ``LockError`` means; with ``atomic=False`` the body's earlier transactions
+  may have): use it when running the body again is harmless.
 
 Limits:
 - Only this database's writes inside the atomic body are fenced and rolled back. Anything the body
@@ -54,9 +64,9 @@ from django.db import router, transaction
 from django.db.models import Model
 
 from .conf import get_config
-from .exceptions import LockTimeout
+from .exceptions import LockError, LockTimeout
 from .keys import object_key
-from .lease import Lease, hold
+from .lease import Lease, enter_barrier, hold
 
 __all__ = ["locked_task", "run_locked", "CONTENTION_HEADER"]
 
@@ -77,13 +87,15 @@ def locked_task(
     atomic: bool = True,
     max_contention_retries: int | None = 100,
     backoff: tuple[float, float] = (0.1, 2.0),
+    retry_lock_errors: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Hold the lease of ``model`` with primary key ``kwargs[pk_arg]`` while the task body runs.
 
     Put it *below* ``@shared_task``/``@app.task``. ``timeout`` is how long to wait for the lease
     before ``on_contention`` applies (default: 1s for "retry", 0 for "skip", ``ACQUIRE_TIMEOUT``
     for "raise"). ``backoff`` is (first countdown, cap) in seconds for contention retries. The lease
-    is passed as ``lease=`` when the function has a ``lease`` parameter.
+    is passed as ``lease=`` when the function has a ``lease`` parameter. ``retry_lock_errors``
+    re-sends the task on any ``LockError`` too (module docstring), for bodies safe to run again.
     """
     if on_contention not in ON_CONTENTION:
         raise ValueError(f"on_contention must be one of {', '.join(map(repr, ON_CONTENTION))}, not {on_contention!r}")
@@ -112,6 +124,7 @@ def locked_task(
                 _calling_task(wrapper, args), key, using or router.db_for_write(cls), body,
                 on_contention=on_contention, timeout=timeout, ttl=ttl, atomic=atomic,
                 max_contention_retries=max_contention_retries, backoff=backoff,
+                retry_lock_errors=retry_lock_errors,
             )  # fmt: skip
 
         wrapper.__signature__ = public  # type: ignore[attr-defined]
@@ -133,7 +146,7 @@ def run_locked(
     atomic: bool = True,
     max_contention_retries: int | None = 100,
     backoff: tuple[float, float] = (0.1, 2.0),
-    retry_body_timeouts: bool = False,
+    retry_lock_errors: bool = False,
 ) -> Any:
     """Run ``body(lease)`` under the lease on ``key`` for ``task`` (None: not run by Celery)."""
     config = get_config()
@@ -145,28 +158,47 @@ def run_locked(
             timeout = 1.0 if config.acquire_timeout is None else min(1.0, config.acquire_timeout)
         else:
             timeout = config.acquire_timeout
-    retry = functools.partial(_contended, task, key, on_contention, max_contention_retries, backoff)
+    contended = functools.partial(_contended, task, key, on_contention, max_contention_retries, backoff)
+    resend = functools.partial(_resend, task, key, max_contention_retries, backoff)
     with ExitStack() as stack:
         try:
             lease = stack.enter_context(hold(key, timeout=timeout, ttl=ttl))
         except LockTimeout as exc:
-            _raise(retry(exc), exc)
+            _raise(contended(exc), exc)
+        except LockError as exc:  # Redis unreachable (a blip, a restart, a failover): nothing taken
+            if not retry_lock_errors:
+                raise
+            _raise(resend(exc), exc)
+        # Taken by this call, not re-entered from a caller of this thread (an eager task under its
+        # caller's lease: the caller passed the barrier, and may have read since; no re-anchoring).
+        acquired = lease.depth == 0
         try:
             if not atomic:
+                if acquired:
+                    # The body reads before it fences: an older holder still inside a judged
+                    # transaction (its lease ran out) could commit after that read and be
+                    # overwritten by the body's fenced write. The barrier waits for it or refuses it.
+                    enter_barrier(lease, using)
                 return body(lease)
             with transaction.atomic(using=using):
-                lease.fence(using)  # a stale holder is refused before the body writes anything
+                if acquired:
+                    # Nothing read yet: the barrier may re-anchor a counter Redis lost (fence() never
+                    # does), and judges the token before the body writes anything.
+                    enter_barrier(lease, using)
+                else:
+                    lease.fence(using)  # a stale holder is refused before the body writes anything
                 result = body(lease)
                 lease.check()  # and a holder whose lease ran out commits nothing
             return result
-        except LockTimeout as exc:  # a lock the body waited for (e.g. a row lock)
-            if not retry_body_timeouts:
+        except LockError as exc:  # the failing transaction committed nothing (earlier ones of an
+            # atomic=False body may have: retry only bodies that resume, like the transition task's)
+            if not retry_lock_errors:
                 raise
             stack.close()  # release our lease before scheduling the retry
-            _raise(retry(exc), exc)
+            _raise(resend(exc), exc)
 
 
-def _raise(error: BaseException, cause: LockTimeout) -> Any:
+def _raise(error: BaseException, cause: LockError) -> Any:
     if error is cause:
         raise cause
     raise error from cause
@@ -180,23 +212,39 @@ def _contended(
     if on_contention == "skip":
         logger.info("%s skipped: lease on %s is held by another holder", name, key)
         return Ignore()
-    if on_contention == "raise" or not _queued(task):
+    if on_contention == "raise":
+        return exc
+    return _resend(task, key, limit, backoff, exc)
+
+
+def _resend(
+    task: Task | None, key: str, limit: int | None, backoff: tuple[float, float], exc: LockError
+) -> BaseException:
+    """Re-send the task (same id, same ``retries``) after a growing, jittered countdown.
+
+    The exception that ends this run: ``Retry``, or ``exc`` itself when the task cannot be re-sent
+    (eager, called directly) or ``limit`` re-sends were spent.
+    """
+    if not _queued(task):
         return exc
     assert task is not None
-    request = task.request
+    name, request = task.name, task.request
+    busy = isinstance(exc, LockTimeout)
+    why = f"lease on {key} busy" if busy else f"{type(exc).__name__} on {key}"
     headers = dict(request.headers or {})
     attempt = int(headers.get(CONTENTION_HEADER) or getattr(request, CONTENTION_HEADER, None) or 0) + 1
     if limit is not None and attempt > limit:
-        logger.warning("%s[%s]: lease on %s still busy after %s contention retries", name, request.id, key, limit)
+        logger.warning("%s[%s]: %s after %s retries; giving up", name, request.id, why, limit)
         return exc
     first, cap = backoff
     countdown = min(cap, first * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
     headers[CONTENTION_HEADER] = attempt
-    # The same task id and the same ``retries``: a contention retry is invisible to max_retries.
+    # The same task id and the same ``retries``: these retries are invisible to max_retries.
     signature = task.signature_from_request(request, countdown=countdown, headers=headers)
     signature.apply_async()
-    logger.info("%s[%s]: lease on %s busy; retry %s in %.2fs", name, request.id, key, attempt, countdown)
-    return Retry(f"lease on {key} busy (contention retry {attempt})", exc, when=countdown, sig=signature)
+    level = logging.INFO if busy else logging.WARNING
+    logger.log(level, "%s[%s]: %s; retry %s in %.2fs", name, request.id, why, attempt, countdown)
+    return Retry(f"{why} (retry {attempt})", exc, when=countdown, sig=signature)
 
 
 def _queued(task: Task | None) -> bool:

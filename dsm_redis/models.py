@@ -26,7 +26,9 @@ class AppliedTask(models.Model):
 
     A redelivered or duplicated task finds its id here and does nothing, even for a self-loop edge
     whose state alone cannot tell a duplicate apart. One row per asynchronous edge or
-    ``async_transition_to``; prune old rows (beyond your broker's redelivery horizon) as you like.
+    ``async_transition_to`` (its task id), one per step of an ``async_transition_through`` walk
+    (``<task id>:<hash of the step's source state>``); prune old rows (beyond your broker's
+    redelivery horizon) as you like.
     """
 
     task_id = models.CharField(max_length=255, primary_key=True)

@@ -9,14 +9,27 @@ imports without Celery; enqueueing without it raises ``ImproperlyConfigured``.
 - The payload is JSON only, and checked when you call (a value that would not come back from JSON
   unchanged — a datetime, a tuple, a dict with int keys — is a ``TypeError`` at the call).
   The source state and the edge are validated at the call as well (``TransitionException``).
+- The worker trusts no field of the payload: before it takes a lease it checks the kind, that the
+  model is installed, that ``field`` is a state machine of it, that ``target`` is an edge name of
+  that machine (``edge``) or one of its states, and that ``using`` is a database the model may be
+  written to; anything else fails the task with ``TransitionException``, with no effect. A primary
+  key with no row is a logged no-op, without taking a lease (no fencing counter is left in Redis).
 - The task carries the state the object was in when you asked (for ``async_transition_through``,
   the states of the walk from there). Under the object's lease the worker reads the row: if it is
   no longer in that state, the message is a duplicate or a late delivery, and the task logs that at
-  INFO and does nothing. An edge or ``async_transition_to`` also records its task id in
-  ``dsm_redis_applied_task`` in the transition's own transaction, so a redelivered copy of a
-  self-loop edge (``open -> open``), which the state cannot tell apart, is a no-op too.
-- The lease is taken as in ``dsm_redis.celery.run_locked``; a lease or row lock not obtained in
-  time is retried with a short backoff that does not consume ``max_retries``.
+  INFO and does nothing.
+- Every kind applies at most once per task id: an edge or ``async_transition_to`` records its task
+  id in ``dsm_redis_applied_task`` in the transition's own transaction (so a redelivered copy of a
+  self-loop edge, ``open -> open``, which the state cannot tell apart, is a no-op too); each step of
+  an ``async_transition_through`` walk records the task id and the step's source state in the step's
+  own transaction. A copy delivered after the object cycled back to a state the walk already left
+  finds that step's record and stops; a copy redelivered after a worker died mid-walk finds no
+  record for the state the walk reached, and resumes from there.
+- The lease is taken as in ``dsm_redis.celery.run_locked`` (``retry_lock_errors``): a lease or row
+  lock not obtained in time, Redis unreachable, a lease lost or a stale fencing token are retried
+  with a short backoff that does not consume ``max_retries``, at most 100 times. A retry is
+  harmless: the failed run committed nothing, and the records and the expected state make a copy
+  that did commit a no-op.
 - The call returns the task's ``AsyncResult`` (its id is fixed before the commit sends it); the
   task returns the object's state afterwards (a JSON value). In eager mode the task has run when
   the transaction commits; its result is kept only with ``task_store_eager_result``. The calling
@@ -27,15 +40,20 @@ imports without Celery; enqueueing without it raises ``ImproperlyConfigured``.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import logging
 from typing import TYPE_CHECKING, Any
 
 from django.apps import apps
-from django.core.exceptions import ImproperlyConfigured
-from django.db import IntegrityError, router, transaction
+from django.core.exceptions import ImproperlyConfigured, ValidationError
+from django.db import IntegrityError, connections, router, transaction
 
+from . import protocol
+from .conf import get_config
 from .exceptions import TransitionException
+from .fence import bounded_row_locks
 from .keys import object_key
 from .machine import plain
 
@@ -45,9 +63,11 @@ except ImportError:  # celery is the optional extra dsm_redis[celery]
     shared_task = None
 
 if TYPE_CHECKING:
+    from django.db.models import Model
+
     from .fields import BoundStateMachine
     from .lease import Lease
-    from .machine import StateMachine
+    from .machine import StateMachine, Transition
 
 __all__ = ["enqueue", "transition"]
 
@@ -157,10 +177,15 @@ def _transition(
 ) -> Any:
     from .celery import run_locked
 
-    cls = apps.get_model(model)
-    pk = cls._meta.pk.to_python(pk)
-    db = using or router.db_for_write(cls)
+    # Everything the payload names is checked before a lease is taken: a crafted or corrupted
+    # message fails here, with no lease, no fencing counter and no write.
+    cls, pk, machine, db = _validated(model, pk, field, kind, target, kwargs, using)
     key = object_key(cls, pk)
+    if not cls._base_manager.db_manager(db).filter(pk=pk).exists():
+        # Minting a token would leave a fencing counter in Redis for an object that does not exist.
+        logger.warning("%s[%s] on %s: the object does not exist; nothing to do", TASK_NAME, self.request.id, key)
+        return None
+    task_id = str(self.request.id)
 
     def body(lease: Lease) -> Any:
         instance = cls._base_manager.db_manager(db).filter(pk=pk).first()
@@ -173,23 +198,17 @@ def _transition(
         if current not in [plain(s) for s in allowed] or (kind == "through" and current == target):
             logger.info(
                 "%s[%s] on %s: %s %r skipped: the object is in state %r, not %r (a duplicate or late delivery)",
-                TASK_NAME, self.request.id, key, kind, target, current, expected,
+                TASK_NAME, task_id, key, kind, target, current, expected,
             )  # fmt: skip
             return current
         if kind == "through":
-            bound.transition_through(target)  # a redelivery resumes the walk from where it is
-            return bound.get_current_state()
-        from .models import AppliedTask
-
+            return _walk(task_id, key, db, machine, instance, target)
         with transaction.atomic(using=db):
             # Recorded first, in the transition's own transaction: a copy of this message delivered
-            # again finds it (or, while this one is in flight, waits on its unique key and then
-            # finds it) and does nothing, even for a self-loop edge whose state cannot tell.
-            try:
-                with transaction.atomic(using=db):
-                    AppliedTask.objects.using(db).create(task_id=self.request.id, object_key=key)
-            except IntegrityError:
-                logger.info("%s[%s] on %s: already applied; skipped", TASK_NAME, self.request.id, key)
+            # again finds it (or, while this one is in flight, waits — bounded — on its unique key
+            # and then finds it) and does nothing, even for a self-loop edge whose state cannot tell.
+            if not _record(db, _applied_id(task_id), key):
+                logger.info("%s[%s] on %s: already applied; skipped", TASK_NAME, task_id, key)
                 return current
             if kind == "edge":
                 getattr(bound, target)(**(kwargs or {}))
@@ -197,7 +216,108 @@ def _transition(
                 bound.transition_to(target, **(kwargs or {}))
         return bound.get_current_state()
 
-    return run_locked(self, key, db, body, on_contention="retry", atomic=False, retry_body_timeouts=True)
+    # atomic=False: a walk is one transaction per step. The lease passes the fencing barrier before
+    # the body reads the row (run_locked), so that read is not overtaken by an older holder.
+    return run_locked(self, key, db, body, on_contention="retry", atomic=False, retry_lock_errors=True)
+
+
+class _AlreadyApplied(Exception):
+    """A step of a walk this task id already took (raised inside the step: it rolls back)."""
+
+    def __init__(self, state: Any) -> None:
+        super().__init__(state)
+        self.state = state
+
+
+def _walk(task_id: str, key: str, db: str, machine: StateMachine, instance: Model, target: Any) -> Any:
+    def record(row: Model, transition: Transition) -> None:
+        # Inside the step's own transaction, on the row read under the lock: the record commits
+        # with the step or not at all. A copy of this task that finds it (the object went
+        # a -> b -> ... -> a again since) must not take the step a second time.
+        state = machine.current_state(row)
+        if not _record(db, _step_id(task_id, state), key):
+            raise _AlreadyApplied(state)
+
+    try:
+        state = protocol.run_through(machine, instance, target, on_step=record)
+    except _AlreadyApplied as done:
+        logger.info(
+            "%s[%s] on %s: the step from %r was already applied by this task; walk skipped",
+            TASK_NAME, task_id, key, done.state,
+        )  # fmt: skip
+        return done.state
+    if state != target:
+        # Diverted by TransitionFailed to its error state (that step records nothing of its own):
+        # a later copy must not walk on from there.
+        _record(db, _step_id(task_id, state), key)
+    return state
+
+
+def _record(db: str, applied_id: str, key: str) -> bool:
+    """Insert the applied-task row; False when it exists already.
+
+    A copy of the same task whose insert is not committed yet makes this wait on the unique key:
+    bounded by ``ROW_LOCK_TIMEOUT`` (``LockTimeout``, retried), never for as long as it lives.
+    """
+    from .models import AppliedTask
+
+    try:
+        with transaction.atomic(using=db), bounded_row_locks(db, key, get_config().effective_row_lock_timeout):
+            AppliedTask.objects.using(db).create(task_id=applied_id, object_key=key)
+    except IntegrityError:
+        return False
+    return True
+
+
+def _applied_id(task_id: str) -> str:
+    # Celery's ids are UUIDs; a caller's own id may be longer than the 255-character key.
+    return task_id if len(task_id) <= 255 else hashlib.sha256(task_id.encode()).hexdigest()
+
+
+def _step_id(task_id: str, state: Any) -> str:
+    """The record of one step of a walk: the task id and the step's source state."""
+    digest = hashlib.sha256(json.dumps(plain(state), sort_keys=True).encode()).hexdigest()[:16]
+    base = task_id if len(task_id) <= 255 - 17 else hashlib.sha256(task_id.encode()).hexdigest()
+    return f"{base}:{digest}"
+
+
+def _validated(
+    model: Any, pk: Any, field: Any, kind: Any, target: Any, kwargs: Any, using: Any
+) -> tuple[type[Model], Any, StateMachine, str]:
+    """The model, primary key, machine and database the payload names, or ``TransitionException``."""
+    from .fields import StateMachineField
+
+    def refuse(why: str) -> TransitionException:
+        return TransitionException(f"{TASK_NAME}: refused: {why}")
+
+    if kind not in KINDS:
+        raise refuse(f"unknown kind {kind!r}")
+    try:
+        cls = apps.get_model(model)
+    except (LookupError, ValueError, TypeError, AttributeError):
+        raise refuse(f"no installed model {model!r}") from None
+    descriptor = inspect.getattr_static(cls, field, None) if isinstance(field, str) else None
+    if not isinstance(descriptor, StateMachineField) or descriptor.machine is None:
+        raise refuse(f"{cls._meta.label} has no state machine {field!r}")
+    machine = descriptor.machine
+    if kind == "edge":
+        if not isinstance(target, str) or target not in machine.edge_names:
+            raise refuse(f"{type(machine).__name__} has no edge {target!r}")
+    else:
+        machine.check_known(target)  # TransitionException naming the states
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise refuse("kwargs is not a dict")
+    if using is None:
+        db = router.db_for_write(cls)
+    elif not isinstance(using, str) or using not in connections.databases or not router.allow_migrate_model(using, cls):
+        raise refuse(f"{cls._meta.label} is not written to a database {using!r}")
+    else:
+        db = using
+    try:
+        pk = cls._meta.pk.to_python(pk)
+    except (ValidationError, TypeError, ValueError):
+        raise refuse(f"{pk!r} is not a primary key of {cls._meta.label}") from None
+    return cls, pk, machine, db
 
 
 if shared_task is not None:

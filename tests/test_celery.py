@@ -8,6 +8,8 @@ poll with a generous timeout that fails with the worker's log.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
 import json
 import os
@@ -23,18 +25,31 @@ from typing import Any
 
 import pytest
 from celery.signals import before_task_publish
-from django.db import connections, transaction
+from django.db import OperationalError, connection, connections, transaction
+from django.db.models.signals import pre_save
 from django.test import override_settings
 
-from dsm_redis import LockLost, LockTimeout, TransitionException, object_lock
+from dsm_redis import LockError, LockLost, LockTimeout, TransitionException, fence, object_lock
 from dsm_redis import tasks as dsm_tasks
+from dsm_redis._servers import RedisServer
 from dsm_redis.backends import get_backend
 from dsm_redis.celery import locked_task
 from dsm_redis.checks import celery_timeout_warnings
-from dsm_redis.keys import object_key
+from dsm_redis.keys import counter_key, object_key, redis_name
+from dsm_redis.models import FencingMark
 from tests.celery_app import QUEUE, app
+from tests.test_faults import pg_connect
 from tests.testapp import tasks
-from tests.testapp.models import Account, AuditLog, Order, OrderStatus, SeedModel, TestStates
+from tests.testapp.models import (
+    Account,
+    AuditLog,
+    FencedAccount,
+    Order,
+    OrderStatus,
+    SeedModel,
+    Switch,
+    TestStates,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,10 +72,13 @@ def wait_for(check: Callable[[], Any], what: str, logs: list[Path] = (), timeout
 class Worker:
     """``celery -A tests.celery_app worker --pool=prefork`` in its own session (killable as a group)."""
 
-    def __init__(self, log: Path, name: str, queue: str, concurrency: int = 3) -> None:
+    def __init__(
+        self, log: Path, name: str, queue: str, concurrency: int = 3, env: dict[str, str] | None = None
+    ) -> None:
         self.log, self.queue = log, queue
         env = {
             **os.environ,
+            **(env or {}),
             "DJANGO_SETTINGS_MODULE": "tests.settings",
             "DSM_TEST_DB_NAME": connections["default"].settings_dict["NAME"],
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -140,7 +158,32 @@ def overlapping(intervals: list[list[Any]]) -> list[tuple[Any, Any]]:
 
 
 def fresh(obj: Any) -> Any:
-    return type(obj)._base_manager.get(pk=obj.pk)
+    return type(obj)._base_manager.using(obj._state.db).get(pk=obj.pk)
+
+
+def dsm_options(settings: Any, **options: Any) -> None:
+    settings.DSM_REDIS = {**settings.DSM_REDIS, "OPTIONS": {**settings.DSM_REDIS["OPTIONS"], **options}}
+
+
+def prefix() -> str:
+    from django.conf import settings
+
+    return str(settings.DSM_REDIS["OPTIONS"]["KEY_PREFIX"])
+
+
+@pytest.fixture
+def captured(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]]:
+    """Asynchronous transitions are not sent but kept: [(task id, payload)], to be run by the test."""
+    sent: list[tuple[str, dict[str, Any]]] = []
+    monkeypatch.setattr(
+        dsm_tasks.transition, "apply_async", lambda kwargs, **options: sent.append((options["task_id"], kwargs))
+    )
+    return sent
+
+
+def run_transition(payload: dict[str, Any], task_id: str | None = None) -> Any:
+    """What a worker does with a message (eagerly, in this thread)."""
+    return dsm_tasks.transition._get_current_object().apply(kwargs=payload, task_id=task_id, throw=True).get()
 
 
 # -- packaging -------------------------------------------------------------------------------------
@@ -474,3 +517,246 @@ def test_celery_timeout_checks(settings):
         assert "dsm_redis.W101" not in {m.id for m in checks.run_checks()}
     finally:
         conf.task_time_limit, conf.broker_transport_options = saved
+
+
+# -- at most once per task id, a walk included (issue 9, finding 4) -------------------------------
+
+
+def test_a_walk_resumes_after_a_crash_mid_walk_and_never_applies_twice_per_task_id(captured):
+    obj = SeedModel.objects.create()
+    obj.state_machine.async_transition_through(TestStates.FAIL)  # START -> THE_WAY_TO_FAILURE -> FAIL
+    ((task_id, payload),) = captured
+
+    def die_on_the_second_step(sender: Any, instance: Any, **kwargs: Any) -> None:
+        if instance.state == TestStates.FAIL:
+            raise RuntimeError("the worker died mid-walk")
+
+    pre_save.connect(die_on_the_second_step, sender=SeedModel)
+    try:
+        with pytest.raises(RuntimeError):
+            run_transition(payload, task_id)
+    finally:
+        pre_save.disconnect(die_on_the_second_step, sender=SeedModel)
+    assert fresh(obj).state == TestStates.THE_WAY_TO_FAILURE  # the first step committed
+    assert run_transition(payload, task_id) == TestStates.FAIL  # the redelivery resumes from there
+
+    # The object comes back to where the walk started: the same message, delivered again, must
+    # not walk a second time (its state alone cannot tell it from a new request).
+    SeedModel.objects.filter(pk=obj.pk).update(state=TestStates.START)
+    assert run_transition(payload, task_id) == TestStates.START
+    assert fresh(obj).state == TestStates.START
+    assert run_transition(payload) == TestStates.FAIL  # another task id is another request
+
+
+def test_a_walk_redelivered_after_the_object_cycled_back_is_a_no_op(worker, published):
+    switch = Switch.objects.create()
+    result = switch.machine.async_transition_through("on")
+    assert result.get(timeout=WAIT) == "on"
+    fresh(switch).machine.turn_off()  # off again, as when the walk was asked for
+    # The broker delivers the same message (same task id) again.
+    dsm_tasks.transition.apply_async(kwargs=published[-1][2], task_id=result.id)
+    done = f"dsm_redis.transition[{result.id}] succeeded"
+    wait_for(lambda: worker.log.read_text().count(done) == 2, "the redelivered copy", [worker.log])
+    row = fresh(switch)
+    assert (row.state, row.flips) == ("off", 2)
+
+
+# -- the applied-task insert is bounded (issue 9, finding 5) -------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["edge", "through"])
+def test_a_copy_in_flight_makes_the_applied_task_insert_wait_only_until_row_lock_timeout(kind, settings, captured):
+    dsm_options(settings, ROW_LOCK_TIMEOUT=0.2)
+    if kind == "edge":
+        obj: Any = Account.objects.create()
+        obj.machine.deposit(as_task=True, amount=1)
+    else:
+        obj = Switch.objects.create()
+        obj.machine.async_transition_through("on")
+    ((task_id, payload),) = captured
+    # What the other copy of this message inserts: the task id, or for a walk the record of its
+    # step from "off" (the task id and a short hash of the JSON source state).
+    step = hashlib.sha256(json.dumps("off").encode()).hexdigest()[:16]
+    record = task_id if kind == "edge" else f"{task_id}:{step}"
+    with connection.cursor() as cursor:
+        cursor.execute("SET statement_timeout = '10s'")  # an unbounded wait: a failure, not a hang
+    try:
+        with pg_connect() as other:
+            # Another copy of the same message is in flight (its lease ran out, ours is new): its
+            # record is inserted and not committed yet.
+            other.execute("BEGIN")
+            other.execute(
+                "INSERT INTO dsm_redis_applied_task (task_id, object_key, applied_at) VALUES (%s, %s, now())",
+                [record, object_key(obj)],
+            )
+            with pytest.raises(LockTimeout):
+                run_transition(payload, task_id)
+            other.execute("ROLLBACK")  # that copy failed: ours is the one to apply
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("SET statement_timeout = 0")
+    run_transition(payload, task_id)
+    row = fresh(obj)
+    assert (row.balance, row.deposits) == (1, 1) if kind == "edge" else (row.state, row.flips) == ("on", 1)
+
+
+# -- locked_task and the fencing barrier (issue 17) ---------------------------------------------
+
+
+# The test database on SQLite is in memory with a shared cache: a conflicting write fails at once
+# with "database table is locked" (an OperationalError) instead of waiting.
+REFUSED = (LockError, OperationalError)
+
+
+def expire_key(key: str) -> None:
+    """What a TTL running out does: the lease key disappears from Redis."""
+    get_backend().client.delete(f"lock:{redis_name(prefix(), key)}")
+
+
+@pytest.mark.django_db(databases=["default", "sqlite"], transaction=True)
+@pytest.mark.parametrize("model", [Account, FencedAccount], ids=["mark-table", "own-column"])
+def test_a_locked_task_without_atomic_is_not_overtaken_by_an_older_holders_late_commit(
+    model, db_alias, settings, monkeypatch
+):
+    # The older holder's lease is judged by its own clock only: its renewer would otherwise notice
+    # the key gone and make it give up, which is not the interleaving under test.
+    dsm_options(settings, AUTO_RENEW=False)
+    obj = model.objects.using(db_alias).create()
+    inside, release = threading.Event(), threading.Event()
+    outcome: dict[str, str] = {}
+
+    def stalled() -> None:  # S's side effect: S has locked the row and judged its token
+        inside.set()
+        release.wait(WAIT)
+
+    def older_holder() -> None:
+        try:
+            model.objects.using(db_alias).get(pk=obj.pk).machine.deposit(amount=1, effect=stalled)
+            outcome["S"] = "committed"
+        except REFUSED as exc:
+            outcome["S"] = type(exc).__name__
+        finally:
+            connections.close_all()
+
+    real_barrier = fence.barrier
+
+    def door(*args: Any) -> None:
+        release.set()  # S goes on to its COMMIT while the new holder is at the door
+        real_barrier(*args)
+
+    monkeypatch.setattr(fence, "barrier", door)
+
+    @locked_task(model, pk_arg="pk", atomic=False, using=db_alias)
+    def body(pk: int, lease: Any) -> None:
+        row = model.objects.using(db_alias).get(pk=pk)  # read first (what atomic=False allows)...
+        release.set()  # ...then S commits (without a barrier: after that read)...
+        s.join(WAIT)
+        with transaction.atomic(using=db_alias):  # ...then write, fenced, as the README says
+            lease.fence(db_alias)
+            row.balance += 10
+            row.save(using=db_alias)
+
+    s = threading.Thread(target=older_holder)
+    s.start()
+    try:
+        assert inside.wait(WAIT)
+        expire_key(object_key(obj))  # S's lease runs out while S is inside its transaction
+        body(pk=obj.pk)  # called directly: a new holder with a newer token
+        outcome["body"] = "committed"
+    except REFUSED as exc:
+        outcome["body"] = type(exc).__name__
+    finally:
+        release.set()
+        s.join(WAIT)
+    s_ok, body_ok = outcome["S"] == "committed", outcome["body"] == "committed"
+    row = fresh(obj)
+    # Both changes, or only those of whoever was not refused: never one write overwriting the other.
+    assert (row.balance, row.deposits) == (s_ok * 1 + body_ok * 10, s_ok * 1), outcome
+
+
+def test_a_locked_task_reanchors_a_fencing_counter_redis_lost():
+    account = Account.objects.create()
+    for _ in range(3):
+        account.machine.deposit()
+    mark = FencingMark.objects.get(pk=object_key(account)).token
+    get_backend().client.delete(counter_key(prefix(), object_key(account)))  # Redis restarted empty
+    # The next token is 1, below the mark. Nothing has been read under the lease yet: the body's
+    # transaction re-anchors it instead of refusing every task for this object from now on.
+    token = locked_task(Account, pk_arg="pk")(lambda pk, lease: lease.fencing_token)(pk=account.pk)
+    assert token > mark
+
+
+# -- every lock error is retried for asynchronous transitions (issue 20, item 3) -----------------
+
+
+@pytest.fixture
+def lease_redis(settings: Any) -> Any:
+    """A Redis for leases only (as in test_faults.py); the env points a worker at it too."""
+    server = RedisServer().start()
+    settings.DSM_REDIS = {**settings.DSM_REDIS, "LOCATION": server.url}
+    try:
+        yield server, {"DSM_TEST_LOCK_REDIS_URL": server.url}
+    finally:
+        server.stop()
+
+
+def test_a_burst_of_async_transitions_survives_a_restart_of_the_lease_redis(lease_redis, tmp_path, monkeypatch, redis):
+    server, env = lease_redis  # the broker stays up
+    queue = f"{QUEUE}-lock-redis"
+    monkeypatch.setattr(
+        dsm_tasks.transition, "apply_async", functools.partial(dsm_tasks.transition.apply_async, queue=queue)
+    )
+    accounts = [Account.objects.create() for _ in range(3)]
+    worker = Worker(tmp_path / "lock-redis.log", "lockredis", queue, concurrency=3, env=env)
+    try:
+        for account in accounts:  # leases, counters and marks exist before the restart
+            assert account.machine.deposit(as_task=True, amount=1).get(timeout=WAIT) == "open"
+        server.stop()
+        burst = [accounts[i % 3].machine.deposit(as_task=True, amount=1) for i in range(24)]
+        # Every task of the burst has run at least once while Redis was down.
+        wait_for(
+            lambda: all(redis.exists(tasks.key(f"ended:{r.id}")) for r in burst), "the burst to meet Redis down",
+            [worker.log],
+        )  # fmt: skip
+        server.start()  # same port, empty: no lease, no counter
+        assert [r.get(timeout=WAIT) for r in burst] == ["open"] * 24
+    finally:
+        worker.stop()
+    for account in accounts:
+        row = fresh(account)
+        assert (row.balance, row.deposits) == (9, 9)  # none lost, none applied twice
+
+
+# -- the worker trusts no payload field (issue 18, items 2 and 4) --------------------------------
+
+
+def test_the_worker_checks_every_payload_field_before_taking_a_lease(captured):
+    order = Order.objects.create()
+    order.machine.pay(as_task=True, amount=5)
+    ((_, good),) = captured
+    bad = {
+        "an unknown kind": {**good, "kind": "teleport"},
+        "an unknown model": {**good, "model": "testapp.nothing"},
+        "a field that is not a state machine": {**good, "field": "paid"},
+        "a property": {**good, "field": "pk"},
+        "a method of the bound machine": {**good, "target": "transition_to"},
+        "a dunder": {**good, "target": "__init__"},
+        "an unknown state": {**good, "kind": "to", "target": "lost"},
+        "an unknown database": {**good, "using": "elsewhere"},
+        "not a primary key": {**good, "pk": "one"},
+    }
+    for what, payload in bad.items():
+        with pytest.raises(TransitionException):
+            run_transition(payload)
+            pytest.fail(f"{what} was accepted")
+    client = get_backend().client
+    assert not client.exists(counter_key(prefix(), object_key(order)))  # no lease was ever taken
+    row = fresh(order)
+    assert (row.status, row.paid) == (OrderStatus.NEW, 0)
+    assert not AuditLog.objects.filter(order_id=order.pk).exists()
+
+    # A primary key with no row: nothing to do, and no fencing counter left behind in Redis.
+    missing = order.pk + 10_000
+    assert run_transition({**good, "pk": missing}) is None
+    assert not client.exists(counter_key(prefix(), object_key(Order, missing)))
+    assert run_transition(good) == OrderStatus.PAID  # the payload as sent is accepted
