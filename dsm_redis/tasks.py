@@ -54,7 +54,7 @@ from . import protocol
 from .conf import get_config
 from .exceptions import TransitionException
 from .fence import bounded_row_locks
-from .keys import object_key
+from .keys import object_key, stored_key
 from .machine import plain
 
 try:
@@ -263,7 +263,7 @@ def _record(db: str, applied_id: str, key: str) -> bool:
 
     try:
         with transaction.atomic(using=db), bounded_row_locks(db, key, get_config().effective_row_lock_timeout):
-            AppliedTask.objects.using(db).create(task_id=applied_id, object_key=key)
+            AppliedTask.objects.using(db).create(task_id=applied_id, object_key=stored_key(key))
     except IntegrityError:
         return False
     return True
