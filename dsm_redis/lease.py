@@ -31,7 +31,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from django.db import connections, transaction
 from django.db.transaction import TransactionManagementError
@@ -41,6 +42,7 @@ from .conf import get_config
 from .exceptions import LockBackendUnavailable, LockLost
 from .keys import object_key
 from .renewer import Renewer
+from .signals import hold_deliveries, release_deliveries
 
 if TYPE_CHECKING:
     from django.db.models import Model
@@ -49,6 +51,7 @@ __all__ = ["Lease", "object_lock", "hold", "held_lease", "after_release"]
 
 logger = logging.getLogger("dsm_redis")
 _DEFAULT: Any = object()
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Lease:
@@ -87,6 +90,8 @@ class Lease:
             self.lost = f"lease on {self.key} expired (TTL {self.ttl}s) before the work committed"
         if self.lost is not None:
             raise LockLost(self.lost)
+        for alias in self.databases:
+            _order_commit_hooks(alias)  # checked inside a transaction that will commit our work
 
     def fence(self, using: str = "default") -> None:
         """Judge this lease's token in the current transaction of ``using``, before your own writes.
@@ -103,6 +108,7 @@ class Lease:
         self.check()
         fence(self, using)
         self.databases.add(using)
+        _order_commit_hooks(using)
 
     def parked_transaction_ended(self) -> bool:
         """Parked, and the transaction it waits for is over without having released it.
@@ -209,19 +215,131 @@ def _take_over(leases: dict[str, Lease], lease: Lease) -> tuple[bool, Lease | No
     return False, None
 
 
+# -- the order of on-commit hooks ------------------------------------------------------------------
+#
+# Django runs a transaction's on-commit hooks in registration order and stops at the first
+# non-robust one that raises. Ours (release the lease, send state_changed) used to be appended after
+# the hooks the caller had registered earlier: a failing caller hook then kept the lease in Redis
+# after the COMMIT and dropped the signal, and a caller hook that transitioned the object again
+# committed (and signalled) before our earlier transition had signalled. So every dsm_redis hook is
+# robust and runs before any hook that is not ours, whenever that one was registered.
+
+_HOOK_ATTR = "dsm_redis_hook"
+
+
+def commit_hook(kind: str) -> Callable[[F], F]:
+    """Mark a callable as one of dsm_redis's on-commit hooks: ``"signal"``, ``"release"``..."""
+
+    def mark(func: F) -> F:
+        setattr(func, _HOOK_ATTR, kind)
+        return func
+
+    return mark
+
+
+def _hook_kind(func: Any) -> str | None:
+    kind = getattr(func, _HOOK_ATTR, None)
+    if kind is None and isinstance(func, partial):
+        kind = getattr(func.func, _HOOK_ATTR, None)
+    return kind
+
+
+def _on_commit_first(func: Callable[[], None], using: str, *, index: int | None = None) -> None:
+    """``transaction.on_commit(func, robust=True)``, then moved ahead of every hook not ours.
+
+    Closes the race above: a hook the caller registered earlier that raises (or transitions the
+    object again) runs after ours, not before. Registered through ``transaction.on_commit`` so that
+    Django's savepoint bookkeeping applies (a rolled-back savepoint drops it), then the entry it
+    appended is moved to ``index``, by default just after the dsm_redis hooks already at the front
+    of the list, which keeps ours in registration order.
+    """
+    connection = connections[using]
+    transaction.on_commit(func, using=using, robust=True)
+    if not connection.in_atomic_block:
+        return  # autocommit: it has already run
+    hooks = connection.run_on_commit
+    entry = hooks.pop()
+    if index is None:
+        index = 0
+        while index < len(hooks) and _hook_kind(hooks[index][1]) is not None:
+            index += 1
+    hooks.insert(index, entry)
+
+
+def _order_commit_hooks(using: str) -> None:
+    """Make sure the transaction open on ``using`` sorts its on-commit hooks when it commits.
+
+    The protocol queues ``state_changed`` at the end of the transition's own transaction, where a
+    hook that the side effect registered is already ahead of it; nothing of ours runs between that
+    and the COMMIT. So the first hook of the transaction (``index=0``) is a sorter: at the commit it
+    moves the signal hooks, then the other dsm_redis hooks, ahead of every other hook, and holds
+    ``state_changed`` deliveries until they have all run (so that a receiver transitioning another
+    object never overtakes that object's signal from the same commit).
+    """
+    connection = connections[using]
+    if not connection.in_atomic_block:
+        return
+    hooks = connection.run_on_commit
+    current = set(connection.savepoint_ids)
+    found = False
+    for entry in hooks:
+        sids, func = entry[0], entry[1]
+        if _hook_kind(func) == "sorter":
+            func.cell[0] = hooks  # type: ignore[attr-defined]  # a rolled-back savepoint replaces the list: follow it
+            found = found or sids <= current  # it survives whatever may drop what we queue now
+    if not found:
+        _on_commit_first(_new_sorter(hooks), using, index=0)
+
+
+def _new_sorter(hooks: list[Any]) -> Any:
+    cell = [hooks]
+
+    @commit_hook("sorter")
+    def sort_commit_hooks() -> None:
+        current = cell[0]
+        if any(entry[1] is sort_commit_hooks for entry in current):
+            # Not the list being run (we were popped from that one): a savepoint rollback replaced
+            # it after our last look. Leave the registration order rather than guess.
+            return
+        signals, ours, others = [], [], []
+        for entry in current:
+            kind = _hook_kind(entry[1])
+            if kind == "signal":
+                signals.append((entry[0], entry[1], True))  # robust, as ours are
+            elif kind == "sorter":
+                continue  # another sorter of this transaction: this one does its work
+            elif kind is not None:
+                ours.append(entry)
+            else:
+                others.append(entry)
+        # Signals first, while the leases are still parked (their tokens are known); they wait in
+        # the leases' after-release lists, then in the delivery queue until every release has run.
+        hold_deliveries()
+        current[:] = [*signals, *ours, (set(), _release_deliveries, True), *others]
+
+    sort_commit_hooks.cell = cell  # type: ignore[attr-defined]
+    return sort_commit_hooks
+
+
+def _release_deliveries() -> None:
+    release_deliveries()
+
+
 def _release_after_commit(lease: Lease) -> None:
     for alias in sorted(lease.databases):
         connection = connections[alias]
         if connection.in_atomic_block:
 
+            @commit_hook("release")
             def release_on_commit() -> None:
                 _finish(lease)
 
+            _order_commit_hooks(alias)
             with _finish_lock:
                 # Callback first, then parked_on: the renewer must never see a parked lease
                 # whose callback is not registered yet (it would take it for rolled back).
                 lease._release_on_commit = release_on_commit
-                transaction.on_commit(release_on_commit, using=alias)
+                _on_commit_first(release_on_commit, alias)
                 lease.parked_on = connection
             return
     _finish(lease)

@@ -151,3 +151,78 @@ def test_a_hook_failing_after_the_commit_leaves_the_instance_as_committed():
     assert (account.balance, account.deposits) == (5, 1)  # not "restored" to what it no longer is
     row = Account.objects.get(pk=account.pk)
     assert (row.balance, row.deposits) == (5, 1)
+
+
+def record_signals(seen: list[Any]) -> Any:
+    """Connect a state_changed receiver appending (pk, state, fencing_token); returns it to disconnect."""
+
+    def receiver(sender: Any, instance: Any, state: Any, fencing_token: Any = "missing", **kwargs: Any) -> None:
+        seen.append((instance.pk, state, fencing_token))
+
+    state_changed.connect(receiver, weak=False)
+    return receiver
+
+
+def test_a_failing_user_hook_registered_first_does_not_keep_the_lease_nor_drop_the_signal():
+    cat = Cat.objects.create()
+    seen: list[Any] = []
+    receiver = record_signals(seen)
+    try:
+        with pytest.raises(ZeroDivisionError):
+            with transaction.atomic():
+                transaction.on_commit(lambda: 1 / 0)  # registered before the transition's hooks
+                cat.state_machine.survive()
+    finally:
+        state_changed.disconnect(receiver)
+    assert Cat.objects.get(pk=cat.pk).state == ALIVE  # committed
+    assert contend_from_another_thread(cat) == "acquired"  # released at the commit, not at the TTL
+    assert [(pk, state) for pk, state, _ in seen] == [(cat.pk, ALIVE)]
+
+
+def test_a_transition_queued_on_commit_by_a_side_effect_signals_after_the_one_that_queued_it():
+    from tests.testapp.models import Account
+
+    account = Account.objects.create()
+    seen: list[Any] = []
+    receiver = record_signals(seen)
+    try:
+        account.machine.deposit(effect=lambda: transaction.on_commit(lambda: account.machine.close()))
+    finally:
+        state_changed.disconnect(receiver)
+    assert Account.objects.get(pk=account.pk).state == "closed"
+    assert [state for _, state, _ in seen] == ["open", "closed"]  # commit order: the row is closed
+    tokens = {token for _, _, token in seen}
+    assert len(tokens) == 1 and isinstance(tokens.pop(), int)  # both under the one lease
+
+
+def test_a_receiver_transitioning_another_object_does_not_reorder_that_objects_signals():
+    x, y = Cat.objects.create(), Cat.objects.create()
+    seen: list[Any] = []
+    receiver = record_signals(seen)
+
+    def kill_y(sender: Any, instance: Any, state: Any, **kwargs: Any) -> None:
+        if instance.pk == x.pk and state == ALIVE:
+            Cat.objects.get(pk=y.pk).state_machine.transition_to(DEAD)
+
+    state_changed.connect(kill_y, sender=Cat, weak=False)
+    try:
+        with transaction.atomic():
+            x.state_machine.survive()
+            y.state_machine.survive()
+    finally:
+        state_changed.disconnect(kill_y, sender=Cat)
+        state_changed.disconnect(receiver)
+    assert Cat.objects.get(pk=y.pk).state == DEAD
+    assert [state for pk, state, _ in seen if pk == y.pk] == [ALIVE, DEAD]  # commit order
+    y_tokens = [token for pk, _, token in seen if pk == y.pk]
+    assert y_tokens[0] < y_tokens[1]  # receivers can tell a stale signal by its token
+
+
+def test_an_unsaved_objects_signal_has_no_fencing_token():
+    seen: list[Any] = []
+    receiver = record_signals(seen)
+    try:
+        Cat().state_machine.survive()
+    finally:
+        state_changed.disconnect(receiver)
+    assert [(state, token) for _, state, token in seen] == [(ALIVE, None)]
