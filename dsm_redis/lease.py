@@ -67,15 +67,15 @@ class Lease:
         self.ttl = ttl
         self.valid_until = valid_until
         self.lost: str | None = None
-        self.depth = 0
+        self.depth = 0  # live ``hold`` blocks of the holder thread, the outermost included
         # ids of instances a transition under this lease is changing in an open transaction.
         self.in_transaction: set[int] = set()
         # run after release (state_changed receivers), so they never contend with their own lease.
         self.after_release: list[Callable[[], None]] = []
-        # databases written under this lease; the connection whose commit will release it.
+        # databases written under this lease; per database, the holder's connection whose open
+        # transaction wrote under it and the on-commit hook that will release it (parked).
         self.databases: set[str] = set()
-        self.parked_on: Any = None
-        self._release_on_commit: Callable[[], None] | None = None
+        self.parked: dict[str, tuple[Any, Callable[[], None]]] = {}
         self.released = False
         self.renewing = False  # in the renewer's care
         self.pid = os.getpid()
@@ -111,16 +111,14 @@ class Lease:
         _order_commit_hooks(using)
 
     def parked_transaction_ended(self) -> bool:
-        """Parked, and the transaction it waits for is over without having released it.
+        """Parked, and every transaction it waits for is over without having released it.
 
         Django has no rollback hook; but a rollback drops the transaction's on-commit callbacks
-        (and a commit runs them), so ours missing from the connection's list means it is over.
+        (and a commit runs them, and ours then stops waiting for it), so ours missing from the
+        connection's list means that transaction is over.
         """
-        connection = self.parked_on
-        if connection is None:
-            return False
-        pending = self._release_on_commit
-        return not any(entry[1] is pending for entry in list(connection.run_on_commit))
+        parked = list(self.parked.values())
+        return bool(parked) and not any(_pending(connection, hook) for connection, hook in parked)
 
     def reanchor(self, floor: int) -> bool:
         """Redis lost our counter: mint a token above ``floor`` if Redis confirms we own the lease."""
@@ -158,6 +156,10 @@ def _forget_leases_after_fork() -> None:
     _local = threading.local()
 
 
+def _pending(connection: Any, hook: Callable[[], None]) -> bool:
+    return any(entry[1] is hook for entry in list(connection.run_on_commit))
+
+
 def held_lease(key: str) -> Lease | None:
     """The lease this thread holds on ``key``, if any."""
     lease = _held().get(key)
@@ -168,6 +170,7 @@ def held_lease(key: str) -> Lease | None:
 def hold(key: str, *, timeout: float | None = _DEFAULT, ttl: float | None = None) -> Iterator[Lease]:
     """Hold the lease on ``key`` for the block; re-enter it if this thread holds it already."""
     leases = _held()
+    _deliver_orphans(leases)
     lease = leases.get(key)
     if lease is not None:
         reenter, lease = _take_over(leases, lease)
@@ -178,19 +181,33 @@ def hold(key: str, *, timeout: float | None = _DEFAULT, ttl: float | None = None
                 yield lease
             finally:
                 lease.depth -= 1
+                if lease.depth == 0 and lease.pid == os.getpid():
+                    # We re-entered a lease parked for an open transaction: this block may have
+                    # written on another database, whose transaction must keep it parked too.
+                    _release_after_commit(lease)
             return
+    config = get_config()
+    fresh = lease is None
     if lease is None:
-        config = get_config()
         backend = get_backend()
         ttl = config.ttl if ttl is None else ttl
         grant = backend.acquire(key, ttl=ttl, timeout=config.acquire_timeout if timeout is _DEFAULT else timeout)
         lease = Lease(key, backend, grant.owner, grant.fencing_token, ttl, grant.valid_until)
-        leases[key] = lease
-        if config.auto_renew:
-            _renewer.add(lease)
+    entered = False
     try:
+        # Registered inside the try: if the renewer refuses it (no thread can be started) or an
+        # asynchronous exception lands here, the finally gives the lease back; an entry left in
+        # the thread's dict would be re-entered (and never released) by every later block.
+        if fresh:
+            leases[key] = lease
+            if config.auto_renew:
+                _renewer.add(lease)
+        lease.depth += 1
+        entered = True
         yield lease
     finally:
+        if entered:
+            lease.depth -= 1
         if lease.pid == os.getpid():  # a forked child unwinding its parent's block owns nothing
             _release_after_commit(lease)
 
@@ -201,18 +218,31 @@ def _take_over(leases: dict[str, Lease], lease: Lease) -> tuple[bool, Lease | No
     with _finish_lock:  # the renewer must not release it while we decide
         if lease.released:
             pass  # released by the renewer after its caller's transaction rolled back
-        elif not lease.parked_transaction_ended():
-            return True, lease  # held by an enclosing block, or parked for this very transaction
-        elif lease.lost is None and lease.remaining > 0:
-            lease.parked_on = None  # parked for a transaction that ended uncommitted: ours again
+        elif lease.depth > 0:
+            return True, lease  # held by an enclosing block of this thread
+        elif lease.parked and not lease.parked_transaction_ended():
+            return True, lease  # parked for a transaction still open: this very one, or one around it
+        elif lease.parked and lease.lost is None and lease.remaining > 0:
+            lease.parked.clear()  # parked for transactions that ended uncommitted: ours again
             return False, lease
         else:
-            stale = lease.released = True  # parked, uncommitted, and no longer valid: drop it
+            # Lost while parked, or in the dict with no live block and not parked (a block whose
+            # registration failed half-way): never re-entered, given back.
+            stale = lease.released = True
     del leases[lease.key]
     if stale:
         _renewer.discard(lease)
         _release(lease)
+    _run_after_release(lease)
     return False, None
+
+
+def _deliver_orphans(leases: dict[str, Lease]) -> None:
+    """Run the callbacks of leases the renewer released for this thread (see ``release_if_rolled_back``)."""
+    for key, lease in list(leases.items()):
+        if lease.released and lease.after_release and leases.get(key) is lease:
+            del leases[key]
+            _run_after_release(lease)
 
 
 # -- the order of on-commit hooks ------------------------------------------------------------------
@@ -326,23 +356,51 @@ def _release_deliveries() -> None:
 
 
 def _release_after_commit(lease: Lease) -> None:
+    """The outermost block is over: release now, or park until the transactions it wrote in end.
+
+    Parked on *every* database written under the lease whose transaction is still open, and
+    released when the last of them ends (a commit runs our hook; a rollback is noticed by the
+    renewer): releasing at the first commit would let the next holder in while our other
+    transaction still holds (or is about to write) what the lease guards.
+    """
     for alias in sorted(lease.databases):
         connection = connections[alias]
-        if connection.in_atomic_block:
+        if not connection.in_atomic_block:
+            continue
+        current = lease.parked.get(alias)
+        if current is not None and current[0] is connection and _watches_this_level(connection, current[1]):
+            continue  # an earlier block of this transaction already waits for its commit
+        _order_commit_hooks(alias)
+        release_on_commit = _release_hook(lease, alias)
+        with _finish_lock:
+            # Hook first, then the parked entry: the renewer must never see a parked lease whose
+            # hook is not registered yet (it would take it for rolled back).
+            _on_commit_first(release_on_commit, alias)
+            lease.parked[alias] = (connection, release_on_commit)
+    with _finish_lock:
+        waiting = lease.parked and not lease.parked_transaction_ended()
+    if not waiting:
+        _finish(lease)
 
-            @commit_hook("release")
-            def release_on_commit() -> None:
-                _finish(lease)
 
-            _order_commit_hooks(alias)
-            with _finish_lock:
-                # Callback first, then parked_on: the renewer must never see a parked lease
-                # whose callback is not registered yet (it would take it for rolled back).
-                lease._release_on_commit = release_on_commit
-                _on_commit_first(release_on_commit, alias)
-                lease.parked_on = connection
-            return
-    _finish(lease)
+def _watches_this_level(connection: Any, hook: Callable[[], None]) -> bool:
+    # Pending, and registered at this savepoint level or outside it: nothing that could drop it
+    # (a savepoint rollback) leaves the work we would park for now in place.
+    current = set(connection.savepoint_ids)
+    return any(entry[1] is hook and entry[0] <= current for entry in list(connection.run_on_commit))
+
+
+def _release_hook(lease: Lease, alias: str) -> Callable[[], None]:
+    @commit_hook("release")
+    def release_on_commit() -> None:
+        with _finish_lock:
+            if alias in lease.parked and lease.parked[alias][1] is release_on_commit:
+                del lease.parked[alias]  # this transaction is over: it no longer needs the lease
+            waiting = bool(lease.parked) and not lease.parked_transaction_ended()
+        if not waiting:
+            _finish(lease)
+
+    return release_on_commit
 
 
 _finish_lock = threading.Lock()
@@ -363,7 +421,7 @@ def _finish(lease: Lease) -> None:
     with _finish_lock:
         first = not lease.released
         lease.released = True
-        callbacks, lease.after_release = lease.after_release, []
+        lease.parked.clear()
     leases = _held()
     if leases.get(lease.key) is lease:
         del leases[lease.key]
@@ -372,18 +430,32 @@ def _finish(lease: Lease) -> None:
             _renewer.discard(lease)
             _release(lease)
     finally:
-        for callback in callbacks:
-            try:
-                callback()
-            except Exception:
-                logger.exception("callback after releasing %s failed", lease.key)
+        _run_after_release(lease)
+
+
+def _run_after_release(lease: Lease) -> None:
+    """Run, on the holder's thread, what waited for the release; never drop it silently.
+
+    Every callback here was queued by something that committed (``state_changed`` is queued by the
+    commit's own hook, so a rolled-back transition never queues one) or asked explicitly for the
+    release; so whoever releases the lease, or drops it, runs them — never the renewer's thread.
+    """
+    with _finish_lock:
+        callbacks, lease.after_release = lease.after_release, []
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:
+            logger.exception("callback after releasing %s failed", lease.key)
 
 
 def release_if_rolled_back(lease: Lease) -> bool:
-    """For the renewer: release a parked lease whose caller's transaction ended uncommitted.
+    """For the renewer: release a parked lease whose callers' transactions all ended uncommitted.
 
-    Only the Redis side: callbacks stay for the holder's thread (a commit's own callback runs
-    them), so ``state_changed`` receivers never run on the renewer's thread.
+    Only the Redis side: its callbacks (signals of transitions that committed on another database
+    meanwhile, explicit ``after_release`` requests) stay for the holder's thread, which runs them
+    at its next lease (``hold``) or when its own hook runs after all (a commit whose hooks had not
+    run yet), so ``state_changed`` receivers never run on the renewer's thread.
     """
     with _finish_lock:
         if lease.released or not lease.parked_transaction_ended():
