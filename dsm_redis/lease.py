@@ -4,7 +4,10 @@ Safety contract:
 - A lease is re-entrant for its holder, the *thread* that took it: nested transitions,
   ``transition_through``, ``TransitionFailed`` and ``object_lock`` around several calls all run
   under the outermost acquisition (one fencing token). Another thread of the same process contends
-  for it like another process would.
+  for it like another process would. A thread re-enters only a lease that has a live block of its
+  own or is parked for a transaction still open; the lease is registered inside the block's
+  ``try``, so a block that fails while setting up (the renewer refusing it, an asynchronous
+  exception) gives it back instead of leaving an entry every later block would re-enter.
 - While held, a lease is renewed every TTL/3 by one renewer thread per process (when
   ``AUTO_RENEW``). A renewal that finds the lease gone marks it *lost*; one that cannot reach Redis
   keeps trying until the lease's local deadline passes, then marks it lost. Either way
@@ -15,11 +18,20 @@ Safety contract:
   the database, ``fence.py``) and the row lock are for.
 - Release is owner-checked and never raises over the body's exception; a release that finds the
   lease already gone is logged (the work was fenced, so nothing unsafe was committed).
-- Commit, then release: when the outermost block ends inside a caller's ``transaction.atomic()``
-  that the lease's work wrote in, the lease is *parked* — still held, still renewed, re-entered by
-  later calls in that transaction — and released by ``transaction.on_commit``. Releasing earlier
-  would let the next holder take the lease and then wait on our row locks while we wait on the
-  lease: a deadlock PostgreSQL cannot see. If that transaction rolls back, the renewer releases it.
+- Commit, then release: when the outermost block ends inside caller transactions that the lease's
+  work wrote in (``transaction.atomic()`` on one database or several), the lease is *parked* —
+  still held, still renewed, re-entered by later calls in those transactions — until *every* one
+  of them has ended: each commit runs our on-commit hook, and the last one releases. Releasing
+  earlier would let the next holder take the lease and then wait on our row locks while we wait on
+  the lease: a deadlock PostgreSQL cannot see. A rollback is noticed by the renewer (Django has no
+  rollback hook), which releases the lease once all of them are over.
+- dsm_redis's on-commit hooks are robust and run before any hook of the caller's, whenever that
+  was registered: the lease is released right after the COMMIT even if a caller's hook raises,
+  and ``state_changed`` is sent (see ``signals.py`` for the order it is delivered in).
+- ``after_release`` callbacks are only ever queued by commits (``state_changed`` is queued by the
+  commit's own hook; a rolled-back transition queues nothing) or by an explicit request, so they
+  are never dropped: they run on the holder's thread when the lease is released or dropped by a
+  take-over; when the renewer released it after a rollback, at that thread's next ``hold``.
 - A forked child never re-enters nor releases its parent's lease.
 """
 

@@ -4,8 +4,8 @@ Safety contract: a renewal that finds the lease gone or owned by another marks t
 one that cannot reach Redis retries until the lease's local deadline passes, then marks it lost.
 A lost lease refuses every later commit (``Lease.check``), so losing it is never silent. The thread
 renews leases one at a time: a Redis call stalled for longer than TTL/3 delays the others, which
-then fail safe (lost), never unsafe. A lease parked until its caller's transaction ends is released
-here if that transaction ended without committing (Django has no rollback hook).
+then fail safe (lost), never unsafe. A lease parked until its callers' transactions end is released
+here once they have all ended and the last did not commit (Django has no rollback hook).
 """
 
 from __future__ import annotations
