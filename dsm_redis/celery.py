@@ -171,7 +171,7 @@ def run_locked(
             _raise(resend(exc), exc)
         # Taken by this call, not re-entered from a caller of this thread (an eager task under its
         # caller's lease: the caller passed the barrier, and may have read since; no re-anchoring).
-        acquired = lease.depth == 0
+        acquired = lease.depth == 1
         try:
             if not atomic:
                 if acquired:

@@ -4,7 +4,10 @@ Safety contract:
 - A lease is re-entrant for its holder, the *thread* that took it: nested transitions,
   ``transition_through``, ``TransitionFailed`` and ``object_lock`` around several calls all run
   under the outermost acquisition (one fencing token). Another thread of the same process contends
-  for it like another process would.
+  for it like another process would. A thread re-enters only a lease that has a live block of its
+  own or is parked for a transaction still open; the lease is registered inside the block's
+  ``try``, so a block that fails while setting up (the renewer refusing it, an asynchronous
+  exception) gives it back instead of leaving an entry every later block would re-enter.
 - While held, a lease is renewed every TTL/3 by one renewer thread per process (when
   ``AUTO_RENEW``). A renewal that finds the lease gone marks it *lost*; one that cannot reach Redis
   keeps trying until the lease's local deadline passes, then marks it lost. Either way
@@ -15,11 +18,20 @@ Safety contract:
   the database, ``fence.py``) and the row lock are for.
 - Release is owner-checked and never raises over the body's exception; a release that finds the
   lease already gone is logged (the work was fenced, so nothing unsafe was committed).
-- Commit, then release: when the outermost block ends inside a caller's ``transaction.atomic()``
-  that the lease's work wrote in, the lease is *parked* — still held, still renewed, re-entered by
-  later calls in that transaction — and released by ``transaction.on_commit``. Releasing earlier
-  would let the next holder take the lease and then wait on our row locks while we wait on the
-  lease: a deadlock PostgreSQL cannot see. If that transaction rolls back, the renewer releases it.
+- Commit, then release: when the outermost block ends inside caller transactions that the lease's
+  work wrote in (``transaction.atomic()`` on one database or several), the lease is *parked* —
+  still held, still renewed, re-entered by later calls in those transactions — until *every* one
+  of them has ended: each commit runs our on-commit hook, and the last one releases. Releasing
+  earlier would let the next holder take the lease and then wait on our row locks while we wait on
+  the lease: a deadlock PostgreSQL cannot see. A rollback is noticed by the renewer (Django has no
+  rollback hook), which releases the lease once all of them are over.
+- dsm_redis's on-commit hooks are robust and run before any hook of the caller's, whenever that
+  was registered: the lease is released right after the COMMIT even if a caller's hook raises,
+  and ``state_changed`` is sent (see ``signals.py`` for the order it is delivered in).
+- ``after_release`` callbacks are only ever queued by commits (``state_changed`` is queued by the
+  commit's own hook; a rolled-back transition queues nothing) or by an explicit request, so they
+  are never dropped: they run on the holder's thread when the lease is released or dropped by a
+  take-over; when the renewer released it after a rollback, at that thread's next ``hold``.
 - A forked child never re-enters nor releases its parent's lease.
 """
 
@@ -31,7 +43,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from django.db import connections, router, transaction
 from django.db.transaction import TransactionManagementError
@@ -41,6 +54,7 @@ from .conf import get_config
 from .exceptions import LockBackendUnavailable, LockLost
 from .keys import object_key
 from .renewer import Renewer
+from .signals import hold_deliveries, release_deliveries
 
 if TYPE_CHECKING:
     from django.db.models import Model
@@ -49,6 +63,7 @@ __all__ = ["Lease", "object_lock", "hold", "held_lease", "after_release"]
 
 logger = logging.getLogger("dsm_redis")
 _DEFAULT: Any = object()
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Lease:
@@ -66,15 +81,15 @@ class Lease:
         self.lost: str | None = None
         # Accepted by the database once (fence.py): its token is anchored, never re-anchored again.
         self.judged = False
-        self.depth = 0
+        self.depth = 0  # live ``hold`` blocks of the holder thread, the outermost included
         # ids of instances a transition under this lease is changing in an open transaction.
         self.in_transaction: set[int] = set()
         # run after release (state_changed receivers), so they never contend with their own lease.
         self.after_release: list[Callable[[], None]] = []
-        # databases written under this lease; the connection whose commit will release it.
+        # databases written under this lease; per database, the holder's connection whose open
+        # transaction wrote under it and the on-commit hook that will release it (parked).
         self.databases: set[str] = set()
-        self.parked_on: Any = None
-        self._release_on_commit: Callable[[], None] | None = None
+        self.parked: dict[str, tuple[Any, Callable[[], None]]] = {}
         self.released = False
         self.renewing = False  # in the renewer's care
         self.pid = os.getpid()
@@ -89,6 +104,8 @@ class Lease:
             self.lost = f"lease on {self.key} expired (TTL {self.ttl}s) before the work committed"
         if self.lost is not None:
             raise LockLost(self.lost)
+        for alias in self.databases:
+            _order_commit_hooks(alias)  # checked inside a transaction that will commit our work
 
     def fence(self, using: str = "default") -> None:
         """Judge this lease's token in the current transaction of ``using``, before your own writes.
@@ -107,18 +124,17 @@ class Lease:
         self.check()
         fence(self, using, get_config().effective_row_lock_timeout)
         self.databases.add(using)
+        _order_commit_hooks(using)
 
     def parked_transaction_ended(self) -> bool:
-        """Parked, and the transaction it waits for is over without having released it.
+        """Parked, and every transaction it waits for is over without having released it.
 
         Django has no rollback hook; but a rollback drops the transaction's on-commit callbacks
-        (and a commit runs them), so ours missing from the connection's list means it is over.
+        (and a commit runs them, and ours then stops waiting for it), so ours missing from the
+        connection's list means that transaction is over.
         """
-        connection = self.parked_on
-        if connection is None:
-            return False
-        pending = self._release_on_commit
-        return not any(entry[1] is pending for entry in list(connection.run_on_commit))
+        parked = list(self.parked.values())
+        return bool(parked) and not any(_pending(connection, hook) for connection, hook in parked)
 
     def reanchor(self, floor: int) -> bool:
         """Redis lost our counter: mint a token above ``floor`` if Redis confirms we own the lease."""
@@ -156,6 +172,10 @@ def _forget_leases_after_fork() -> None:
     _local = threading.local()
 
 
+def _pending(connection: Any, hook: Callable[[], None]) -> bool:
+    return any(entry[1] is hook for entry in list(connection.run_on_commit))
+
+
 def held_lease(key: str) -> Lease | None:
     """The lease this thread holds on ``key``, if any."""
     lease = _held().get(key)
@@ -166,6 +186,7 @@ def held_lease(key: str) -> Lease | None:
 def hold(key: str, *, timeout: float | None = _DEFAULT, ttl: float | None = None) -> Iterator[Lease]:
     """Hold the lease on ``key`` for the block; re-enter it if this thread holds it already."""
     leases = _held()
+    _deliver_orphans(leases)
     lease = leases.get(key)
     if lease is not None:
         reenter, lease = _take_over(leases, lease)
@@ -176,19 +197,33 @@ def hold(key: str, *, timeout: float | None = _DEFAULT, ttl: float | None = None
                 yield lease
             finally:
                 lease.depth -= 1
+                if lease.depth == 0 and lease.pid == os.getpid():
+                    # We re-entered a lease parked for an open transaction: this block may have
+                    # written on another database, whose transaction must keep it parked too.
+                    _release_after_commit(lease)
             return
+    config = get_config()
+    fresh = lease is None
     if lease is None:
-        config = get_config()
         backend = get_backend()
         ttl = config.ttl if ttl is None else ttl
         grant = backend.acquire(key, ttl=ttl, timeout=config.acquire_timeout if timeout is _DEFAULT else timeout)
         lease = Lease(key, backend, grant.owner, grant.fencing_token, ttl, grant.valid_until)
-        leases[key] = lease
-        if config.auto_renew:
-            _renewer.add(lease)
+    entered = False
     try:
+        # Registered inside the try: if the renewer refuses it (no thread can be started) or an
+        # asynchronous exception lands here, the finally gives the lease back; an entry left in
+        # the thread's dict would be re-entered (and never released) by every later block.
+        if fresh:
+            leases[key] = lease
+            if config.auto_renew:
+                _renewer.add(lease)
+        lease.depth += 1
+        entered = True
         yield lease
     finally:
+        if entered:
+            lease.depth -= 1
         if lease.pid == os.getpid():  # a forked child unwinding its parent's block owns nothing
             _release_after_commit(lease)
 
@@ -199,36 +234,189 @@ def _take_over(leases: dict[str, Lease], lease: Lease) -> tuple[bool, Lease | No
     with _finish_lock:  # the renewer must not release it while we decide
         if lease.released:
             pass  # released by the renewer after its caller's transaction rolled back
-        elif not lease.parked_transaction_ended():
-            return True, lease  # held by an enclosing block, or parked for this very transaction
-        elif lease.lost is None and lease.remaining > 0:
-            lease.parked_on = None  # parked for a transaction that ended uncommitted: ours again
+        elif lease.depth > 0:
+            return True, lease  # held by an enclosing block of this thread
+        elif lease.parked and not lease.parked_transaction_ended():
+            return True, lease  # parked for a transaction still open: this very one, or one around it
+        elif lease.parked and lease.lost is None and lease.remaining > 0:
+            lease.parked.clear()  # parked for transactions that ended uncommitted: ours again
             return False, lease
         else:
-            stale = lease.released = True  # parked, uncommitted, and no longer valid: drop it
+            # Lost while parked, or in the dict with no live block and not parked (a block whose
+            # registration failed half-way): never re-entered, given back.
+            stale = lease.released = True
     del leases[lease.key]
     if stale:
         _renewer.discard(lease)
         _release(lease)
+    _run_after_release(lease)
     return False, None
 
 
+def _deliver_orphans(leases: dict[str, Lease]) -> None:
+    """Run the callbacks of leases the renewer released for this thread (see ``release_if_rolled_back``)."""
+    for key, lease in list(leases.items()):
+        if lease.released and lease.after_release and leases.get(key) is lease:
+            del leases[key]
+            _run_after_release(lease)
+
+
+# -- the order of on-commit hooks ------------------------------------------------------------------
+#
+# Django runs a transaction's on-commit hooks in registration order and stops at the first
+# non-robust one that raises. Ours (release the lease, send state_changed) used to be appended after
+# the hooks the caller had registered earlier: a failing caller hook then kept the lease in Redis
+# after the COMMIT and dropped the signal, and a caller hook that transitioned the object again
+# committed (and signalled) before our earlier transition had signalled. So every dsm_redis hook is
+# robust and runs before any hook that is not ours, whenever that one was registered.
+
+_HOOK_ATTR = "dsm_redis_hook"
+
+
+def commit_hook(kind: str) -> Callable[[F], F]:
+    """Mark a callable as one of dsm_redis's on-commit hooks: ``"signal"``, ``"release"``..."""
+
+    def mark(func: F) -> F:
+        setattr(func, _HOOK_ATTR, kind)
+        return func
+
+    return mark
+
+
+def _hook_kind(func: Any) -> str | None:
+    kind = getattr(func, _HOOK_ATTR, None)
+    if kind is None and isinstance(func, partial):
+        kind = getattr(func.func, _HOOK_ATTR, None)
+    return kind
+
+
+def _on_commit_first(func: Callable[[], None], using: str, *, index: int | None = None) -> None:
+    """``transaction.on_commit(func, robust=True)``, then moved ahead of every hook not ours.
+
+    Closes the race above: a hook the caller registered earlier that raises (or transitions the
+    object again) runs after ours, not before. Registered through ``transaction.on_commit`` so that
+    Django's savepoint bookkeeping applies (a rolled-back savepoint drops it), then the entry it
+    appended is moved to ``index``, by default just after the dsm_redis hooks already at the front
+    of the list, which keeps ours in registration order.
+    """
+    connection = connections[using]
+    transaction.on_commit(func, using=using, robust=True)
+    if not connection.in_atomic_block:
+        return  # autocommit: it has already run
+    hooks = connection.run_on_commit
+    entry = hooks.pop()
+    if index is None:
+        index = 0
+        while index < len(hooks) and _hook_kind(hooks[index][1]) is not None:
+            index += 1
+    hooks.insert(index, entry)
+
+
+def _order_commit_hooks(using: str) -> None:
+    """Make sure the transaction open on ``using`` sorts its on-commit hooks when it commits.
+
+    The protocol queues ``state_changed`` at the end of the transition's own transaction, where a
+    hook that the side effect registered is already ahead of it; nothing of ours runs between that
+    and the COMMIT. So the first hook of the transaction (``index=0``) is a sorter: at the commit it
+    moves the signal hooks, then the other dsm_redis hooks, ahead of every other hook, and holds
+    ``state_changed`` deliveries until they have all run (so that a receiver transitioning another
+    object never overtakes that object's signal from the same commit).
+    """
+    connection = connections[using]
+    if not connection.in_atomic_block:
+        return
+    hooks = connection.run_on_commit
+    current = set(connection.savepoint_ids)
+    found = False
+    for entry in hooks:
+        sids, func = entry[0], entry[1]
+        if _hook_kind(func) == "sorter":
+            func.cell[0] = hooks  # type: ignore[attr-defined]  # a rolled-back savepoint replaces the list: follow it
+            found = found or sids <= current  # it survives whatever may drop what we queue now
+    if not found:
+        _on_commit_first(_new_sorter(hooks), using, index=0)
+
+
+def _new_sorter(hooks: list[Any]) -> Any:
+    cell = [hooks]
+
+    @commit_hook("sorter")
+    def sort_commit_hooks() -> None:
+        current = cell[0]
+        if any(entry[1] is sort_commit_hooks for entry in current):
+            # Not the list being run (we were popped from that one): a savepoint rollback replaced
+            # it after our last look. Leave the registration order rather than guess.
+            return
+        signals, ours, others = [], [], []
+        for entry in current:
+            kind = _hook_kind(entry[1])
+            if kind == "signal":
+                signals.append((entry[0], entry[1], True))  # robust, as ours are
+            elif kind == "sorter":
+                continue  # another sorter of this transaction: this one does its work
+            elif kind is not None:
+                ours.append(entry)
+            else:
+                others.append(entry)
+        # Signals first, while the leases are still parked (their tokens are known); they wait in
+        # the leases' after-release lists, then in the delivery queue until every release has run.
+        hold_deliveries()
+        current[:] = [*signals, *ours, (set(), _release_deliveries, True), *others]
+
+    sort_commit_hooks.cell = cell  # type: ignore[attr-defined]
+    return sort_commit_hooks
+
+
+def _release_deliveries() -> None:
+    release_deliveries()
+
+
 def _release_after_commit(lease: Lease) -> None:
+    """The outermost block is over: release now, or park until the transactions it wrote in end.
+
+    Parked on *every* database written under the lease whose transaction is still open, and
+    released when the last of them ends (a commit runs our hook; a rollback is noticed by the
+    renewer): releasing at the first commit would let the next holder in while our other
+    transaction still holds (or is about to write) what the lease guards.
+    """
     for alias in sorted(lease.databases):
         connection = connections[alias]
-        if connection.in_atomic_block:
+        if not connection.in_atomic_block:
+            continue
+        current = lease.parked.get(alias)
+        if current is not None and current[0] is connection and _watches_this_level(connection, current[1]):
+            continue  # an earlier block of this transaction already waits for its commit
+        _order_commit_hooks(alias)
+        release_on_commit = _release_hook(lease, alias)
+        with _finish_lock:
+            # Hook first, then the parked entry: the renewer must never see a parked lease whose
+            # hook is not registered yet (it would take it for rolled back).
+            _on_commit_first(release_on_commit, alias)
+            lease.parked[alias] = (connection, release_on_commit)
+    with _finish_lock:
+        waiting = lease.parked and not lease.parked_transaction_ended()
+    if not waiting:
+        _finish(lease)
 
-            def release_on_commit() -> None:
-                _finish(lease)
 
-            with _finish_lock:
-                # Callback first, then parked_on: the renewer must never see a parked lease
-                # whose callback is not registered yet (it would take it for rolled back).
-                lease._release_on_commit = release_on_commit
-                transaction.on_commit(release_on_commit, using=alias)
-                lease.parked_on = connection
-            return
-    _finish(lease)
+def _watches_this_level(connection: Any, hook: Callable[[], None]) -> bool:
+    # Pending, and registered at this savepoint level or outside it: nothing that could drop it
+    # (a savepoint rollback) leaves the work we would park for now in place.
+    current = set(connection.savepoint_ids)
+    return any(entry[1] is hook and entry[0] <= current for entry in list(connection.run_on_commit))
+
+
+def _release_hook(lease: Lease, alias: str) -> Callable[[], None]:
+    @commit_hook("release")
+    def release_on_commit() -> None:
+        with _finish_lock:
+            if alias in lease.parked and lease.parked[alias][1] is release_on_commit:
+                del lease.parked[alias]  # this transaction is over: it no longer needs the lease
+            waiting = bool(lease.parked) and not lease.parked_transaction_ended()
+        if not waiting:
+            _finish(lease)
+
+    return release_on_commit
 
 
 _finish_lock = threading.Lock()
@@ -249,7 +437,7 @@ def _finish(lease: Lease) -> None:
     with _finish_lock:
         first = not lease.released
         lease.released = True
-        callbacks, lease.after_release = lease.after_release, []
+        lease.parked.clear()
     leases = _held()
     if leases.get(lease.key) is lease:
         del leases[lease.key]
@@ -258,18 +446,32 @@ def _finish(lease: Lease) -> None:
             _renewer.discard(lease)
             _release(lease)
     finally:
-        for callback in callbacks:
-            try:
-                callback()
-            except Exception:
-                logger.exception("callback after releasing %s failed", lease.key)
+        _run_after_release(lease)
+
+
+def _run_after_release(lease: Lease) -> None:
+    """Run, on the holder's thread, what waited for the release; never drop it silently.
+
+    Every callback here was queued by something that committed (``state_changed`` is queued by the
+    commit's own hook, so a rolled-back transition never queues one) or asked explicitly for the
+    release; so whoever releases the lease, or drops it, runs them — never the renewer's thread.
+    """
+    with _finish_lock:
+        callbacks, lease.after_release = lease.after_release, []
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:
+            logger.exception("callback after releasing %s failed", lease.key)
 
 
 def release_if_rolled_back(lease: Lease) -> bool:
-    """For the renewer: release a parked lease whose caller's transaction ended uncommitted.
+    """For the renewer: release a parked lease whose callers' transactions all ended uncommitted.
 
-    Only the Redis side: callbacks stay for the holder's thread (a commit's own callback runs
-    them), so ``state_changed`` receivers never run on the renewer's thread.
+    Only the Redis side: its callbacks (signals of transitions that committed on another database
+    meanwhile, explicit ``after_release`` requests) stay for the holder's thread, which runs them
+    at its next lease (``hold``) or when its own hook runs after all (a commit whose hooks had not
+    run yet), so ``state_changed`` receivers never run on the renewer's thread.
     """
     with _finish_lock:
         if lease.released or not lease.parked_transaction_ended():
@@ -303,7 +505,7 @@ def object_lock(
     overwritten by the late commit of a holder whose lease ran out (``fence.barrier``).
     """
     with hold(object_key(obj), timeout=timeout, ttl=ttl) as lease:
-        if lease.depth == 0:  # not re-entered from an enclosing block of this thread
+        if lease.depth == 1:  # this block alone: not re-entered from an enclosing block of this thread
             enter_barrier(lease, using or router.db_for_write(type(obj), instance=obj))
         yield lease
 

@@ -251,17 +251,31 @@ def _write(instance: Model, before: dict[str, Any], state_field: str, using: str
     save_judged(instance, lease, using, names)  # with the lease's mark, judged by lock_row
 
 
+# -- signals: below here only, so that the protocol above can change independently ------------------
+
+from .lease import commit_hook, held_lease  # noqa: E402
+from .signals import deliver  # noqa: E402
+
+
+@commit_hook("signal")
 def _signal(instance: Model, state: Any, machine: StateMachine, key: str | None) -> None:
-    send = partial(_send, instance, state, machine)
+    # Runs among dsm_redis's first on-commit hooks (lease.commit_hook): while the lease is still
+    # parked, so its token is known; receivers run once it is released.
+    lease = None if key is None else held_lease(key)
+    send = partial(_send, instance, state, machine, None if lease is None else lease.fencing_token)
     if key is None:
-        send()
+        deliver(send)
     else:
-        after_release(key, send)  # the lease is released first, then receivers run
+        after_release(key, partial(deliver, send))  # the lease is released first, then receivers run
 
 
-def _send(instance: Model, state: Any, machine: StateMachine) -> None:
+def _send(instance: Model, state: Any, machine: StateMachine, fencing_token: int | None) -> None:
     for receiver, response in state_changed.send_robust(
-        sender=type(instance), instance=instance, state=state, field_name=machine.state_field_name
+        sender=type(instance),
+        instance=instance,
+        state=state,
+        field_name=machine.state_field_name,
+        fencing_token=fencing_token,
     ):
         if isinstance(response, Exception):
             logger.error("state_changed receiver %r raised", receiver, exc_info=response)

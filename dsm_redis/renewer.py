@@ -4,8 +4,8 @@ Safety contract: a renewal that finds the lease gone or owned by another marks t
 one that cannot reach Redis retries until the lease's local deadline passes, then marks it lost.
 A lost lease refuses every later commit (``Lease.check``), so losing it is never silent. The thread
 renews leases one at a time: a Redis call stalled for longer than TTL/3 delays the others, which
-then fail safe (lost), never unsafe. A lease parked until its caller's transaction ends is released
-here if that transaction ended without committing (Django has no rollback hook).
+then fail safe (lost), never unsafe. A lease parked until its callers' transactions end is released
+here once they have all ended and the last did not commit (Django has no rollback hook).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class Renewer:
                 lease = self._next_due()
             try:
                 # A parked lease whose caller's transaction rolled back: nothing else releases it.
-                if lease.parked_on is not None and self._release_if_rolled_back(lease):
+                if lease.parked and self._release_if_rolled_back(lease):
                     continue
                 self._renew(lease)
             except Exception:  # the thread must survive anything; the lease fails safe (lost)
@@ -91,7 +91,7 @@ class Renewer:
 
     def _renew(self, lease: Lease) -> None:
         if lease.lost is not None:  # nothing left to renew; a parked one is still watched
-            if lease.parked_on is not None:
+            if lease.parked:
                 self._schedule(lease, lease.ttl / 3)
             return
         sent = time.monotonic()
@@ -102,7 +102,7 @@ class Renewer:
             if lease.remaining <= 0:
                 lease.lost = f"lease on {lease.key} could not be renewed ({type(exc).__name__}) and expired"
                 logger.error("%s", lease.lost)
-                if lease.parked_on is not None:
+                if lease.parked:
                     self._schedule(lease, lease.ttl / 3)  # keep watching for its transaction's end
                 return
             logger.warning("renewing lease on %s failed (%s); retrying", lease.key, type(exc).__name__)
@@ -111,7 +111,7 @@ class Renewer:
         if not ok:
             lease.lost = f"lease on {lease.key} was lost: it expired or another holder took it"
             logger.error("%s", lease.lost)
-            if lease.parked_on is not None:
+            if lease.parked:
                 self._schedule(lease, lease.ttl / 3)  # keep watching for its transaction's end
             return
         lease.valid_until = sent + lease.ttl

@@ -1,12 +1,26 @@
 """Signals, as deus-state-machina sent them; both fire once per *committed* transition.
 
-``state_changed`` is sent with ``instance``, ``state`` and ``field_name`` after the transaction
-commits and the lease is released (a rolled-back transition never sends it). Receivers run with
-``send_robust``: one that raises is logged and does not turn a committed transition into an error.
+``state_changed`` is sent with ``instance``, ``state``, ``field_name`` and ``fencing_token`` after
+the transaction commits and the lease is released (a rolled-back transition never sends it).
+Receivers run with ``send_robust``: one that raises is logged and does not turn a committed
+transition into an error.
+
+Order: on the thread that committed them, an object's signals are delivered in the order its
+transitions committed, also when a receiver or an on-commit hook transitions objects in turn.
+dsm_redis's own on-commit hooks run before any hook of yours (whenever you registered it), and
+signals sent while receivers are running — or while a commit's own hooks are still releasing its
+leases — wait in a per-thread FIFO queue until those are done. ``fencing_token`` is the token of
+the lease the transition committed under (``None`` for an unsaved object, which has no lease):
+transitions of one object committed later carry a token at least as high, so a receiver that
+hands the signal to another process can let it drop stale ones. Signals of transitions committed
+on different threads or processes are not ordered with respect to each other.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from django.dispatch import Signal
@@ -14,6 +28,48 @@ from django.dispatch import Signal
 __all__ = ["state_changed", "emit_signal_on_state"]
 
 state_changed = Signal()
+
+
+class _Deliveries(threading.local):
+    def __init__(self) -> None:
+        self.queue: deque[Callable[[], None]] = deque()
+        self.delivering = False  # receivers are running on this thread: later signals wait
+        self.holding = False  # a commit's own hooks are still running: signals wait for them
+
+
+_deliveries = _Deliveries()
+
+
+def deliver(send: Callable[[], None]) -> None:
+    """Run ``send`` now, or after the deliveries this thread is already in the middle of (FIFO).
+
+    Closes the race where a receiver (or a commit's hook) transitions an object whose earlier,
+    already committed transition has not been signalled yet: its newer signal would overtake it.
+    """
+    _deliveries.queue.append(send)
+    _drain()
+
+
+def hold_deliveries() -> None:
+    """Queue signals until ``release_deliveries``: a commit's hooks have not all run yet."""
+    _deliveries.holding = True
+
+
+def release_deliveries() -> None:
+    _deliveries.holding = False
+    _drain()
+
+
+def _drain() -> None:
+    state = _deliveries
+    if state.delivering or state.holding:
+        return  # the delivery (or the commit) already under way on this thread runs it after
+    state.delivering = True
+    try:
+        while state.queue:
+            state.queue.popleft()()
+    finally:
+        state.delivering = False
 
 
 def emit_signal_on_state(model: Any, target_field_name: str, target_state: Any, signal: Signal) -> None:

@@ -5,6 +5,8 @@ LocalLockBackend."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import signal
 import threading
 import time
 import traceback
@@ -266,9 +268,17 @@ def test_unreachable_redis_is_unavailable_and_no_message_carries_the_password(sc
 # -- LocalLockBackend --------------------------------------------------------------------------------
 
 
+def local_options(**options: Any) -> dict[str, Any]:
+    # The in-process table is shared per KEY_PREFIX (see below): each test gets a prefix of its own.
+    return {
+        "BACKEND": "dsm_redis.backends.local.LocalLockBackend",
+        "OPTIONS": {"KEY_PREFIX": f"t-{uuid.uuid4().hex[:8]}", **options},
+    }
+
+
 @pytest.fixture
 def local():
-    return LocalLockBackend(parse({"BACKEND": "dsm_redis.backends.local.LocalLockBackend"}))
+    return LocalLockBackend(parse(local_options()))
 
 
 def test_local_backend_has_the_same_semantics(local):
@@ -310,3 +320,110 @@ def test_local_backend_lists_its_leases(local):
     assert [lease.owner for lease in leases] == [grants[1].owner, grants[0].owner]
     local.release("app.m:1", grants[1].owner)
     assert [lease.key for lease in local.iter_leases()] == ["app.m:2"]
+
+
+def test_a_settings_change_keeps_leases_held_in_the_process_exclusive(settings):
+    settings.DSM_REDIS = local_options()
+    first = get_backend()
+    grant = first.acquire("app.m:1", ttl=60, timeout=0)
+    # Any change to DSM_REDIS (a test's override_settings, a reload) builds a new backend instance.
+    settings.DSM_REDIS = dict(settings.DSM_REDIS, OPTIONS=dict(settings.DSM_REDIS["OPTIONS"], TTL=20))
+    second = get_backend()
+    assert second is not first
+    with pytest.raises(LockTimeout):
+        second.acquire("app.m:1", ttl=60, timeout=0)  # still held by the first holder
+    assert second.release("app.m:1", grant.owner)
+    assert second.acquire("app.m:1", ttl=60, timeout=0).fencing_token == grant.fencing_token + 1
+
+
+# -- the backend's lifecycle -------------------------------------------------------------------------
+
+
+def test_a_fork_while_another_thread_builds_the_backend_leaves_the_child_a_working_lock():
+    from dsm_redis import backends
+
+    inside, leave = threading.Event(), threading.Event()
+
+    def builder() -> None:
+        with backends._lock:  # another thread in the middle of get_backend() at the fork
+            inside.set()
+            leave.wait(120)
+
+    thread = threading.Thread(target=builder)
+    thread.start()
+    try:
+        assert inside.wait(120)
+        pid = os.fork()
+        if pid == 0:  # the child: its first transition needs get_backend()
+            signal.alarm(60)  # a deadlocked child dies of SIGALRM instead of hanging the run
+            code = 3
+            try:
+                code = 0 if isinstance(backends.get_backend(), RedisLockBackend) else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        leave.set()
+        thread.join()
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+# -- waiting for a lease -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pttl", [0, -2], ids=["expiring-now", "vanished"])
+def test_a_waiter_told_the_lease_is_expiring_retries_at_once(backend, pttl):
+    """PTTL 0 (expiring this millisecond) or -2 (released between our SET and our PTTL): the lease
+    is free now, so the waiter must not sleep on the signal list for half the socket timeout."""
+    from dsm_redis.backends.redis import _MIN_WAIT
+
+    real = backend._scripts["acquire"]
+    replies = iter([[0, pttl]])
+
+    def acquire_script(**kwargs: Any) -> Any:
+        return next(replies, None) or real(**kwargs)  # the first reply as if the lease were expiring
+
+    backend._scripts["acquire"] = acquire_script
+    waits: list[float] = []
+    real_blpop = backend.client.blpop
+
+    def blpop(keys: Any, timeout: float = 0) -> Any:
+        waits.append(timeout)
+        return real_blpop(keys, timeout=timeout)
+
+    backend.client.blpop = blpop
+    grant = backend.acquire("app.m:7", ttl=10, timeout=30)
+    assert waits == [_MIN_WAIT]
+    assert backend._max_wait > _MIN_WAIT  # (what it slept before)
+    backend.release("app.m:7", grant.owner)
+
+
+def test_the_wait_follows_the_holders_ttl_and_the_deadline():
+    from dsm_redis.backends.redis import _MIN_WAIT, _wait_time
+
+    assert _wait_time(0, max_wait=2.5, until_deadline=None) == _MIN_WAIT
+    assert _wait_time(-2, max_wait=2.5, until_deadline=None) == _MIN_WAIT
+    assert _wait_time(-1, max_wait=2.5, until_deadline=None) == 2.5  # no expiry: only a release wakes us
+    assert _wait_time(800, max_wait=2.5, until_deadline=None) == 0.8
+    assert _wait_time(8000, max_wait=2.5, until_deadline=None) == 2.5
+    assert _wait_time(8000, max_wait=2.5, until_deadline=0.3) == 0.3
+    assert _wait_time(8000, max_wait=2.5, until_deadline=0.0) == _MIN_WAIT
+
+
+class Interrupted(BaseException):
+    """Like Celery's SoftTimeLimitExceeded: raised into the worker wherever it happens to be."""
+
+
+def test_an_interruption_while_reading_the_acquire_reply_gives_the_lease_back(backend):
+    real = backend._scripts["acquire"]
+
+    def acquire_then_interrupted(**kwargs: Any) -> Any:
+        real(**kwargs)  # the script ran: the lease is set in Redis, with our owner id
+        raise Interrupted()  # ... and the reply never reaches us
+
+    backend._scripts["acquire"] = acquire_then_interrupted
+    with pytest.raises(Interrupted):
+        backend.acquire("app.m:8", ttl=60, timeout=0)
+    assert backend.describe("app.m:8")["owner"] is None  # not left to its 60 s TTL
+    backend._scripts["acquire"] = real
+    backend.release("app.m:8", backend.acquire("app.m:8", ttl=60, timeout=0).owner)

@@ -120,3 +120,25 @@ def test_proxy_and_inherited_models_share_the_parents_lease():
         assert contend_from_another_thread(lion) == "timeout"
     assert lion.state_machine.survive() == 1  # a transition on the child locks parent, then child
     assert Cat.objects.get(pk=lion.pk).can_meow is True
+
+
+def test_a_lease_whose_registration_failed_does_not_poison_the_thread(monkeypatch):
+    from dsm_redis.renewer import Renewer
+
+    account = Account.objects.create()
+    real_add = Renewer.add
+    failed: list[object] = []
+
+    def add_fails_once(self: Renewer, lease: object) -> None:
+        if not failed:
+            failed.append(lease)
+            raise RuntimeError("can't start new thread")  # what threading raises when refused
+        real_add(self, lease)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Renewer, "add", add_fails_once)
+    with pytest.raises(RuntimeError, match="new thread"):
+        account.machine.deposit()
+    assert get_backend().describe(object_key(account))["owner"] is None  # given back at once
+    assert account.machine.deposit() == "open"  # the next transition on this thread works
+    assert get_backend().describe(object_key(account))["owner"] is None  # and releases its lease
+    assert Account.objects.get(pk=account.pk).balance == 1

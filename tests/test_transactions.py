@@ -17,7 +17,7 @@ from django.db import connection, connections, transaction
 from dsm_redis import TransitionException, object_lock, state_changed
 from dsm_redis.backends import get_backend
 from dsm_redis.keys import object_key
-from dsm_redis.lease import held_lease
+from dsm_redis.lease import after_release, held_lease
 from tests.procs import contend_from_another_thread
 from tests.testapp.models import ALIVE, DEAD, Cat
 
@@ -151,3 +151,147 @@ def test_a_hook_failing_after_the_commit_leaves_the_instance_as_committed():
     assert (account.balance, account.deposits) == (5, 1)  # not "restored" to what it no longer is
     row = Account.objects.get(pk=account.pk)
     assert (row.balance, row.deposits) == (5, 1)
+
+
+def record_signals(seen: list[Any]) -> Any:
+    """Connect a state_changed receiver appending (pk, state, fencing_token); returns it to disconnect."""
+
+    def receiver(sender: Any, instance: Any, state: Any, fencing_token: Any = "missing", **kwargs: Any) -> None:
+        seen.append((instance.pk, state, fencing_token))
+
+    state_changed.connect(receiver, weak=False)
+    return receiver
+
+
+def test_a_failing_user_hook_registered_first_does_not_keep_the_lease_nor_drop_the_signal():
+    cat = Cat.objects.create()
+    seen: list[Any] = []
+    receiver = record_signals(seen)
+    try:
+        with pytest.raises(ZeroDivisionError):
+            with transaction.atomic():
+                transaction.on_commit(lambda: 1 / 0)  # registered before the transition's hooks
+                cat.state_machine.survive()
+    finally:
+        state_changed.disconnect(receiver)
+    assert Cat.objects.get(pk=cat.pk).state == ALIVE  # committed
+    assert contend_from_another_thread(cat) == "acquired"  # released at the commit, not at the TTL
+    assert [(pk, state) for pk, state, _ in seen] == [(cat.pk, ALIVE)]
+
+
+def test_a_transition_queued_on_commit_by_a_side_effect_signals_after_the_one_that_queued_it():
+    from tests.testapp.models import Account
+
+    account = Account.objects.create()
+    seen: list[Any] = []
+    receiver = record_signals(seen)
+    try:
+        account.machine.deposit(effect=lambda: transaction.on_commit(lambda: account.machine.close()))
+    finally:
+        state_changed.disconnect(receiver)
+    assert Account.objects.get(pk=account.pk).state == "closed"
+    assert [state for _, state, _ in seen] == ["open", "closed"]  # commit order: the row is closed
+    tokens = {token for _, _, token in seen}
+    assert len(tokens) == 1 and isinstance(tokens.pop(), int)  # both under the one lease
+
+
+def test_a_receiver_transitioning_another_object_does_not_reorder_that_objects_signals():
+    x, y = Cat.objects.create(), Cat.objects.create()
+    seen: list[Any] = []
+    receiver = record_signals(seen)
+
+    def kill_y(sender: Any, instance: Any, state: Any, **kwargs: Any) -> None:
+        if instance.pk == x.pk and state == ALIVE:
+            Cat.objects.get(pk=y.pk).state_machine.transition_to(DEAD)
+
+    state_changed.connect(kill_y, sender=Cat, weak=False)
+    try:
+        with transaction.atomic():
+            x.state_machine.survive()
+            y.state_machine.survive()
+    finally:
+        state_changed.disconnect(kill_y, sender=Cat)
+        state_changed.disconnect(receiver)
+    assert Cat.objects.get(pk=y.pk).state == DEAD
+    assert [state for pk, state, _ in seen if pk == y.pk] == [ALIVE, DEAD]  # commit order
+    y_tokens = [token for pk, _, token in seen if pk == y.pk]
+    assert y_tokens[0] < y_tokens[1]  # receivers can tell a stale signal by its token
+
+
+def test_an_unsaved_objects_signal_has_no_fencing_token():
+    seen: list[Any] = []
+    receiver = record_signals(seen)
+    try:
+        Cat().state_machine.survive()
+    finally:
+        state_changed.disconnect(receiver)
+    assert [(state, token) for _, state, token in seen] == [(ALIVE, None)]
+
+
+@pytest.mark.django_db(databases=["default", "sqlite"], transaction=True)
+def test_a_lease_written_under_on_two_databases_is_held_until_both_transactions_end():
+    cat = Cat.objects.create()
+    with transaction.atomic(using="sqlite"):
+        with transaction.atomic(using="default"):
+            with object_lock(cat) as lease:
+                lease.fence("sqlite")
+                lease.fence("default")
+        # default committed; the sqlite transaction that also wrote under the lease is still open
+        assert contend_from_another_thread(cat) == "timeout"
+    assert contend_from_another_thread(cat) == "acquired"  # released when the last one ended
+
+
+@pytest.mark.django_db(databases=["default", "sqlite"], transaction=True)
+def test_a_committed_signal_waiting_on_a_lease_whose_other_transaction_rolled_back_is_delivered(settings):
+    settings.DSM_REDIS = dict(settings.DSM_REDIS, OPTIONS=dict(settings.DSM_REDIS["OPTIONS"], TTL=0.6))
+    cat = Cat.objects.create()
+    seen: list[Any] = []
+    receiver = record_signals(seen)
+    try:
+        with pytest.raises(ZeroDivisionError):
+            with transaction.atomic(using="sqlite"):
+                with object_lock(cat) as lease:
+                    lease.fence("sqlite")
+                    cat.state_machine.survive()  # commits on default at once (autocommit there)
+                assert seen == []  # the lease is parked on sqlite: receivers wait for its release
+                1 / 0
+        for _ in range(500):  # the renewer notices the rollback at its next round and releases it
+            if lease.released:
+                break
+            time.sleep(0.01)
+        assert lease.released
+        assert Cat.objects.get(pk=cat.pk).state == ALIVE
+        cat.state_machine.transition_to(DEAD)  # this thread's next touch of the object
+    finally:
+        state_changed.disconnect(receiver)
+    # The committed ALIVE is not lost with the released lease, and arrives before DEAD.
+    assert [state for _, state, _ in seen] == [ALIVE, DEAD]
+
+
+def test_a_stale_parked_lease_dropped_by_a_take_over_delivers_its_committed_signals(settings):
+    settings.DSM_REDIS = dict(
+        settings.DSM_REDIS, OPTIONS=dict(settings.DSM_REDIS["OPTIONS"], TTL=0.3, AUTO_RENEW=False)
+    )
+    cat = Cat.objects.create()
+    ran: list[str] = []
+    with pytest.raises(ZeroDivisionError):
+        with transaction.atomic():
+            cat.state_machine.survive()
+            after_release(object_key(cat), lambda: ran.append("after release"))
+            1 / 0
+    time.sleep(0.4)  # its TTL runs out while parked; nothing renews it
+    cat.state = 0
+    assert cat.state_machine.survive() == ALIVE  # a fresh lease; the stale one is dropped
+    assert ran == ["after release"]  # run deliberately when the lease was dropped, not lost
+
+
+@pytest.mark.django_db(databases=["default", "sqlite"], transaction=True)
+def test_a_parked_lease_re_entered_for_another_database_waits_for_that_transaction_too():
+    cat = Cat.objects.create()
+    with transaction.atomic(using="sqlite"):
+        with transaction.atomic(using="default"):
+            cat.state_machine.survive()  # parked on default
+            with object_lock(cat) as lease:  # re-entered: parked for this very transaction
+                lease.fence("sqlite")
+        assert contend_from_another_thread(cat) == "timeout"  # sqlite's transaction is still open
+    assert contend_from_another_thread(cat) == "acquired"

@@ -115,4 +115,12 @@ def reset_backend(**kwargs: Any) -> None:
         _instance = None
 
 
+def _reset_lock_after_fork() -> None:
+    # Another thread may have held the lock at the moment of the fork; it does not exist in the
+    # child, which would then deadlock in its first get_backend() (its first transition).
+    global _lock
+    _lock = threading.Lock()
+
+
 setting_changed.connect(reset_backend, dispatch_uid="dsm_redis.reset_backend")
+os.register_at_fork(after_in_child=_reset_lock_after_fork)

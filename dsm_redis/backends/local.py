@@ -3,11 +3,14 @@ fencing counters, re-anchoring), for development and single-process tests.
 
 Safety contract: mutual exclusion between threads of ONE process only. Two processes (gunicorn
 workers, Celery workers) each have their own table and do not exclude each other; the system
-checks warn when this backend is configured with ``DEBUG = False``.
+checks warn when this backend is configured with ``DEBUG = False``. Within the process the table
+(leases and fencing counters) belongs to the module, one per ``KEY_PREFIX``, not to the backend
+instance: a settings change builds a new instance, and leases held across it stay exclusive.
 """
 
 from __future__ import annotations
 
+import os
 import secrets
 import threading
 import time
@@ -18,12 +21,45 @@ from ..exceptions import LockTimeout
 from . import Grant, LeaseInfo, LockBackend
 
 
+class _Table:
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.leases: dict[str, tuple[str, float]] = {}  # key -> (owner, expires at, monotonic)
+        self.counters: dict[str, int] = {}
+
+
+_tables: dict[str, _Table] = {}
+_tables_lock = threading.Lock()
+
+
+def _table(prefix: str) -> _Table:
+    with _tables_lock:
+        table = _tables.get(prefix)
+        if table is None:
+            table = _tables[prefix] = _Table()
+        return table
+
+
+def _reset_after_fork() -> None:
+    # A forked child is another process: a table of its own (as the contract says), and locks no
+    # thread of the parent may have held at the moment of the fork.
+    global _tables_lock
+    _tables_lock = threading.Lock()
+    _tables.clear()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 class LocalLockBackend(LockBackend):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._cond = threading.Condition()
-        self._leases: dict[str, tuple[str, float]] = {}  # key -> (owner, expires at, monotonic)
-        self._counters: dict[str, int] = {}
+        # Shared with every other instance for this prefix: a settings change (which builds a new
+        # instance) while leases are held must not let a second holder in.
+        table = _table(self.config.key_prefix)
+        self._cond = table.cond
+        self._leases = table.leases
+        self._counters = table.counters
 
     def _owner(self, key: str) -> str | None:
         entry = self._leases.get(key)

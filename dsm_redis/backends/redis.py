@@ -59,6 +59,26 @@ def _new_owner() -> str:
 _SIGNAL_EXPIRE_MS = 1000
 
 
+def _wait_time(pttl_ms: int, max_wait: float, until_deadline: float | None) -> float:
+    """How long a waiter blocks on the signal list, given the holder's PTTL from the acquire script.
+
+    It sleeps until a release pushes a signal, the holder's TTL runs out (a crashed holder pushes
+    nothing), or its deadline: whichever is first. PTTL 0 (expiring this millisecond) and -2 (the
+    key vanished between the script's SET and its PTTL) mean the lease is free now: retry at once
+    rather than sleep up to ``max_wait`` for a signal that will never come. -1 (a key without
+    expiry, e.g. set by hand) only a release can end.
+    """
+    if pttl_ms == -1:
+        wait = max_wait
+    elif pttl_ms <= 0:
+        wait = _MIN_WAIT
+    else:
+        wait = min(max_wait, pttl_ms / 1000)
+    if until_deadline is not None:
+        wait = min(wait, until_deadline)
+    return max(wait, _MIN_WAIT)
+
+
 class RedisLockBackend(LockBackend):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
@@ -137,9 +157,11 @@ class RedisLockBackend(LockBackend):
                     "acquire a lease",
                     lambda: self._scripts["acquire"](keys=[lock_key, counter], args=[owner, ttl_ms]),
                 )
-            except LockBackendUnavailable:
-                # The reply was lost, but the script may have run: give back a lease nobody would
-                # otherwise release before its TTL (owner-checked, so never someone else's).
+            except BaseException:
+                # The reply was lost (Redis unreachable) or never read (Celery's
+                # SoftTimeLimitExceeded, KeyboardInterrupt... landing while we waited for it), but
+                # the script may have run: give back a lease nobody would otherwise release before
+                # its TTL (owner-checked, so never someone else's), then let the exception go on.
                 try:
                     self.release(key, owner)
                 except LockBackendUnavailable:
@@ -153,14 +175,7 @@ class RedisLockBackend(LockBackend):
             if deadline is not None and now >= deadline:
                 raise LockTimeout(f"lease on {key} not acquired within {timeout}s")
             waited = True
-            # Sleep until a release pushes a signal, the holder's TTL runs out (a crashed holder
-            # pushes nothing), or our deadline: whichever is first.
-            wait = self._max_wait
-            if value > 0:
-                wait = min(wait, value / 1000)
-            if deadline is not None:
-                wait = min(wait, deadline - now)
-            wait = max(wait, _MIN_WAIT)
+            wait = _wait_time(int(value), self._max_wait, None if deadline is None else deadline - now)
             self._call("wait for a lease", partial(self.client.blpop, [signal_key], timeout=wait))
 
     def renew(self, key: str, owner: str, ttl: float) -> bool:
