@@ -54,7 +54,6 @@ from .conf import get_config
 from .exceptions import LockBackendUnavailable, LockLost
 from .keys import object_key
 from .renewer import Renewer
-from .signals import hold_deliveries, release_deliveries
 
 if TYPE_CHECKING:
     from django.db.models import Model
@@ -104,8 +103,6 @@ class Lease:
             self.lost = f"lease on {self.key} expired (TTL {self.ttl}s) before the work committed"
         if self.lost is not None:
             raise LockLost(self.lost)
-        for alias in self.databases:
-            _order_commit_hooks(alias)  # checked inside a transaction that will commit our work
 
     def fence(self, using: str = "default") -> None:
         """Judge this lease's token in the current transaction of ``using``, before your own writes.
@@ -124,7 +121,6 @@ class Lease:
         self.check()
         fence(self, using, get_config().effective_row_lock_timeout)
         self.databases.add(using)
-        _order_commit_hooks(using)
 
     def parked_transaction_ended(self) -> bool:
         """Parked, and every transaction it waits for is over without having released it.
@@ -290,14 +286,21 @@ def _hook_kind(func: Any) -> str | None:
     return kind
 
 
-def _on_commit_first(func: Callable[[], None], using: str, *, index: int | None = None) -> None:
-    """``transaction.on_commit(func, robust=True)``, then moved ahead of every hook not ours.
+# dsm_redis's hooks at the front of the list, by rank: every transition's signal hook before every
+# release hook of the same commit (ranks equal keep registration order). A signal hook queues its
+# delivery on the lease, which the release then runs: with all of one commit's signals queued
+# before any release, a receiver that transitions another object of that commit finds that
+# object's earlier signal already queued, and its own new one lands after it (signals.deliver).
+_RANK = {"signal": 0, "release": 1}
 
-    Closes the race above: a hook the caller registered earlier that raises (or transitions the
-    object again) runs after ours, not before. Registered through ``transaction.on_commit`` so that
-    Django's savepoint bookkeeping applies (a rolled-back savepoint drops it), then the entry it
-    appended is moved to ``index``, by default just after the dsm_redis hooks already at the front
-    of the list, which keeps ours in registration order.
+
+def on_commit_first(func: Callable[[], None], using: str) -> None:
+    """``transaction.on_commit(func, robust=True)`` for a hook marked with ``commit_hook``, moved
+    ahead of every hook that is not dsm_redis's, whenever that one was registered.
+
+    Closes the race above. Registered through ``transaction.on_commit`` so that Django's savepoint
+    bookkeeping applies (a rolled-back savepoint drops it), then the entry it appended is moved
+    into the front group of dsm_redis hooks, after those of its rank or lower.
     """
     connection = connections[using]
     transaction.on_commit(func, using=using, robust=True)
@@ -305,70 +308,11 @@ def _on_commit_first(func: Callable[[], None], using: str, *, index: int | None 
         return  # autocommit: it has already run
     hooks = connection.run_on_commit
     entry = hooks.pop()
-    if index is None:
-        index = 0
-        while index < len(hooks) and _hook_kind(hooks[index][1]) is not None:
-            index += 1
+    rank = _RANK[_hook_kind(func) or "release"]
+    index = 0
+    while index < len(hooks) and (kind := _hook_kind(hooks[index][1])) is not None and _RANK[kind] <= rank:
+        index += 1
     hooks.insert(index, entry)
-
-
-def _order_commit_hooks(using: str) -> None:
-    """Make sure the transaction open on ``using`` sorts its on-commit hooks when it commits.
-
-    The protocol queues ``state_changed`` at the end of the transition's own transaction, where a
-    hook that the side effect registered is already ahead of it; nothing of ours runs between that
-    and the COMMIT. So the first hook of the transaction (``index=0``) is a sorter: at the commit it
-    moves the signal hooks, then the other dsm_redis hooks, ahead of every other hook, and holds
-    ``state_changed`` deliveries until they have all run (so that a receiver transitioning another
-    object never overtakes that object's signal from the same commit).
-    """
-    connection = connections[using]
-    if not connection.in_atomic_block:
-        return
-    hooks = connection.run_on_commit
-    current = set(connection.savepoint_ids)
-    found = False
-    for entry in hooks:
-        sids, func = entry[0], entry[1]
-        if _hook_kind(func) == "sorter":
-            func.cell[0] = hooks  # type: ignore[attr-defined]  # a rolled-back savepoint replaces the list: follow it
-            found = found or sids <= current  # it survives whatever may drop what we queue now
-    if not found:
-        _on_commit_first(_new_sorter(hooks), using, index=0)
-
-
-def _new_sorter(hooks: list[Any]) -> Any:
-    cell = [hooks]
-
-    @commit_hook("sorter")
-    def sort_commit_hooks() -> None:
-        current = cell[0]
-        if any(entry[1] is sort_commit_hooks for entry in current):
-            # Not the list being run (we were popped from that one): a savepoint rollback replaced
-            # it after our last look. Leave the registration order rather than guess.
-            return
-        signals, ours, others = [], [], []
-        for entry in current:
-            kind = _hook_kind(entry[1])
-            if kind == "signal":
-                signals.append((entry[0], entry[1], True))  # robust, as ours are
-            elif kind == "sorter":
-                continue  # another sorter of this transaction: this one does its work
-            elif kind is not None:
-                ours.append(entry)
-            else:
-                others.append(entry)
-        # Signals first, while the leases are still parked (their tokens are known); they wait in
-        # the leases' after-release lists, then in the delivery queue until every release has run.
-        hold_deliveries()
-        current[:] = [*signals, *ours, (set(), _release_deliveries, True), *others]
-
-    sort_commit_hooks.cell = cell  # type: ignore[attr-defined]
-    return sort_commit_hooks
-
-
-def _release_deliveries() -> None:
-    release_deliveries()
 
 
 def _release_after_commit(lease: Lease) -> None:
@@ -386,12 +330,11 @@ def _release_after_commit(lease: Lease) -> None:
         current = lease.parked.get(alias)
         if current is not None and current[0] is connection and _watches_this_level(connection, current[1]):
             continue  # an earlier block of this transaction already waits for its commit
-        _order_commit_hooks(alias)
         release_on_commit = _release_hook(lease, alias)
         with _finish_lock:
             # Hook first, then the parked entry: the renewer must never see a parked lease whose
             # hook is not registered yet (it would take it for rolled back).
-            _on_commit_first(release_on_commit, alias)
+            on_commit_first(release_on_commit, alias)
             lease.parked[alias] = (connection, release_on_commit)
     with _finish_lock:
         waiting = lease.parked and not lease.parked_transaction_ended()

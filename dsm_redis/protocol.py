@@ -15,7 +15,8 @@ For a saved object, one transition (or the outermost of nested ones):
                to commit if the lease was lost meanwhile (``LockLost``);
 5. commit      leave the atomic block; then release the lease (owner-checked); then send
                ``state_changed`` (queued with ``transaction.on_commit``, so a rolled-back
-               transition never signals).
+               transition never signals; dsm_redis's hooks run before the caller's, and an
+               object's signals are delivered in commit order: ``signals.py``).
 
 Anything raised before the commit rolls the row back and restores the in-memory instance.
 ``TransitionFailed(error_state)`` from a side effect rolls the transition back and runs the edge to
@@ -41,8 +42,8 @@ from .conf import get_config
 from .exceptions import LockLost, TransitionException, TransitionFailed
 from .fence import lock_row, save_judged
 from .keys import object_key
-from .lease import Lease, after_release, hold
-from .signals import state_changed
+from .lease import Lease, after_release, commit_hook, hold, on_commit_first
+from .signals import deliver, state_changed
 
 if TYPE_CHECKING:
     from .machine import StateMachine, Transition
@@ -158,8 +159,10 @@ def _step(
                 except LockLost:
                     logger.error("refusing to commit %s on %s: lease lost", transition, lease.key)
                     raise
-            key = lease.key if lease is not None else None
-            transaction.on_commit(partial(_signal, instance, transition.end, machine, key), using=using)
+            key, token = (lease.key, lease.fencing_token) if lease is not None else (None, None)
+            # Ahead of every hook of the caller's: one that raises cannot drop the signal, and a
+            # transition one of them makes cannot signal before this one (signals.py).
+            on_commit_first(partial(_signal, instance, transition.end, machine, key, token), using)
         # 5. committed (or our savepoint released inside a caller's transaction)
         return transition.end, False
     except TransitionFailed as failed:
@@ -251,18 +254,11 @@ def _write(instance: Model, before: dict[str, Any], state_field: str, using: str
     save_judged(instance, lease, using, names)  # with the lease's mark, judged by lock_row
 
 
-# -- signals: below here only, so that the protocol above can change independently ------------------
-
-from .lease import commit_hook, held_lease  # noqa: E402
-from .signals import deliver  # noqa: E402
-
-
 @commit_hook("signal")
-def _signal(instance: Model, state: Any, machine: StateMachine, key: str | None) -> None:
-    # Runs among dsm_redis's first on-commit hooks (lease.commit_hook): while the lease is still
-    # parked, so its token is known; receivers run once it is released.
-    lease = None if key is None else held_lease(key)
-    send = partial(_send, instance, state, machine, None if lease is None else lease.fencing_token)
+def _signal(instance: Model, state: Any, machine: StateMachine, key: str | None, token: int | None) -> None:
+    # Runs among dsm_redis's first on-commit hooks, before any lease of the commit is released
+    # (lease.on_commit_first); receivers run once the lease is released.
+    send = partial(_send, instance, state, machine, token)
     if key is None:
         deliver(send)
     else:

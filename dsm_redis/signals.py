@@ -7,9 +7,9 @@ transition into an error.
 
 Order: on the thread that committed them, an object's signals are delivered in the order its
 transitions committed, also when a receiver or an on-commit hook transitions objects in turn.
-dsm_redis's own on-commit hooks run before any hook of yours (whenever you registered it), and
-signals sent while receivers are running — or while a commit's own hooks are still releasing its
-leases — wait in a per-thread FIFO queue until those are done. ``fencing_token`` is the token of
+dsm_redis's own on-commit hooks run before any hook of yours (whenever you registered it), a
+commit's signals are queued before any of its leases is released, and signals sent while
+receivers are running wait in a per-thread FIFO queue until those are done. ``fencing_token`` is the token of
 the lease the transition committed under (``None`` for an unsaved object, which has no lease):
 transitions of one object committed later carry a token at least as high, so a receiver that
 hands the signal to another process can let it drop stale ones. Signals of transitions committed
@@ -34,7 +34,6 @@ class _Deliveries(threading.local):
     def __init__(self) -> None:
         self.queue: deque[Callable[[], None]] = deque()
         self.delivering = False  # receivers are running on this thread: later signals wait
-        self.holding = False  # a commit's own hooks are still running: signals wait for them
 
 
 _deliveries = _Deliveries()
@@ -50,20 +49,10 @@ def deliver(send: Callable[[], None]) -> None:
     _drain()
 
 
-def hold_deliveries() -> None:
-    """Queue signals until ``release_deliveries``: a commit's hooks have not all run yet."""
-    _deliveries.holding = True
-
-
-def release_deliveries() -> None:
-    _deliveries.holding = False
-    _drain()
-
-
 def _drain() -> None:
     state = _deliveries
-    if state.delivering or state.holding:
-        return  # the delivery (or the commit) already under way on this thread runs it after
+    if state.delivering:
+        return  # the delivery already under way on this thread runs it after
     state.delivering = True
     try:
         while state.queue:
