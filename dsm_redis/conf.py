@@ -1,9 +1,11 @@
 """The ``DSM_REDIS`` setting: parsed and validated strictly, in this one place.
 
+``validate()`` lists every problem at once; the system checks in ``checks.py`` turn them into
+``manage.py check`` errors with ids (so do runserver, migrate and every command that runs the checks).
 ``get_config()`` returns a frozen :class:`Config` or raises ``ImproperlyConfigured`` naming the
-offending key. ``validate()`` lists every problem at once (the system checks in ``checks.py`` turn
-them into ``manage.py check`` errors); the app's ``ready()`` calls ``get_config()`` so a broken
-setting stops a process at start-up, Celery workers included (they never run the checks).
+offending keys; it runs at first use (a transition, ``object_lock``, a locked task), so a process that
+runs no checks (a Celery worker, a script) fails there with the same messages. The app's ``ready()``
+does not validate: raising there would keep ``manage.py check`` from ever showing the ids.
 """
 
 from __future__ import annotations

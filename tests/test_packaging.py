@@ -24,4 +24,3 @@ def test_the_celery_extra_brings_the_redis_transport_dependencies():
     # kombu's Redis transport imports packaging, which kombu lists only under its own redis extra.
     celery = extra_requirements("celery")["celery"]
     assert "redis" in celery.extras
-
