@@ -39,9 +39,11 @@ if TYPE_CHECKING:
 __all__ = ["SeedMachine", "TransitionTask", "lock_object", "thread_lock_object"]
 
 
-def deprecated(old: str, new: str) -> None:
+def deprecated(old: str, new: str, *, stacklevel: int = 3) -> None:
+    """Warn the caller of the deprecated name (``stacklevel``: 3 from a function, 4 from the body of
+    a ``@contextmanager``, which ``__enter__`` runs)."""
     warnings.warn(
-        f"{old} is deprecated (deus-state-machina compatibility); use {new}", DeprecationWarning, stacklevel=3
+        f"{old} is deprecated (deus-state-machina compatibility); use {new}", DeprecationWarning, stacklevel=stacklevel
     )
 
 
@@ -49,7 +51,11 @@ def deprecated(old: str, new: str) -> None:
 def lock_object(obj: Model) -> Iterator[Lease]:
     """The seed's ``lock_object``: the block in a transaction with the row locked, here under the
     object's lease and fenced (writes in it are judged by the database like a transition's)."""
-    deprecated("lock_object(obj)", "dsm_redis.object_lock(obj) with lease.fence(using) inside transaction.atomic()")
+    deprecated(
+        "lock_object(obj)",
+        "dsm_redis.object_lock(obj) with lease.fence(using) inside transaction.atomic()",
+        stacklevel=4,
+    )
     from .lease import object_lock
 
     using = obj._state.db or router.db_for_write(type(obj), instance=obj)
@@ -66,7 +72,7 @@ _attach_lock = threading.Lock()
 def thread_lock_object(obj: Model) -> Iterator[None]:
     """The seed's ``thread_lock_object``: the object's lease for a saved object, else a re-entrant
     thread lock attached to the instance."""
-    deprecated("thread_lock_object(obj)", "dsm_redis.object_lock(obj)")
+    deprecated("thread_lock_object(obj)", "dsm_redis.object_lock(obj)", stacklevel=4)
     if obj.pk is not None and not obj._state.adding:
         from .lease import object_lock
 

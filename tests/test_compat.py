@@ -156,6 +156,17 @@ def test_what_does_not_carry_over_is_refused():
     assert fresh(order).status == OrderStatus.NEW
 
 
+def test_the_warnings_point_at_the_callers_line():
+    from dsm_redis.utils import lock_object
+
+    cat = Cat.objects.create()
+    with pytest.warns(DeprecationWarning) as caught, lock_object(cat):
+        pass
+    with pytest.warns(DeprecationWarning) as caught_too:
+        cat.state_machine.state_machine
+    assert [w.filename for w in [*caught, *caught_too]] == [__file__, __file__]
+
+
 def test_the_seed_package_level_names_resolve():
     import dsm_redis
     from dsm_redis import compat
