@@ -18,6 +18,18 @@ from .signals import emit_signal_on_state, state_changed
 
 __version__ = "0.1.0"
 
+# deus-state-machina exported these from its package too: deprecated, see dsm_redis.compat.
+_COMPAT = frozenset({"lock_object", "thread_lock_object", "TransitionTask"})
+
+
+def __getattr__(name: str) -> object:
+    if name in _COMPAT:
+        from . import compat
+
+        return getattr(compat, name)
+    raise AttributeError(f"module 'dsm_redis' has no attribute {name!r}")
+
+
 __all__ = [
     "State",
     "StateMachine",

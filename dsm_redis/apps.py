@@ -10,10 +10,9 @@ class DsmRedisConfig(AppConfig):
     default_auto_field = "django.db.models.AutoField"
 
     def ready(self) -> None:
-        from . import checks  # noqa: F401  (registers the system checks)
-        from .backends import load_backend_class
-        from .conf import get_config
-
-        # Fatal misconfiguration stops every process at start-up, Celery workers included: they
-        # never run the system checks.
-        load_backend_class(get_config().backend)
+        # Registers the system checks, and validates nothing itself: as for Django's own settings, a
+        # broken DSM_REDIS is reported by the checks (manage.py check, runserver, migrate: every
+        # problem with its id and hint), which raising here would pre-empt. A process that runs no
+        # checks (a Celery worker, a script) gets ImproperlyConfigured with the same message at first
+        # use: conf.get_config() and backends.get_backend() raise it.
+        from . import checks  # noqa: F401

@@ -18,9 +18,10 @@
 The W1xx checks run only when the project has imported Celery (its app module), against the
 current Celery app; a worker also logs them when it is ready (``dsm_redis.tasks``).
 
-The fatal subset (everything ``conf.validate()`` finds) also raises ``ImproperlyConfigured`` when
-the app is ready, in every process: Celery workers never run the checks. Messages never echo a
-``LOCATION`` URL (it may carry a password).
+The E00x problems also raise ``ImproperlyConfigured`` with the same message at first use (a
+transition, ``object_lock``, a locked task), in processes that run no checks: Celery workers (they
+run them but discard the result), scripts. Not when the app is ready, which would pre-empt these
+checks. Messages never echo a ``LOCATION`` URL (it may carry a password).
 """
 
 from __future__ import annotations

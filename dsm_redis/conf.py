@@ -1,9 +1,11 @@
 """The ``DSM_REDIS`` setting: parsed and validated strictly, in this one place.
 
+``validate()`` lists every problem at once; the system checks in ``checks.py`` turn them into
+``manage.py check`` errors with ids (so do runserver, migrate and every command that runs the checks).
 ``get_config()`` returns a frozen :class:`Config` or raises ``ImproperlyConfigured`` naming the
-offending key. ``validate()`` lists every problem at once (the system checks in ``checks.py`` turn
-them into ``manage.py check`` errors); the app's ``ready()`` calls ``get_config()`` so a broken
-setting stops a process at start-up, Celery workers included (they never run the checks).
+offending keys; it runs at first use (a transition, ``object_lock``, a locked task), so a process that
+runs no checks (a Celery worker, a script) fails there with the same messages. The app's ``ready()``
+does not validate: raising there would keep ``manage.py check`` from ever showing the ids.
 """
 
 from __future__ import annotations
@@ -81,6 +83,37 @@ def _location(value: str) -> str | None:
     return f"must be a {'://, '.join(LOCATION_SCHEMES)}:// URL or 'cache:<alias>' (it has {shown})"
 
 
+_USERINFO = re.compile(r"^(?P<head>[^/?#@]*?//)?[^/?#@]*@")
+_QUERY_SECRET = re.compile(r"(?i)(?P<head>[?&](?:password|username)=)[^&#]*")
+
+
+def redact(url: str) -> str:
+    """``url`` with its user and password (``user:pw@`` and ``?password=``) replaced by ``***``."""
+    url = _USERINFO.sub(lambda m: f"{m['head'] or ''}***@", str(url), count=1)
+    return _QUERY_SECRET.sub(lambda m: f"{m['head']}***", url)
+
+
+class SecretLocation(str):
+    """A ``LOCATION`` URL whose ``repr()`` hides its credentials.
+
+    It is still the URL for everything else (``str()``, formatting, ``redis.from_url``), so a backend
+    uses it as a plain string; only ``repr()``, which ``repr(config)``, tracebacks with their frames'
+    locals (Sentry, Rollbar, Django's debug page) and ``%r`` use, shows ``redis://***@host:6379/0``.
+    The pieces ``partition()`` splits off it hide theirs too (``":pw@host"`` is still a secret).
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return repr(redact(self))
+
+    def partition(self, sep: str, /) -> tuple[str, str, str]:
+        return tuple(SecretLocation(part) for part in super().partition(sep))  # type: ignore[return-value]
+
+    def rpartition(self, sep: str, /) -> tuple[str, str, str]:
+        return tuple(SecretLocation(part) for part in super().rpartition(sep))  # type: ignore[return-value]
+
+
 # key -> (default, validator). A validator returns None or what is wrong with the value.
 OPTIONS: dict[str, tuple[Any, Callable[[Any], str | None]]] = {
     "TTL": (30.0, _positive),
@@ -106,6 +139,12 @@ class Config:
     socket_timeout: float = 5.0
     socket_connect_timeout: float = 2.0
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # The URL may carry a password: every repr of the config (and of a traceback's locals that
+        # hold it) shows it redacted.
+        if isinstance(self.location, str) and not isinstance(self.location, SecretLocation):
+            object.__setattr__(self, "location", SecretLocation(self.location))
 
     @property
     def effective_row_lock_timeout(self) -> float | None:
@@ -179,7 +218,14 @@ def get_config() -> Config:
     cached = _cache
     if cached is not None and cached[0] is raw:
         return cached[1]
-    config = parse(raw)
+    try:
+        config = parse(raw)
+    except ImproperlyConfigured as exc:
+        # Raised afresh from here with the raw setting (which may hold a password in a URL) out of
+        # this frame's locals, for tracebacks that capture them; the messages never echo a URL.
+        message = str(exc)
+        raw = cached = exc = None  # type: ignore[assignment]
+        raise ImproperlyConfigured(message) from None
     _cache = (raw, config)
     return config
 

@@ -70,6 +70,15 @@ class BoundStateMachine:
             )
         return partial(self._call_edge, name)
 
+    @property
+    def state_machine(self) -> Any:
+        """Deprecated: deus-state-machina's machine behind the bound field, whose methods take the
+        object (``obj.state_machine.state_machine.transition_to(obj, state)``); see ``dsm_redis.compat``."""
+        from .compat import SeedMachine, deprecated
+
+        deprecated("obj.<field>.state_machine", "obj.<field> itself (or obj.<field>.machine)")
+        return SeedMachine(self.machine)
+
     def _call_edge(self, name: str, *args: Any, as_task: bool = False, **kwargs: Any) -> Any:
         if as_task:  # the edge in a Celery task sent on commit (keyword arguments, as JSON)
             if args:

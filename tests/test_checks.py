@@ -1,16 +1,24 @@
-"""System checks for ``DSM_REDIS``: one id per class of problem, each with a hint; the fatal ones
-also stop the process at start-up with ``ImproperlyConfigured`` naming the setting."""
+"""System checks for ``DSM_REDIS``: one id per class of problem, each with a hint, shown by
+``manage.py check`` in a fresh process; a process that runs no checks fails at first use with
+``ImproperlyConfigured`` and the same message."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
-from django.apps import apps
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 
 from dsm_redis.backends.local import LocalLockBackend
+
+ROOT = Path(__file__).resolve().parent.parent
 
 LOCMEM = {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
 
@@ -114,13 +122,70 @@ def test_manage_py_check_fails_on_an_error_and_shows_the_hint(settings, capsys):
     assert "dsm_redis.E002" in str(info.value) and "Did you mean 'TTL'?" in str(info.value)
 
 
-def test_a_fatal_setting_stops_the_app_at_start_up_naming_the_setting(settings):
-    settings.DSM_REDIS = {"OPTIONS": {"TTL": 0}}
-    with pytest.raises(ImproperlyConfigured, match=r"DSM_REDIS\['OPTIONS'\]\['TTL'\]"):
-        apps.get_app_config("dsm_redis").ready()
-    settings.DSM_REDIS = {"LOCATION": "http://x"}
-    with pytest.raises(ImproperlyConfigured, match=r"DSM_REDIS\['LOCATION'\]"):
-        apps.get_app_config("dsm_redis").ready()
+def run_project(setting: object, *argv: str) -> subprocess.CompletedProcess[str]:
+    """``python -m django ARGV`` (or ``python -c`` code) in a fresh process whose ``DSM_REDIS`` is ``setting``."""
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.check_settings", "DSM_CHECK_SETTING": json.dumps(setting)}
+    command = [sys.executable, *argv] if argv[0] == "-c" else [sys.executable, "-m", "django", *argv]
+    return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+BROKEN = [
+    ({"LOCATON": "redis://x"}, "dsm_redis.E002", "Did you mean 'LOCATION'?"),
+    ({"OPTIONS": {"TTL": 0}}, "dsm_redis.E001", "DSM_REDIS['OPTIONS']['TTL'] must be a number > 0; got 0"),
+    ({"BACKEND": "dsm_redis.backends.nope.Backend"}, "dsm_redis.E003", "cannot be imported"),
+    ({"LOCATION": "http://127.0.0.1:6379/0"}, "dsm_redis.E005", "DSM_REDIS['LOCATION'] must be a redis://"),
+]
+
+
+@pytest.mark.parametrize(("setting", "check_id", "text"), BROKEN)
+def test_manage_py_check_in_a_fresh_process_shows_the_id_of_a_broken_setting(setting, check_id, text):
+    result = run_project(setting, "check")
+    assert result.returncode == 1, result.stderr
+    assert f"{check_id}" in result.stderr and text in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_manage_py_check_shows_every_problem_at_once():
+    result = run_project({"LOCATON": "redis://x", "OPTIONS": {"TTL": 0}}, "check", "--tag", "dsm_redis")
+    assert "dsm_redis.E002" in result.stderr and "dsm_redis.E001" in result.stderr, result.stderr
+    assert "2 issues" in result.stderr
+
+
+def test_migrate_runs_the_checks_and_refuses_a_broken_setting():
+    result = run_project({"OPTIONS": {"TLL": 5}}, "migrate")
+    assert result.returncode == 1 and "dsm_redis.E002" in result.stderr and "Did you mean 'TTL'?" in result.stderr
+
+
+FIRST_USE = """
+import django
+django.setup()
+from django.core.management import call_command
+from tests.testapp.models import Cat
+call_command("migrate", verbosity=0, skip_checks=True)
+cat = Cat.objects.create()
+print("setup ok", flush=True)
+try:
+    cat.state_machine.survive()
+finally:
+    cat.refresh_from_db()
+    print("state", cat.state, flush=True)
+"""
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"OPTIONS": {"TTL": 0}}, "ImproperlyConfigured: DSM_REDIS['OPTIONS']['TTL'] must be a number > 0; got 0"),
+        ({"LOCATON": "redis://x"}, "ImproperlyConfigured: DSM_REDIS has an unknown key 'LOCATON'"),
+        ({"BACKEND": "dsm_redis.backends.nope.Backend"}, "ImproperlyConfigured: DSM_REDIS['BACKEND']: cannot import"),
+    ],
+)
+def test_a_process_that_runs_no_checks_fails_at_first_use_with_the_message(setting, message):
+    # A script (or a Celery worker, which discards the check results) starts, and its first
+    # transition raises, changing nothing.
+    result = run_project(setting, "-c", FIRST_USE)
+    assert result.stdout == "setup ok\nstate 0\n", result.stderr
+    assert result.returncode == 1 and message in result.stderr, result.stderr
 
 
 def test_an_unimportable_backend_is_improperly_configured_naming_the_setting():
