@@ -126,12 +126,23 @@ def _bounded_wait(
     try:
         yield timeout
     except DatabaseError as exc:
+        # The transaction is aborted (PostgreSQL): the savepoint rollback that follows undoes our
+        # setting, or the whole transaction ends; no statement can run here.
         cause = exc.__cause__
         pg_timeout = (getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)) == _LOCK_NOT_AVAILABLE
         sqlite_busy = isinstance(exc, OperationalError) and str(exc) in _SQLITE_BUSY
         if pg_timeout or sqlite_busy:
             raise LockTimeout(f"row lock on {key} not obtained within {row_lock_timeout}s") from exc
         raise
+    except BaseException:
+        # A refusal (StaleFencingToken) leaves the transaction usable: a caller that catches it and
+        # carries on must get its own lock_timeout back, not ours.
+        _restore_lock_timeout(using, previous_timeout)
+        raise
+    _restore_lock_timeout(using, previous_timeout)
+
+
+def _restore_lock_timeout(using: str, previous_timeout: str | None) -> None:
     if previous_timeout is not None:
         _execute(using, "SELECT set_config('lock_timeout', %s, true)", [previous_timeout])
 
@@ -160,6 +171,7 @@ def _lock_and_judge(instance: Model, using: str, lease: Lease, timeout: str | No
             result = root_rows.annotate(**{MARK: _pg_fence(lease, timeout)}).values_list(MARK, flat=True).get()
             _judge(_pg_verdict(result), lease, lambda: _table_verdict(lease, using, None))
             return rows.get()  # judged; the parent row is locked, the child's lock cannot wait long
+        _take_write_lock(root_rows, root._meta.pk.attname, using)
         _lock_bounded(root_rows, timeout)
         timeout = None
     if column is not None:
@@ -222,8 +234,9 @@ def barrier(lease: Lease, using: str, row_lock_timeout: float | None) -> None:
     whose commit then publishes it): the judgement waits for an older holder still inside a
     judged transaction, so that holder's commit is visible to every read after this call, and a
     holder older still is refused from now on. Nothing has been read under the lease yet, so a
-    refused token may be re-anchored when Redis confirms ownership. An object with no row has
-    nothing to protect and nothing is stored for it.
+    refused token may be re-anchored when Redis confirms ownership. With a ``FencingTokenField``,
+    an object with no row has nothing to protect and the door writes nothing; with the mark table
+    the object's mark row is written either way.
     """
     with transaction.atomic(using=using):
         _fence(lease, using, row_lock_timeout, reanchor=True)
@@ -358,6 +371,7 @@ _BOUND_ALIAS = (MARK,)
 
 
 def _take_write_lock(rows: Any, column: str, using: str) -> None:
+    """A no-op UPDATE of ``column`` first, where the database has no row locks (SQLite)."""
     # SQLite has no row locks: a transaction that reads first and writes later deadlocks with
     # another that does the same (each holds a read lock the other's commit needs), and one of them
     # fails. Writing first takes the database's write lock up front, as the mark table's INSERT does.

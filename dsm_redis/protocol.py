@@ -188,7 +188,7 @@ def _run_side_effect(
     assert transition.side_effect is not None
     if lease is not None:
         lease.in_transaction.add(id(instance))
-    running = _RUNNING.set(_RUNNING.get() | {(_identity(instance, lease), machine.field_name)})
+    running = _RUNNING.set(_RUNNING.get() | {(i, machine.field_name) for i in _identities(instance, lease)})
     try:
         transition.side_effect(machine, instance, transition.under(lease), *args, **kwargs)
     finally:
@@ -197,13 +197,15 @@ def _run_side_effect(
             lease.in_transaction.discard(id(instance))
 
 
-def _identity(instance: Model, lease: Lease | None) -> Any:
-    # The row (its lease key) when saved, whichever instance of it the side effect holds.
-    return lease.key if lease is not None else id(instance)
+def _identities(instance: Model, lease: Lease | None) -> set[Any]:
+    # The instance, and the row (its lease key) when saved, whichever instance of it a side effect
+    # holds; an unsaved object's side effect may save it and then call its machine under a lease.
+    return {id(instance)} if lease is None else {id(instance), lease.key}
 
 
 def _refuse_reentry(machine: StateMachine, instance: Model, lease: Lease | None) -> None:
-    if (_identity(instance, lease), machine.field_name) in _RUNNING.get():
+    running = _RUNNING.get()
+    if any((i, machine.field_name) in running for i in _identities(instance, lease)):
         raise TransitionException(
             f"{type(machine).__name__}: a transition of {machine.field_name!r} on this object is in progress "
             f"(called from its own side effect); one edge per transition — other machines may nest"

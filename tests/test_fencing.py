@@ -413,3 +413,148 @@ def test_a_transition_inside_object_lock_is_not_re_anchored_after_redis_brings_t
         with pytest.raises(StaleFencingToken):
             obj.machine.deposit(amount=100 - read)  # an amount computed from what A read before B's commit
     assert model.objects.using(db_alias).get(pk=obj.pk).balance == 10
+
+
+# -- doors, bounds and SQLite locking (adversarial review) ------------------------------------
+
+WAIT = 60  # a guard against a hung test, never asserted as a duration
+
+
+def _signal_at_the_door(monkeypatch: Any, event: threading.Event) -> None:
+    """Set ``event`` when a holder reaches ``fence.barrier`` (the door of object_lock), so that a
+    test can tell "the newer holder is waiting at the door" from "it has read"."""
+    from dsm_redis import fence
+
+    original = fence.barrier
+
+    def barrier(*args: Any, **kwargs: Any) -> Any:
+        event.set()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fence, "barrier", barrier)
+
+
+@MODELS
+def test_object_lock_after_a_failed_transition_in_the_same_transaction_passes_the_door(model, monkeypatch):
+    """Claim (object_lock's door): afterwards every older holder has either committed before the
+    caller's first read, or is refused.
+
+    In a caller's transaction, a transition that fails after its row lock (a side effect raising,
+    a precondition failing against the fresh row, a LockTimeout) rolls back its savepoint — and
+    with it the judged mark and its lock — but leaves the lease *parked* on the caller's
+    transaction. object_lock entered next in that transaction re-enters the parked lease (depth 1)
+    and skips the door: an older holder fences, the newer one reads, the older one commits, the
+    newer one's fenced write overwrites it.
+
+    PostgreSQL only: on SQLite the rolled-back savepoint keeps the database's write lock, and the
+    older holder's fence waits for the caller's transaction instead.
+    """
+    alias = "default"
+    obj = model.objects.using(alias).create()
+    a_read, a_go_fence, a_fenced, a_go_commit = (threading.Event() for _ in range(4))
+    b_failed, b_at_door_or_read = threading.Event(), threading.Event()
+    older: list[Any] = []
+    outcome: list[str] = []
+
+    def holder_a() -> None:  # the older holder: entered object_lock, read, then lost its lease
+        with object_lock(obj, ttl=60) as a:
+            older.append(a)
+            read = model.objects.using(alias).get(pk=obj.pk).balance
+            a_read.set()
+            assert a_go_fence.wait(WAIT)
+            with transaction.atomic(using=alias):
+                a.fence(alias)  # its own door's mark: the same token and owner, accepted
+                model.objects.using(alias).filter(pk=obj.pk).update(balance=read + 100)
+                a_fenced.set()
+                assert a_go_commit.wait(WAIT)
+
+    def holder_b() -> None:  # the newer holder, inside its own transaction (ATOMIC_REQUESTS, say)
+        assert b_failed.wait(WAIT)
+        with transaction.atomic(using=alias):
+            b_row = model.objects.using(alias).get(pk=obj.pk)
+            with pytest.raises(RuntimeError):
+                b_row.machine.deposit(effect=_raise)  # judged, then rolled back to its savepoint
+            a_go_fence.set()
+            assert a_fenced.wait(WAIT)  # the older holder has fenced and written, not committed
+            with object_lock(obj) as b:  # must wait at the door for the older holder's commit
+                read = model.objects.using(alias).get(pk=obj.pk).balance
+                b_at_door_or_read.set()
+                try:
+                    with transaction.atomic(using=alias):
+                        b.fence(alias)
+                        model.objects.using(alias).filter(pk=obj.pk).update(balance=read + 1)
+                    outcome.append("wrote")
+                except StaleFencingToken:
+                    outcome.append("refused")
+
+    join_a = in_background(holder_a)
+    assert a_read.wait(WAIT)
+    _signal_at_the_door(monkeypatch, b_at_door_or_read)  # A has passed its own door
+    expire(older[0])  # A's lease is lost in Redis; A does not know yet (its local clock says valid)
+    join_b = in_background(holder_b)
+    b_failed.set()
+    assert b_at_door_or_read.wait(WAIT)
+    a_go_commit.set()
+    join_a()
+    join_b()
+    balance = model.objects.using(alias).get(pk=obj.pk).balance
+    assert (outcome[0], balance) in {("wrote", 101), ("refused", 100)}, (outcome, balance)
+
+
+def _raise() -> None:
+    raise RuntimeError("the side effect failed; the caller handles it and carries on")
+
+
+@MODELS
+def test_a_refused_fence_puts_back_the_callers_lock_timeout(model, settings):
+    """Claim: every row-lock wait is bounded by ROW_LOCK_TIMEOUT, and the caller's own lock_timeout
+    is put back afterwards (fence._bounded_wait). StaleFencingToken is not a DatabaseError: when
+    Lease.fence() refuses, the restore is skipped and nothing rolls it back (no savepoint of ours),
+    so the rest of the caller's transaction runs with lock_timeout = ROW_LOCK_TIMEOUT. A caller that
+    catches the refusal and carries on (logs it, writes an audit row, locks another row) gets
+    LockNotAvailable errors after 200 ms where it had asked to wait 5 s."""
+    settings.DSM_REDIS = dict(settings.DSM_REDIS, OPTIONS=dict(settings.DSM_REDIS["OPTIONS"], ROW_LOCK_TIMEOUT=0.2))
+    obj = model.objects.create()
+    with object_lock(obj, ttl=60) as lease:
+        expire(lease)
+        in_other_thread(lambda: model.objects.get(pk=obj.pk).machine.deposit())
+        with transaction.atomic():
+            with connections["default"].cursor() as cursor:
+                cursor.execute("SET LOCAL lock_timeout = '5s'")
+            with pytest.raises(StaleFencingToken):
+                lease.fence()
+            with connections["default"].cursor() as cursor:
+                cursor.execute("SELECT current_setting('lock_timeout')")
+                (after,) = cursor.fetchone()
+    assert after == "5s"
+
+
+@pytest.mark.parametrize("model_name", ["Cat", "Lion"])
+def test_concurrent_transitions_on_sqlite_do_not_deadlock_for_an_inherited_model(model_name):
+    """Claim (fence.py): on SQLite the transition's first statement is a write, which takes the
+    database's write lock up front and "avoids a read-to-write lock upgrade deadlock". For a
+    multi-table-inheritance child (Lion) lock_row reads the parent row first (_lock_bounded) and
+    writes the mark after it: two transitions on *different* objects, each holding a read lock and
+    wanting the write lock, deadlock, and SQLite fails one at once with "database is locked" —
+    raised as LockTimeout ("not obtained within 30s") although nobody waited. Cat is the control."""
+    from dsm_redis import LockTimeout
+    from tests.testapp import models as testapp
+
+    model = getattr(testapp, model_name)
+    alias, per_thread, n_threads = "sqlite", 20, 4
+    objects = [[model.objects.using(alias).create() for _ in range(per_thread)] for _ in range(n_threads)]
+    start = threading.Barrier(n_threads)
+    timeouts: list[str] = []
+
+    def walk(mine: list[Any]) -> None:
+        start.wait(WAIT)
+        for obj in mine:
+            try:
+                obj.state_machine.transition_through(testapp.DEAD)
+            except LockTimeout as exc:
+                timeouts.append(str(exc))
+
+    joins = [in_background(lambda mine=mine: walk(mine)) for mine in objects]
+    for join in joins:
+        join()
+    assert timeouts == [], f"{len(timeouts)} transitions failed, e.g. {timeouts[0]}"

@@ -398,3 +398,25 @@ def test_a_side_effect_cannot_take_a_second_edge_of_its_own_machine(db_alias, sa
     assert sent == []
     account.machine.close()  # and nothing is left behind
     assert fetch(account).state == "closed"
+
+
+def test_a_side_effect_that_saves_an_unsaved_object_cannot_take_a_second_edge():
+    """Claim: a side effect calling its own machine again on the same object (same row, any
+    instance) raises TransitionException. For an unsaved object the running transition is recorded
+    under id(instance); once the side effect saves the instance, its own machine's next call is
+    identified by the lease key and is not refused: two edges from one state commit, and the outer
+    write silently undoes the inner edge."""
+    account = Account()  # unsaved: no row, no lease (routed to "default")
+    seen: list[str] = []
+
+    def save_and_close() -> None:  # e.g. saved to get a pk for a related row, then "finish up"
+        account.save()
+        try:
+            account.machine.close()
+            seen.append("second edge taken")
+        except TransitionException:
+            seen.append("refused")
+
+    account.machine.deposit(amount=5, effect=save_and_close)
+    row = Account.objects.get(pk=account.pk)
+    assert seen == ["refused"], (seen, row.state)
