@@ -42,6 +42,7 @@ RESERVED_EDGE_NAMES = frozenset(
         "async_transition_through",
         "machine",
         "instance",
+        "state_machine",
     }
 )
 

@@ -329,10 +329,21 @@ if shared_task is not None:
 
     @worker_ready.connect(weak=False, dispatch_uid="dsm_redis.timeouts")
     def _log_timeout_warnings(sender: Any = None, **kwargs: Any) -> None:
-        # Workers discard the system checks' results: log the Celery ones where they are read.
-        from .checks import celery_timeout_warnings
+        # Workers discard the system checks' results: log ours where they are read (a broken
+        # DSM_REDIS also fails every task with the same message, at first use).
+        from .checks import celery_timeout_warnings, check_settings
 
-        for message in celery_timeout_warnings(sender.app):
-            logger.warning("%s: %s %s", message.id, message.msg, message.hint)
+        for message in [*check_settings(), *celery_timeout_warnings(sender.app)]:
+            log = logger.error if message.is_serious() else logger.warning
+            log("%s: %s %s", message.id, message.msg, message.hint or "")
 else:
     transition = None
+
+
+def __getattr__(name: str) -> Any:
+    # deus_state_machina.tasks.TransitionTask, after a blanket rename of the import lines.
+    if name == "TransitionTask":
+        from .compat import TransitionTask
+
+        return TransitionTask
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -145,6 +145,12 @@ def test_schedule_transition_sends_the_transition_on_commit(eager):
     assert fresh(other).status == OrderStatus.CANCELLED
 
 
+def test_the_seed_tasks_module_path_carries_over():
+    from dsm_redis import compat, tasks
+
+    assert tasks.TransitionTask is compat.TransitionTask  # deus_state_machina.tasks, renamed
+
+
 def test_what_does_not_carry_over_is_refused():
     from dsm_redis.compat import TransitionTask
 

@@ -56,6 +56,14 @@ def test_empty_transitions_and_reserved_names():
         class Shadow(StateMachine):
             transitions = [State(0) | transition_to | State(1)]
 
+    def state_machine(self, instance, transition):
+        pass
+
+    with pytest.raises(ImproperlyConfigured, match="shadows"):  # the seed's obj.state_machine.state_machine
+
+        class ShadowsTheSeedName(StateMachine):
+            transitions = [State(0) | state_machine | State(1)]
+
 
 def test_as_task_is_reserved_for_celery():
     def ship(self, instance, transition, *, as_task=False):
