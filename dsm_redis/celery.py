@@ -115,13 +115,22 @@ def locked_task(
             bound = public.bind(*args, **kwargs)
             bound.apply_defaults()
             cls = apps.get_model(model) if isinstance(model, str) else model
-            key = object_key(cls, cls._meta.pk.to_python(bound.arguments[pk_arg]))
+            db = using or router.db_for_write(cls)
+            key = existing_object_key(cls, bound.arguments[pk_arg], db)
+            if key is None:
+                logger.warning(
+                    "%s: %s with pk %r does not exist; skipped",
+                    fn.__qualname__,
+                    cls._meta.label,
+                    bound.arguments[pk_arg],
+                )
+                return None
 
             def body(lease: Lease) -> Any:
                 return fn(*args, **kwargs, lease=lease) if wants_lease else fn(*args, **kwargs)
 
             return run_locked(
-                _calling_task(wrapper, args), key, using or router.db_for_write(cls), body,
+                _calling_task(wrapper, args), key, db, body,
                 on_contention=on_contention, timeout=timeout, ttl=ttl, atomic=atomic,
                 max_contention_retries=max_contention_retries, backoff=backoff,
                 retry_lock_errors=retry_lock_errors,
@@ -132,6 +141,22 @@ def locked_task(
         return wrapper
 
     return decorate
+
+
+def existing_object_key(model: type[Model], pk: Any, using: str) -> str | None:
+    """The object key of ``model``'s row ``pk`` as the database stores it, or None when no such row.
+
+    Built from the primary key *read back*: a ``Decimal`` key given as ``1.0`` or ``1.00``, or a
+    string key in another case under a case-insensitive collation, names one row and must get one
+    lease and one mark. No row: no lease is taken, so no fencing counter is left in Redis.
+    """
+    stored = (
+        model._base_manager.db_manager(using)
+        .filter(pk=model._meta.pk.to_python(pk))
+        .values_list("pk", flat=True)
+        .first()
+    )
+    return None if stored is None else object_key(model, stored)
 
 
 def run_locked(

@@ -39,13 +39,12 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
-from django.apps import apps
 from django.db import DatabaseError, OperationalError, connections, models, transaction
 from django.db.models import F, Model
 from django.db.models.expressions import RawSQL
 
 from .exceptions import LockTimeout, StaleFencingToken
-from .keys import root_model, stored_key
+from .keys import object_of, root_model, stored_key
 
 if TYPE_CHECKING:
     from .lease import Lease
@@ -243,7 +242,7 @@ def barrier(lease: Lease, using: str, row_lock_timeout: float | None) -> None:
 
 
 def _fence(lease: Lease, using: str, row_lock_timeout: float | None, *, reanchor: bool) -> None:
-    model, pk = _object_of(lease.key)
+    model, pk = object_of(lease.key)
     column = fencing_column(model) if model is not None else None
     with _bounded_wait(using, lease.key, row_lock_timeout, in_caller_transaction=True) as timeout:
         if column is None:
@@ -386,12 +385,3 @@ def _lock_bounded(rows: Any, timeout: str | None) -> None:
 def _parse(value: str | None) -> tuple[int, str]:
     token, _, owner = (value or "0:").partition(":")
     return int(token or 0), owner
-
-
-def _object_of(key: str) -> tuple[type[Model] | None, Any]:
-    label, _, pk = key.partition(":")
-    try:
-        model = apps.get_model(label)
-    except LookupError:
-        return None, None
-    return model, model._meta.pk.to_python(pk)

@@ -35,6 +35,18 @@ def object_key(obj: Model | type[Model], pk: Any = None) -> str:
     return f"{meta.label_lower}:{pk}"
 
 
+def object_of(key: str) -> tuple[type[Model] | None, Any]:
+    """The model and primary key an object key names; ``(None, None)`` for an unknown model."""
+    from django.apps import apps
+
+    label, _, pk = key.partition(":")
+    try:
+        model = apps.get_model(label)
+    except LookupError:
+        return None, None
+    return model, model._meta.pk.to_python(pk)
+
+
 def redis_name(prefix: str, key: str) -> str:
     """The lock name handed to python-redis-lock, which prepends ``lock:`` / ``lock-signal:``."""
     return f"{prefix}:{{{key}}}"

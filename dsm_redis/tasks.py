@@ -175,16 +175,19 @@ def _transition(
     kwargs: dict[str, Any] | None = None,
     using: str | None = None,
 ) -> Any:
-    from .celery import run_locked
+    from .celery import existing_object_key, run_locked
 
     # Everything the payload names is checked before a lease is taken: a crafted or corrupted
     # message fails here, with no lease, no fencing counter and no write.
     cls, pk, machine, db = _validated(model, pk, field, kind, target, kwargs, using)
-    key = object_key(cls, pk)
-    if not cls._base_manager.db_manager(db).filter(pk=pk).exists():
+    found = existing_object_key(cls, pk, db)
+    if found is None:
         # Minting a token would leave a fencing counter in Redis for an object that does not exist.
-        logger.warning("%s[%s] on %s: the object does not exist; nothing to do", TASK_NAME, self.request.id, key)
+        logger.warning(
+            "%s[%s] on %s: the object does not exist; nothing to do", TASK_NAME, self.request.id, object_key(cls, pk)
+        )
         return None
+    key = found
     task_id = str(self.request.id)
 
     def body(lease: Lease) -> Any:

@@ -225,3 +225,59 @@ def test_a_forced_release_cannot_let_the_old_holder_overwrite_a_newer_one(backen
         assert lease.fencing_token < get_backend().describe(object_key(account))["fencing_token"]
     account.refresh_from_db()
     assert (account.balance, account.deposits) == (10, 1)
+
+
+# -- dsm_prune -------------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_prune_deletes_old_applied_task_records_only():
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from dsm_redis.models import AppliedTask
+
+    AppliedTask.objects.create(task_id="old", object_key="testapp.cat:1")
+    AppliedTask.objects.create(task_id="new", object_key="testapp.cat:1")
+    AppliedTask.objects.filter(task_id="old").update(applied_at=timezone.now() - timedelta(days=8))
+    assert "would delete 1" in run("dsm_prune", "--applied-older-than", "7d", "--dry-run")
+    assert set(AppliedTask.objects.values_list("task_id", flat=True)) == {"old", "new"}
+    assert "deleted 1" in run("dsm_prune", "--applied-older-than", "7d")
+    assert list(AppliedTask.objects.values_list("task_id", flat=True)) == ["new"]
+    with pytest.raises(CommandError, match="not an age"):
+        run("dsm_prune", "--applied-older-than", "a week")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_prune_deletes_marks_of_deleted_objects_under_their_lease():
+    from dsm_redis.models import FencingMark
+    from tests.procs import in_background
+    from tests.testapp.models import Account
+
+    kept, gone, busy = (Account.objects.create() for _ in range(3))
+    for account in (kept, gone, busy):
+        account.machine.deposit()
+    busy_key = object_key(busy)
+    Account.objects.filter(pk__in=[gone.pk, busy.pk]).delete()
+    holding, done = threading.Event(), threading.Event()
+
+    def holder() -> None:  # another holder of a deleted object's lease (a transition failing on it, say)
+        with object_lock(busy):
+            holding.set()
+            done.wait(60)
+
+    join = in_background(holder)
+    assert holding.wait(60)
+    try:
+        out = run("dsm_prune", "--marks-of-deleted")
+    finally:
+        done.set()
+        join()
+    assert get_backend().describe(object_key(gone))["owner"] is None  # the command left no lease behind
+    assert "deleted 1; 1 skipped (lease busy)" in out
+    assert set(FencingMark.objects.values_list("object_key", flat=True)) == {object_key(kept), busy_key}
+    # The counter stays in Redis: a row created again with that primary key gets newer tokens.
+    again = Account.objects.create(pk=gone.pk)
+    again.machine.deposit()
+    assert FencingMark.objects.get(pk=object_key(again)).token > 1

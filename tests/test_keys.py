@@ -45,3 +45,29 @@ def test_stored_keys_fit_and_stay_distinct():
     assert len(stored_key(a)) == len(stored_key(b)) == STORED_KEY_LENGTH
     assert stored_key(a) != stored_key(b) and stored_key(a) == stored_key("x" * 300)
     assert stored_key("short") == "short"
+
+
+def test_one_row_one_key_whatever_form_its_primary_key_is_given_in(db_alias):
+    from decimal import Decimal
+
+    from dsm_redis.celery import existing_object_key
+    from tests.testapp.models import DecimalAccount
+
+    DecimalAccount.objects.using(db_alias).create(number=Decimal("1.00"))
+    keys = {existing_object_key(DecimalAccount, pk, db_alias) for pk in ("1", "1.0", Decimal("1.00"), 1)}
+    assert keys == {object_key(DecimalAccount.objects.using(db_alias).get())}
+    assert existing_object_key(DecimalAccount, "2.0", db_alias) is None
+
+
+def test_a_locked_task_for_a_missing_row_takes_no_lease_and_leaves_nothing_in_redis(db_alias, redis):
+    from django.conf import settings
+
+    from dsm_redis.celery import locked_task
+    from dsm_redis.keys import counter_key
+
+    ran = []
+    body = locked_task(KeyedAccount, pk_arg="pk", using=db_alias)(lambda pk: ran.append(pk))
+    assert body(pk="no such row") is None
+    assert ran == []
+    prefix = settings.DSM_REDIS["OPTIONS"]["KEY_PREFIX"]
+    assert not redis.exists(counter_key(prefix, object_key(KeyedAccount, "no such row")))

@@ -275,3 +275,13 @@ class UuidAccount(models.Model):
     balance = models.IntegerField(default=0)
     deposits = models.IntegerField(default=0)
     machine = StateMachineField(AccountMachine, "state")
+
+
+class DecimalAccount(models.Model):
+    """An Account with a Decimal primary key: 1.0 and 1.00 name one row."""
+
+    number = models.DecimalField(primary_key=True, max_digits=8, decimal_places=2)
+    state = models.CharField(max_length=10, default="open")
+    balance = models.IntegerField(default=0)
+    deposits = models.IntegerField(default=0)
+    machine = StateMachineField(AccountMachine, "state")
