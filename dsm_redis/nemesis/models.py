@@ -26,6 +26,7 @@ from dsm_redis import State, StateMachine, StateMachineField, Transition
 STATES = ("a", "b", "c")
 START = "a"
 NEXT = {"a": "b", "b": "c", "c": "a"}
+EDGES = sorted({(s, NEXT[s]) for s in STATES} | {(s, s) for s in STATES})  # the machine's edges, as (from, to)
 
 
 @dataclass
