@@ -12,7 +12,7 @@
     at the database. Entries without a token (the cowboy contender) are not judged by this rule.
 (d) **real time** — the journal order respects real time (a write whose operation completed before
     another's was invoked comes first), and the history alone is linearizable as a register: a
-    Wing–Gong search (with Lowe's memoisation) for an order of the writes, consistent with real time,
+    Wing-Gong search (with Lowe's memoisation) for an order of the writes, consistent with real time,
     in which each write reads the value the previous one wrote; ok writes must be in it, info writes
     may be in or out, failed writes are out. The search is bounded in time: when the budget runs
     out the object is reported *undecided*, never hung on.
@@ -66,7 +66,9 @@ class Verdict:
             for v in self.violations:
                 by_rule[v.rule] += 1
             parts.append(
-                f"{len(self.violations)} violations (" + ", ".join(f"{r}: {n}" for r, n in sorted(by_rule.items())) + ")"
+                f"{len(self.violations)} violations ("
+                + ", ".join(f"{r}: {n}" for r, n in sorted(by_rule.items()))
+                + ")"
             )
         if self.undecided:
             parts.append(f"undecided for objects {self.undecided} (linearizability search budget exhausted)")

@@ -46,7 +46,9 @@ def add_parser(commands: Any, positive_int: Callable[[str], int]) -> None:
     )
     p.add_argument("--seconds", type=_seconds, default=60.0, help="how long the workers run (default: 60)")
     p.add_argument("--seed", type=int, help="replay this operation and fault schedule (default: random, printed)")
-    p.add_argument("--hosts", type=int, default=3, help="network namespaces to spread workers over (default: 3; 0: none)")
+    p.add_argument(
+        "--hosts", type=int, default=3, help="network namespaces to spread workers over (default: 3; 0: none)"
+    )
     p.add_argument("--workers", type=positive_int, default=6, help="worker processes (default: 6)")
     p.add_argument("--objects", type=positive_int, default=3, help="shared objects (default: 3)")
     p.add_argument(

@@ -101,7 +101,9 @@ class Hosts:
 
     def _add(self, i: int, x: int) -> None:
         ns = f"dsmn-{self.run_id}-{i}"
-        host = Host(i, ns, f"dn{self.run_id}{i}", f"dp{self.run_id}{i}", f"{BLOCK}.{x}.1", f"{BLOCK}.{x}.2", f"{BLOCK}.{x}.10")
+        host = Host(
+            i, ns, f"dn{self.run_id}{i}", f"dp{self.run_id}{i}", f"{BLOCK}.{x}.1", f"{BLOCK}.{x}.2", f"{BLOCK}.{x}.10"
+        )
         self.hosts.append(host)  # listed first: destroy() removes whatever part of it exists
         _ip("netns", "add", ns)
         _ip("link", "add", host.link, "type", "veth", "peer", "name", host.peer, "netns", ns)

@@ -152,7 +152,10 @@ class _Run:
 
     def run(self) -> Report:
         started = time.monotonic()
-        status(self.err, f"seed {self.seed}; contender {self.o.contender}" + (" with fencing DISABLED" if self.unfenced else ""))
+        status(
+            self.err,
+            f"seed {self.seed}; contender {self.o.contender}" + (" with fencing DISABLED" if self.unfenced else ""),
+        )
         host_list = self._hosts()
         redis_url, database_url = self._servers(host_list)
         settings = self._settings(database_url, redis_url)
@@ -200,7 +203,9 @@ class _Run:
             host_list = self.hosts.create()
         except Exception as exc:
             raise NemesisError(f"could not create the hosts' network namespaces: {exc}") from exc
-        self.hosts_note = f"{len(host_list)} hosts (network namespaces, veth links in {host_list[0].addr.rsplit('.', 2)[0]}.x)"
+        self.hosts_note = (
+            f"{len(host_list)} hosts (network namespaces, veth links in {host_list[0].addr.rsplit('.', 2)[0]}.x)"
+        )
         return host_list
 
     def _servers(self, hosts: list[Host]) -> tuple[str, str]:
@@ -247,10 +252,14 @@ class _Run:
             "DSM_REDIS": {
                 "LOCATION": redis_url,
                 "OPTIONS": {
-                    "TTL": self.o.ttl, "ACQUIRE_TIMEOUT": self.o.ttl, "ROW_LOCK_TIMEOUT": self.o.ttl,
-                    "KEY_PREFIX": self.key_prefix, "SOCKET_TIMEOUT": 1.0, "SOCKET_CONNECT_TIMEOUT": 1.0,
+                    "TTL": self.o.ttl,
+                    "ACQUIRE_TIMEOUT": self.o.ttl,
+                    "ROW_LOCK_TIMEOUT": self.o.ttl,
+                    "KEY_PREFIX": self.key_prefix,
+                    "SOCKET_TIMEOUT": 1.0,
+                    "SOCKET_CONNECT_TIMEOUT": 1.0,
                 },
-            },  # fmt: skip
+            },
             "USE_TZ": True,
             "TIME_ZONE": "UTC",
             "DEFAULT_AUTO_FIELD": "django.db.models.BigAutoField",
@@ -555,7 +564,8 @@ def format_report(report: Report, limit: int = 20) -> str:
         f"nemesis: seed {report.seed}, {o.seconds:g}s, {o.workers} workers, {o.objects} objects, "
         f"contender {o.contender}{' (fencing DISABLED: negative control)' if report.unfenced else ''}",
         f"hosts: {report.hosts_note}",
-        "operations: " + ", ".join(f"{k} {report.outcomes[k]}" for k in ("ok", "fail", "info"))
+        "operations: "
+        + ", ".join(f"{k} {report.outcomes[k]}" for k in ("ok", "fail", "info"))
         + f" (total {sum(report.outcomes.values())})",
     ]
     for kind in sorted(report.by_kind):
@@ -571,6 +581,8 @@ def format_report(report: Report, limit: int = 20) -> str:
     for v in report.verdict.violations[:limit]:
         lines.append(f"  VIOLATION {v}")
     if len(report.verdict.violations) > limit:
-        lines.append(f"  ... and {len(report.verdict.violations) - limit} more (python -m dsm_redis.nemesis.checker HISTORY)")
+        lines.append(
+            f"  ... and {len(report.verdict.violations) - limit} more (python -m dsm_redis.nemesis.checker HISTORY)"
+        )
     lines.append(f"verdict: {report.verdict.summary()}")
     return "\n".join(lines)

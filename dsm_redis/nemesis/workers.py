@@ -169,7 +169,7 @@ def cowboy_operation(plan: Plan) -> None:
 
     from .models import NEXT, journal_write
 
-    def step(target: str | None) -> bool:
+    def step(target: str | None) -> None:
         account, before = _read(plan.obj)
         state = before[0]
         if target is None:
@@ -179,10 +179,9 @@ def cowboy_operation(plan: Plan) -> None:
         _sleep(plan.think)
         with transaction.atomic():
             journal_write(account, before, (target, before[1] + plan.amount), None, "")
-        return target == plan.target
 
     if plan.kind == "advance":
-        account, (state, _) = _read(plan.obj)
+        _, (state, _) = _read(plan.obj)
         step(NEXT[state])
     elif plan.kind in ("deposit", "object_lock", "locked_task", "locked_task_unatomic"):
         step(None)
@@ -262,7 +261,9 @@ def main(config_path: str, slot: int) -> int:
         op = f"w{slot}.{plan.n}"
 
         def before_write(step: int, before: Any, after: Any, token: Any, owner: str, op: str = op) -> None:
-            writer.emit("write", op=op, step=step, **{"from": list(before), "to": list(after)}, token=token, owner=owner)
+            writer.emit(
+                "write", op=op, step=step, **{"from": list(before), "to": list(after)}, token=token, owner=owner
+            )
 
         def on_commit(step: int, op: str = op) -> None:
             writer.emit("commit", op=op, step=step)
