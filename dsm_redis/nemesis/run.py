@@ -160,12 +160,13 @@ class _Run:
         redis_url, database_url = self._servers(host_list)
         settings = self._settings(database_url, redis_url)
         objects = self._database(settings)
-        worker_settings = {h: self._worker_settings(settings, h, redis_url) for h in (host_list or [None])}
+        places: list[Host | None] = [*host_list] if host_list else [None]
+        worker_settings = {h: self._worker_settings(settings, h, redis_url) for h in places}
         kinds = tuple(k for k in self.o.faults if k not in self.skipped)
         schedule = fault_schedule(self.seed, self.o.seconds, kinds, self.o.ttl)
         t0 = time.monotonic()
         deadline_ns = time.monotonic_ns() + int(self.o.seconds * 1e9)
-        configs = {}
+        configs: dict[Host | None, Path] = {}
         for host, s in worker_settings.items():
             path = self.directory / f"config-{host.name if host else 'local'}.json"
             path.write_text(json.dumps({
@@ -175,8 +176,7 @@ class _Run:
             configs[host] = path
         self.configs = configs
         for slot in range(self.o.workers):
-            host = host_list[slot % len(host_list)] if host_list else None
-            self.workers.append(_Worker(slot, host))
+            self.workers.append(_Worker(slot, places[slot % len(places)]))
         self.resources.callback(self._kill_workers)
         initial = self._rows()
         for worker in self.workers:
@@ -532,15 +532,16 @@ class _Run:
         events.extend(self.fault_events)
         events.sort(key=lambda e: int(e.get("t", 0)))
         journal = [
-            {"type": "journal", "id": e.id, "obj": e.account_id, "op": e.op, "step": e.step,
+            {"type": "journal", "id": e.pk, "obj": e.account_id, "op": e.op, "step": e.step,
              "from": [e.from_state, e.from_balance], "to": [e.to_state, e.to_balance],
              "token": e.token, "owner": e.owner}
             for e in Entry.objects.order_by("id")
         ]  # fmt: skip
         final = [{"type": "final", "obj": int(pk), "value": value} for pk, value in self._rows().items()]
         everything = [header, *events, *journal, *final]
-        path = self.o.history or str(Path(tempfile.gettempdir()) / f"dsm-nemesis-{self.seed}-{self.run_id}.jsonl")
-        write_history(path, everything)
+        default = Path(tempfile.gettempdir()) / f"dsm-nemesis-{self.seed}-{self.run_id}.jsonl"
+        history_path = self.o.history or str(default)
+        write_history(history_path, everything)
         history = assemble(everything)
         status(self.err, "checking the history...")
         verdict = check(history)
@@ -552,7 +553,7 @@ class _Run:
             outcomes.setdefault(key, 0)
         return Report(
             options=self.o, seed=self.seed, verdict=verdict, outcomes=outcomes, by_kind=by_kind,
-            faults=self.fault_counts, skipped=self.skipped, hosts_note=self.hosts_note, history_path=path,
+            faults=self.fault_counts, skipped=self.skipped, hosts_note=self.hosts_note, history_path=history_path,
             unfenced=self.unfenced, elapsed=time.monotonic() - started,
             restarts=sum(w.restarts for w in self.workers),
         )  # fmt: skip
