@@ -578,7 +578,7 @@ def format_report(report: Report, limit: int = 20) -> str:
     )  # fmt: skip
     for kind, reason in sorted(report.skipped.items()):
         lines.append(f"  skipped {kind}: {reason}")
-    lines.append(f"history: {report.history_path}")
+    lines.append(f"history: {report.history_path} (run took {report.elapsed:.0f}s)")
     for v in report.verdict.violations[:limit]:
         lines.append(f"  VIOLATION {v}")
     if len(report.verdict.violations) > limit:
