@@ -52,7 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--redis-url", help="use this Redis instead of starting one (redis://host:port/db)")
     demo.add_argument("--database-url", help="use this PostgreSQL instead of starting one (postgresql://user@host/db)")
     demo.set_defaults(handler=_demo)
+    _add_nemesis(commands)
     return parser
+
+
+def _add_nemesis(commands: Any) -> None:
+    from dsm_redis.nemesis.cli import add_parser
+
+    add_parser(commands, _positive_int)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
