@@ -1,0 +1,377 @@
+"""Adversarial reproductions against the lease lifecycle and the on-commit machinery.
+
+Each test states the interleaving it drives and the contract item (lease.py, signals.py) it breaks.
+They run against the real Redis and PostgreSQL the suite starts.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from django.db import connection, transaction
+
+from dsm_redis import state_changed
+from dsm_redis.backends import get_backend
+from dsm_redis.keys import object_key
+from dsm_redis.lease import held_lease
+from tests.testapp.models import ALIVE, DEAD, Cat
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def short_ttl(settings: Any, ttl: float, **options: Any) -> None:
+    settings.DSM_REDIS = dict(settings.DSM_REDIS, OPTIONS=dict(settings.DSM_REDIS["OPTIONS"], TTL=ttl, **options))
+
+
+def record_signals(seen: list[Any]) -> Any:
+    def receiver(sender: Any, instance: Any, state: Any, **kwargs: Any) -> None:
+        seen.append((instance.pk, state))
+
+    state_changed.connect(receiver, weak=False)
+    return receiver
+
+
+def owner_of(obj: Any) -> Any:
+    return get_backend().describe(object_key(obj))["owner"]
+
+
+# -- 1. a re-entry inside a rolled-back savepoint forgets the hook that still guards the transaction
+
+
+def test_parked_lease_survives_a_rolled_back_savepoint_that_re_entered_it(settings):
+    """Commit, then release (contract 2).
+
+    1. caller's transaction T; a service's nested ``atomic()`` (savepoint s1) transitions the cat:
+       the lease parks, its release hook H1 registered with sids {s1}; s1 is released into T;
+    2. a second nested ``atomic()`` (s2) transitions it again: re-enters the parked lease; at the
+       block's end ``_watches_this_level(H1)`` is False ({s1} is not within {s2}) so a new hook H2
+       is registered and *replaces* H1 in ``lease.parked``;
+    3. s2 rolls back: H2 is dropped; H1 is still pending (T is open, holding the survive write and
+       the row lock), but ``parked`` only knows H2: ``parked_transaction_ended()`` is True;
+    4. the renewer releases the lease while T is still open.
+    """
+    short_ttl(settings, 0.6)
+    cat = Cat.objects.create()
+    with transaction.atomic():  # ATOMIC_REQUESTS, say
+        with transaction.atomic():  # a service function
+            cat.state_machine.survive()
+        with pytest.raises(ZeroDivisionError):
+            with transaction.atomic():
+                cat.state_machine.transition_to(DEAD)
+                1 / 0
+        lease = held_lease(object_key(cat))
+        assert lease is not None
+        time.sleep(1.0)  # three renewer rounds
+        # T is still open, its survive() write uncommitted and the row locked: the lease must be ours.
+        assert not lease.released
+        assert owner_of(cat) == lease.owner
+    assert owner_of(cat) is None
+
+
+# -- 2. Django's captureOnCommitCallbacks counts positions; our hooks move in front of them
+
+
+def test_capture_on_commit_callbacks_runs_the_transitions_own_hooks():
+    """API (contract 3 vs Django's test helper).
+
+    ``TestCase.captureOnCommitCallbacks`` remembers ``len(run_on_commit)`` at entry and takes the
+    slice after it at exit. ``on_commit_first`` inserts our hooks *before* the hooks registered
+    earlier, so the slice holds the caller's older hook (and our release hook), not our signal
+    hook: a test asserting that state_changed fires sees nothing, and an unrelated earlier hook
+    is executed instead.
+    """
+    from django.test import TestCase
+
+    cat = Cat.objects.create()
+    seen: list[Any] = []
+    earlier: list[str] = []
+    receiver = record_signals(seen)
+    try:
+        with transaction.atomic():  # TestCase's own transaction, say
+            transaction.on_commit(lambda: earlier.append("ran"))  # e.g. registered in setUp
+            with TestCase.captureOnCommitCallbacks(execute=True) as callbacks:
+                cat.state_machine.survive()
+            captured = list(callbacks)
+            signalled = list(seen)
+            ran_early = list(earlier)
+    finally:
+        state_changed.disconnect(receiver)
+    assert ran_early == []  # the hook registered before the block is not the block's
+    assert signalled == [(cat.pk, ALIVE)], captured
+
+
+def test_capture_on_commit_callbacks_after_an_earlier_transition_of_the_same_object():
+    """The same, with no caller hook at all: a second transition of the object under test."""
+    from django.test import TestCase
+
+    cat = Cat.objects.create()
+    seen: list[Any] = []
+    receiver = record_signals(seen)
+    try:
+        with transaction.atomic():
+            cat.state_machine.survive()
+            with TestCase.captureOnCommitCallbacks(execute=True) as callbacks:
+                cat.state_machine.transition_to(DEAD)
+            captured = list(callbacks)
+            signalled = list(seen)
+    finally:
+        state_changed.disconnect(receiver)
+    assert (cat.pk, DEAD) in signalled, captured
+
+
+# -- 3. the renewer takes a commit's drained hook list for a rollback
+
+
+def test_renewer_during_the_commit_hooks_does_not_reorder_an_objects_signals(settings):
+    """Signals of one object in commit order (contract 4), with the renewer running (contract 2).
+
+    Django's ``run_and_clear_commit_hooks`` first empties ``connection.run_on_commit``, then runs
+    the hooks it took. From that moment ``parked_transaction_ended()`` is True for every lease of
+    the commit, so a renewer round landing between the COMMIT and the commit's signal hooks (a
+    thread switch, a GC pause: simulated here by a first dsm hook that lets the renewer run)
+    "releases a rolled-back lease":
+
+    1. T transitions x then y (both parked); COMMIT; the drain starts;
+    2. the renewer releases x (``release_if_rolled_back``): its hook is no longer in the list;
+    3. x's signal hook: ``after_release`` finds x released and delivers *now*, inside the hook,
+       before y's signal hook has queued y's ALIVE;
+    4. x's receiver transitions y to DEAD: takes over y's parked lease (ended, valid), commits,
+       its DEAD signal is delivered;
+    5. y's signal hook then delivers y's ALIVE: y's receivers see DEAD, then ALIVE.
+    """
+    from dsm_redis.lease import commit_hook, on_commit_first
+
+    short_ttl(settings, 0.3)
+    x, y = Cat.objects.create(), Cat.objects.create()
+    seen: list[Any] = []
+    receiver = record_signals(seen)
+
+    def kill_y(sender: Any, instance: Any, state: Any, **kwargs: Any) -> None:
+        if instance.pk == x.pk and state == ALIVE:
+            Cat.objects.get(pk=y.pk).state_machine.transition_to(DEAD)
+
+    leases: dict[str, Any] = {}
+
+    @commit_hook("signal")
+    def preempted() -> None:  # the committing thread loses the CPU for one renewer round
+        for _ in range(300):
+            if leases["x"].released:
+                return
+            time.sleep(0.01)
+
+    state_changed.connect(kill_y, sender=Cat, weak=False)
+    try:
+        with transaction.atomic():
+            on_commit_first(preempted, "default")
+            x.state_machine.survive()
+            y.state_machine.survive()
+            leases["x"] = held_lease(object_key(x))
+    finally:
+        state_changed.disconnect(kill_y, sender=Cat)
+        state_changed.disconnect(receiver)
+    assert Cat.objects.get(pk=y.pk).state == DEAD
+    assert [state for pk, state in seen if pk == y.pk] == [ALIVE, DEAD]  # commit order
+
+
+# -- 4. an asynchronous exception between the bookkeeping and the ``try`` that undoes it
+
+
+class Abort(BaseException):
+    """An asynchronous exception: KeyboardInterrupt, gevent's Timeout, a signal handler's raise."""
+
+
+def _line_after(func: Any, statement: str, following: str) -> int:
+    import inspect
+
+    lines, first = inspect.getsourcelines(func)
+    for i, line in enumerate(lines[:-1]):
+        if line.strip() == statement and lines[i + 1].strip() == following:
+            return first + i + 1
+    raise AssertionError(f"{statement!r} then {following!r} not found")
+
+
+def raising_at(func: Any, lineno: int) -> Any:
+    """Raise ``Abort`` once when ``func``'s frame reaches ``lineno`` (what a signal handler does)."""
+    import sys
+    from contextlib import contextmanager
+
+    code = getattr(func, "__wrapped__", func).__code__
+    fired: list[bool] = []
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line" and frame.f_lineno == lineno and not fired:
+            fired.append(True)
+            raise Abort
+        return local
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        return local if frame.f_code is code else None
+
+    @contextmanager
+    def armed() -> Any:
+        previous = sys.gettrace()
+        sys.settrace(tracer)
+        try:
+            yield fired
+        finally:
+            sys.settrace(previous)
+
+    return armed()
+
+
+def test_an_interrupted_re_entry_does_not_keep_the_lease_forever():
+    """Contract 1 (registration inside the try) in ``hold``'s re-entry branch.
+
+    ``lease.depth += 1`` runs *before* the ``try`` whose ``finally`` undoes it: an asynchronous
+    exception landing between the two leaves ``depth`` one too high. The outermost block then ends
+    at depth 1, never releases, and every later block of this thread re-enters a lease that the
+    renewer renews for ever: no other holder ever gets the object again.
+    """
+    from dsm_redis import object_lock
+    from dsm_redis import lease as lease_module
+
+    hold = lease_module.hold.__wrapped__
+    line = _line_after(hold, "lease.depth += 1", "try:")
+    cat = Cat.objects.create()
+    try:
+        with object_lock(cat) as lease:
+            with raising_at(lease_module.hold, line) as fired:
+                with pytest.raises(Abort):
+                    with object_lock(cat):
+                        pass
+            assert fired
+        assert lease.depth == 0
+        assert owner_of(cat) is None  # released at the end of the outermost block
+    finally:
+        if not lease.released:  # do not leave a lease renewed for the rest of the run
+            lease.depth = 0
+            lease_module._finish(lease)
+
+
+def test_an_interrupt_right_after_the_acquire_gives_the_lease_back():
+    """Contract 5 (an interrupted acquire releases owner-checked), one frame up.
+
+    The backend gives the lease back when a BaseException lands while it waits for the reply; but
+    ``hold`` builds the ``Lease`` and only then enters the ``try`` that releases it: an exception
+    landing in between leaves the key in Redis (unrenewed, not in the thread's dict) for a TTL.
+    """
+    from dsm_redis import object_lock
+    from dsm_redis import lease as lease_module
+
+    hold = lease_module.hold.__wrapped__
+    line = _line_after(hold, "entered = False", "try:")
+    cat = Cat.objects.create()
+    with raising_at(lease_module.hold, line) as fired:
+        with pytest.raises(Abort):
+            with object_lock(cat):
+                pass
+    assert fired
+    owner = owner_of(cat)
+    if owner is not None:
+        get_backend().release(object_key(cat), owner)
+    assert owner is None
+
+
+# -- 5. a receiver raising BaseException silently drops the rest of the lease's callbacks
+
+
+def test_a_receiver_raising_base_exception_does_not_drop_the_next_signal():
+    """after_release callbacks are never silently dropped (contract 4).
+
+    Two transitions of x commit together: x's lease has two ``after_release`` callbacks (ALIVE,
+    DEAD). ``_run_after_release`` swaps the list out, then calls them catching ``Exception`` only;
+    the first receiver raises a BaseException (a worker's time limit, gevent's Timeout...): it
+    propagates, and the DEAD callback — in the local list only — is gone for good, although the
+    transition committed. Neither the next transition nor the next hold() of this thread delivers it.
+    """
+    x, other = Cat.objects.create(), Cat.objects.create()
+    seen: list[Any] = []
+    aborted: list[bool] = []
+
+    def receiver(sender: Any, instance: Any, state: Any, **kwargs: Any) -> None:
+        seen.append((instance.pk, state))
+        if not aborted:
+            aborted.append(True)
+            raise Abort
+
+    state_changed.connect(receiver, sender=Cat, weak=False)
+    try:
+        with pytest.raises(Abort):
+            with transaction.atomic():
+                x.state_machine.survive()
+                x.state_machine.transition_to(DEAD)
+        assert Cat.objects.get(pk=x.pk).state == DEAD  # both committed
+        other.state_machine.survive()  # this thread's next lease, next delivery
+    finally:
+        state_changed.disconnect(receiver, sender=Cat)
+    assert (x.pk, DEAD) in seen, seen
+
+
+# -- claims that held (kept as regression tests)
+
+
+def test_a_forked_child_neither_re_enters_nor_releases_a_parked_lease():
+    """Contract 5: parent parked in an open transaction; the child forked there finds no lease,
+    cannot take it, and unwinding the parent's block releases nothing."""
+    import os
+
+    from dsm_redis import LockTimeout
+    from dsm_redis.lease import hold
+
+    cat = Cat.objects.create()
+    key = object_key(cat)
+    with transaction.atomic():
+        cat.state_machine.survive()
+        lease = held_lease(key)
+        assert lease is not None
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never touches the inherited database connection
+            code = 0
+            try:
+                code |= 1 if held_lease(key) is not None else 0
+                try:
+                    with hold(key, timeout=0.2):
+                        code |= 2
+                except LockTimeout:
+                    pass
+            except BaseException:
+                code |= 4
+            os.write(write, bytes([code]))
+            os._exit(0)
+        os.close(write)
+        code = os.read(read, 1)
+        os.waitpid(pid, 0)
+        assert code == bytes([0])  # no lease in the child, and the parent's could not be taken
+        assert owner_of(cat) == lease.owner  # still the parent's, parked
+    assert owner_of(cat) is None
+
+
+def test_hooks_moved_to_the_front_keep_their_savepoint_ids(settings):
+    """Contract 3: a transition in a rolled-back savepoint signals nothing though the outer
+    transaction commits; the lease parked there is released once that savepoint is gone."""
+    short_ttl(settings, 0.6)
+    x, y = Cat.objects.create(), Cat.objects.create()
+    seen: list[Any] = []
+    receiver = record_signals(seen)
+    try:
+        with transaction.atomic():
+            transaction.on_commit(lambda: None)  # a caller hook our hooks are moved in front of
+            y.state_machine.survive()
+            with pytest.raises(ZeroDivisionError):
+                with transaction.atomic():
+                    x.state_machine.survive()
+                    1 / 0
+            lease = held_lease(object_key(x))
+            assert all(entry[1] is not None for entry in connection.run_on_commit)
+            for _ in range(300):
+                if lease is None or lease.released:
+                    break
+                time.sleep(0.01)
+            assert lease is None or lease.released  # its only transaction level rolled back
+    finally:
+        state_changed.disconnect(receiver)
+    assert seen == [(y.pk, ALIVE)]
+    assert owner_of(x) is None and owner_of(y) is None
