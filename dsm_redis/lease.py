@@ -88,8 +88,11 @@ class Lease:
         # databases written under this lease; per database, the holder's connection whose open
         # transaction wrote under it and the on-commit hook that will release it (parked).
         self.databases: set[str] = set()
-        self.parked: dict[str, tuple[Any, Callable[[], None]]] = {}
+        # Every hook registered for a database's transaction is kept: a savepoint rollback can drop
+        # a later one while an earlier one (and the work it waits for) stays pending.
+        self.parked: dict[str, tuple[Any, list[Callable[[], None]]]] = {}
         self.released = False
+        self.finished = False  # released by the holder's thread (not only by the renewer)
         self.renewing = False  # in the renewer's care
         self.pid = os.getpid()
 
@@ -130,7 +133,7 @@ class Lease:
         connection's list means that transaction is over.
         """
         parked = list(self.parked.values())
-        return bool(parked) and not any(_pending(connection, hook) for connection, hook in parked)
+        return bool(parked) and not any(_pending(connection, hook) for connection, hooks in parked for hook in hooks)
 
     def reanchor(self, floor: int) -> bool:
         """Redis lost our counter: mint a token above ``floor`` if Redis confirms we own the lease."""
@@ -188,40 +191,52 @@ def hold(key: str, *, timeout: float | None = _DEFAULT, ttl: float | None = None
         reenter, lease = _take_over(leases, lease)
         if reenter:
             assert lease is not None
-            lease.depth += 1
+            depth = lease.depth
             try:
+                # Set inside the try and put back (not decremented) in the finally: an interrupt
+                # landing on any line here cannot leave depth raised (the outermost block would
+                # never release, and every later block would re-enter).
+                lease.depth = depth + 1
                 yield lease
             finally:
-                lease.depth -= 1
-                if lease.depth == 0 and lease.pid == os.getpid():
+                lease.depth = depth
+                if depth == 0 and lease.pid == os.getpid():
                     # We re-entered a lease parked for an open transaction: this block may have
                     # written on another database, whose transaction must keep it parked too.
                     _release_after_commit(lease)
             return
     config = get_config()
-    fresh = lease is None
-    if lease is None:
-        backend = get_backend()
-        ttl = config.ttl if ttl is None else ttl
-        grant = backend.acquire(key, ttl=ttl, timeout=config.acquire_timeout if timeout is _DEFAULT else timeout)
-        lease = Lease(key, backend, grant.owner, grant.fencing_token, ttl, grant.valid_until)
-    entered = False
+    backend = get_backend()
+    grant = None
     try:
-        # Registered inside the try: if the renewer refuses it (no thread can be started) or an
-        # asynchronous exception lands here, the finally gives the lease back; an entry left in
-        # the thread's dict would be re-entered (and never released) by every later block.
-        if fresh:
+        # Everything after the acquire is inside the try: if the renewer refuses the lease (no
+        # thread can be started) or an asynchronous exception lands anywhere here, the finally
+        # gives it back; an entry left in the thread's dict would be re-entered (and never
+        # released) by every later block, and a key left in Redis would block others for a TTL.
+        if lease is None:
+            ttl = config.ttl if ttl is None else ttl
+            grant = backend.acquire(key, ttl=ttl, timeout=config.acquire_timeout if timeout is _DEFAULT else timeout)
+            lease = Lease(key, backend, grant.owner, grant.fencing_token, ttl, grant.valid_until)
             leases[key] = lease
             if config.auto_renew:
                 _renewer.add(lease)
-        lease.depth += 1
-        entered = True
+        lease.depth = 1  # taken or taken over: no block of this thread holds it (see above)
         yield lease
     finally:
-        if entered:
-            lease.depth -= 1
-        if lease.pid == os.getpid():  # a forked child unwinding its parent's block owns nothing
-            _release_after_commit(lease)
+        if lease is None:
+            if grant is not None:  # interrupted between the acquire and the Lease
+                _release_owner(backend, key, grant.owner)
+        else:
+            lease.depth = 0
+            if lease.pid == os.getpid():  # a forked child unwinding its parent's block owns nothing
+                _release_after_commit(lease)
+
+
+def _release_owner(backend: LockBackend, key: str, owner: str) -> None:
+    try:
+        backend.release(key, owner)
+    except LockBackendUnavailable:
+        logger.warning("could not give back the lease on %s: Redis unreachable; it expires in its TTL", key)
 
 
 def _take_over(leases: dict[str, Lease], lease: Lease) -> tuple[bool, Lease | None]:
@@ -250,7 +265,11 @@ def _take_over(leases: dict[str, Lease], lease: Lease) -> tuple[bool, Lease | No
 
 
 def _deliver_orphans(leases: dict[str, Lease]) -> None:
-    """Run the callbacks of leases the renewer released for this thread (see ``release_if_rolled_back``)."""
+    """Run the callbacks of leases the renewer released for this thread (see ``release_if_rolled_back``),
+    and those an interrupted delivery left (``_run_after_release``)."""
+    left = getattr(_local, "left", None)
+    while left:
+        _run_callback(left.pop(0), "an earlier lease")
     for key, lease in list(leases.items()):
         if lease.released and lease.after_release and leases.get(key) is lease:
             del leases[key]
@@ -306,6 +325,11 @@ def on_commit_first(func: Callable[[], None], using: str) -> None:
     transaction.on_commit(func, using=using, robust=True)
     if not connection.in_atomic_block:
         return  # autocommit: it has already run
+    if _in_test_case(connection):
+        # Django's TestCase never commits: hooks run only through captureOnCommitCallbacks, which
+        # takes them by position (those appended after its start). Moving ours would hand it
+        # someone else's hook instead; in registration order the capture runs ours, in order.
+        return
     hooks = connection.run_on_commit
     entry = hooks.pop()
     rank = _RANK[_hook_kind(func) or "release"]
@@ -313,6 +337,11 @@ def on_commit_first(func: Callable[[], None], using: str) -> None:
     while index < len(hooks) and (kind := _hook_kind(hooks[index][1])) is not None and _RANK[kind] <= rank:
         index += 1
     hooks.insert(index, entry)
+
+
+def _in_test_case(connection: Any) -> bool:
+    """Inside Django's ``TestCase`` transaction (which never commits)."""
+    return any(getattr(block, "_from_testcase", False) for block in connection.atomic_blocks)
 
 
 def _release_after_commit(lease: Lease) -> None:
@@ -328,14 +357,22 @@ def _release_after_commit(lease: Lease) -> None:
         if not connection.in_atomic_block:
             continue
         current = lease.parked.get(alias)
-        if current is not None and current[0] is connection and _watches_this_level(connection, current[1]):
+        if (
+            current is not None
+            and current[0] is connection
+            and any(_watches_this_level(connection, h) for h in current[1])
+            and not _in_test_case(connection)  # captureOnCommitCallbacks sees only hooks of its block
+        ):
             continue  # an earlier block of this transaction already waits for its commit
         release_on_commit = _release_hook(lease, alias)
         with _finish_lock:
             # Hook first, then the parked entry: the renewer must never see a parked lease whose
             # hook is not registered yet (it would take it for rolled back).
             on_commit_first(release_on_commit, alias)
-            lease.parked[alias] = (connection, release_on_commit)
+            if current is not None and current[0] is connection:
+                current[1].append(release_on_commit)
+            else:
+                lease.parked[alias] = (connection, [release_on_commit])
     with _finish_lock:
         waiting = lease.parked and not lease.parked_transaction_ended()
     if not waiting:
@@ -353,7 +390,7 @@ def _release_hook(lease: Lease, alias: str) -> Callable[[], None]:
     @commit_hook("release")
     def release_on_commit() -> None:
         with _finish_lock:
-            if alias in lease.parked and lease.parked[alias][1] is release_on_commit:
+            if alias in lease.parked and release_on_commit in lease.parked[alias][1]:
                 del lease.parked[alias]  # this transaction is over: it no longer needs the lease
             waiting = bool(lease.parked) and not lease.parked_transaction_ended()
         if not waiting:
@@ -367,9 +404,12 @@ _finish_lock = threading.Lock()
 
 def after_release(key: str, callback: Callable[[], None]) -> None:
     """Run ``callback`` once this thread's lease on ``key`` is released (now, if none is held)."""
-    lease = held_lease(key)
+    lease = _held().get(key)
     with _finish_lock:
-        if lease is not None and not lease.released:
+        # Queued also when the renewer released it (it may have taken a commit whose hooks are
+        # still running for a rollback): the commit's release hook, or this thread's next hold(),
+        # runs it, after the signals queued before it — never ahead of them.
+        if lease is not None and not (lease.released and lease.finished):
             lease.after_release.append(callback)
             return
     callback()
@@ -379,7 +419,7 @@ def _finish(lease: Lease) -> None:
     """Release (once) and run the callbacks waiting for it, on the holder's thread."""
     with _finish_lock:
         first = not lease.released
-        lease.released = True
+        lease.released = lease.finished = True
         lease.parked.clear()
     leases = _held()
     if leases.get(lease.key) is lease:
@@ -399,13 +439,31 @@ def _run_after_release(lease: Lease) -> None:
     commit's own hook, so a rolled-back transition never queues one) or asked explicitly for the
     release; so whoever releases the lease, or drops it, runs them — never the renewer's thread.
     """
-    with _finish_lock:
-        callbacks, lease.after_release = lease.after_release, []
-    for callback in callbacks:
-        try:
-            callback()
-        except Exception:
-            logger.exception("callback after releasing %s failed", lease.key)
+    try:
+        while True:
+            with _finish_lock:
+                if not lease.after_release:
+                    return
+                callback = lease.after_release.pop(0)
+            _run_callback(callback, lease.key)
+    except BaseException:
+        # A receiver raised KeyboardInterrupt, a task's time limit...: the callbacks not run yet
+        # (signals of committed transitions) go to this thread's next hold(), not to oblivion.
+        with _finish_lock:
+            rest, lease.after_release = lease.after_release, []
+        if rest:
+            left = getattr(_local, "left", None)
+            if left is None:
+                left = _local.left = []
+            left.extend(rest)
+        raise
+
+
+def _run_callback(callback: Callable[[], None], key: str) -> None:
+    try:
+        callback()
+    except Exception:
+        logger.exception("callback after releasing %s failed", key)
 
 
 def release_if_rolled_back(lease: Lease) -> bool:

@@ -1,7 +1,7 @@
-"""Adversarial reproductions against the lease lifecycle and the on-commit machinery.
-
-Each test states the interleaving it drives and the contract item (lease.py, signals.py) it breaks.
-They run against the real Redis and PostgreSQL the suite starts.
+"""The lease lifecycle under interleavings: savepoints, the renewer during commit hooks,
+interrupts anywhere in ``hold``, receivers that raise ``BaseException``, Django's TestCase capture,
+fork. Each test states the interleaving it drives and the contract item (lease.py, signals.py) at
+stake; they run against the real Redis and PostgreSQL the suite starts.
 """
 
 from __future__ import annotations
@@ -73,52 +73,28 @@ def test_parked_lease_survives_a_rolled_back_savepoint_that_re_entered_it(settin
 # -- 2. Django's captureOnCommitCallbacks counts positions; our hooks move in front of them
 
 
-def test_capture_on_commit_callbacks_runs_the_transitions_own_hooks():
-    """API (contract 3 vs Django's test helper).
-
-    ``TestCase.captureOnCommitCallbacks`` remembers ``len(run_on_commit)`` at entry and takes the
-    slice after it at exit. ``on_commit_first`` inserts our hooks *before* the hooks registered
-    earlier, so the slice holds the caller's older hook (and our release hook), not our signal
-    hook: a test asserting that state_changed fires sees nothing, and an unrelated earlier hook
-    is executed instead.
-    """
-    from django.test import TestCase
-
+@pytest.mark.django_db  # Django's TestCase: its transaction never commits
+def test_capture_on_commit_callbacks_in_a_test_case_runs_the_transitions_own_hooks(
+    django_capture_on_commit_callbacks,
+):
+    """API (contract 3 vs Django's test helper): ``captureOnCommitCallbacks`` remembers
+    ``len(run_on_commit)`` at entry and takes the slice after it at exit. Hooks moved ahead of
+    ones registered earlier would shift that slice: the capture would run an unrelated earlier
+    hook and miss the signal. Under TestCase our hooks keep their registration order."""
     cat = Cat.objects.create()
     seen: list[Any] = []
     earlier: list[str] = []
     receiver = record_signals(seen)
     try:
-        with transaction.atomic():  # TestCase's own transaction, say
-            transaction.on_commit(lambda: earlier.append("ran"))  # e.g. registered in setUp
-            with TestCase.captureOnCommitCallbacks(execute=True) as callbacks:
-                cat.state_machine.survive()
-            captured = list(callbacks)
-            signalled = list(seen)
-            ran_early = list(earlier)
+        transaction.on_commit(lambda: earlier.append("ran"))  # e.g. registered in setUp
+        cat.state_machine.survive()  # an earlier transition of the object under test
+        with django_capture_on_commit_callbacks(execute=True):
+            cat.state_machine.transition_to(DEAD)
     finally:
         state_changed.disconnect(receiver)
-    assert ran_early == []  # the hook registered before the block is not the block's
-    assert signalled == [(cat.pk, ALIVE)], captured
-
-
-def test_capture_on_commit_callbacks_after_an_earlier_transition_of_the_same_object():
-    """The same, with no caller hook at all: a second transition of the object under test."""
-    from django.test import TestCase
-
-    cat = Cat.objects.create()
-    seen: list[Any] = []
-    receiver = record_signals(seen)
-    try:
-        with transaction.atomic():
-            cat.state_machine.survive()
-            with TestCase.captureOnCommitCallbacks(execute=True) as callbacks:
-                cat.state_machine.transition_to(DEAD)
-            captured = list(callbacks)
-            signalled = list(seen)
-    finally:
-        state_changed.disconnect(receiver)
-    assert (cat.pk, DEAD) in signalled, captured
+    assert earlier == []  # the hook registered before the block is not the block's
+    assert seen == [(cat.pk, DEAD)]  # the captured transition's signal, once its lease is released
+    assert owner_of(cat) is None  # the captured block's own release hook released the lease
 
 
 # -- 3. the renewer takes a commit's drained hook list for a rollback
@@ -221,57 +197,60 @@ def raising_at(func: Any, lineno: int) -> Any:
     return armed()
 
 
-def test_an_interrupted_re_entry_does_not_keep_the_lease_forever():
-    """Contract 1 (registration inside the try) in ``hold``'s re-entry branch.
+def _lines_before_finally(func: Any) -> list[int]:
+    """Line numbers of ``func``'s body outside its ``finally`` clauses (an exception raised inside a
+    finally is beyond what any code can guard)."""
+    import inspect
 
-    ``lease.depth += 1`` runs *before* the ``try`` whose ``finally`` undoes it: an asynchronous
-    exception landing between the two leaves ``depth`` one too high. The outermost block then ends
-    at depth 1, never releases, and every later block of this thread re-enters a lease that the
-    renewer renews for ever: no other holder ever gets the object again.
-    """
-    from dsm_redis import object_lock
+    lines, first = inspect.getsourcelines(func)
+    out, skip_indent = [], None
+    for i, line in enumerate(lines[1:], start=1):
+        text = line.strip()
+        if not text or text.startswith(("#", '"""')):
+            continue
+        indent = len(line) - len(line.lstrip())
+        if skip_indent is not None and indent > skip_indent:
+            continue
+        skip_indent = indent if text == "finally:" else None
+        if skip_indent is None:
+            out.append(first + i)
+    return out
+
+
+@pytest.mark.parametrize("reentered", [False, True], ids=["fresh", "re-entered"])
+def test_an_interrupt_anywhere_in_hold_leaves_no_lease_behind(reentered):
+    """Contract 1 and 5: an asynchronous exception (KeyboardInterrupt, a task's time limit) landing
+    on any line of ``hold`` before its ``finally`` — between the acquire and the ``try``, between
+    raising ``depth`` and the ``try`` — leaves neither a key in Redis nor an entry in the thread's
+    dict nor a raised ``depth``: the object is free once the outermost block has ended."""
     from dsm_redis import lease as lease_module
+    from dsm_redis import object_lock
 
     hold = lease_module.hold.__wrapped__
-    line = _line_after(hold, "lease.depth += 1", "try:")
-    cat = Cat.objects.create()
-    try:
-        with object_lock(cat) as lease:
+    fired_on = []
+    for line in _lines_before_finally(hold):
+        cat = Cat.objects.create()
+        if reentered:
+            with object_lock(cat) as outer:
+                with raising_at(lease_module.hold, line) as fired:
+                    try:
+                        with object_lock(cat):
+                            pass
+                    except Abort:
+                        pass
+                assert outer.depth == 1, f"depth left raised by an interrupt at line {line}"
+        else:
             with raising_at(lease_module.hold, line) as fired:
-                with pytest.raises(Abort):
+                try:
                     with object_lock(cat):
                         pass
-            assert fired
-        assert lease.depth == 0
-        assert owner_of(cat) is None  # released at the end of the outermost block
-    finally:
-        if not lease.released:  # do not leave a lease renewed for the rest of the run
-            lease.depth = 0
-            lease_module._finish(lease)
-
-
-def test_an_interrupt_right_after_the_acquire_gives_the_lease_back():
-    """Contract 5 (an interrupted acquire releases owner-checked), one frame up.
-
-    The backend gives the lease back when a BaseException lands while it waits for the reply; but
-    ``hold`` builds the ``Lease`` and only then enters the ``try`` that releases it: an exception
-    landing in between leaves the key in Redis (unrenewed, not in the thread's dict) for a TTL.
-    """
-    from dsm_redis import object_lock
-    from dsm_redis import lease as lease_module
-
-    hold = lease_module.hold.__wrapped__
-    line = _line_after(hold, "entered = False", "try:")
-    cat = Cat.objects.create()
-    with raising_at(lease_module.hold, line) as fired:
-        with pytest.raises(Abort):
-            with object_lock(cat):
-                pass
-    assert fired
-    owner = owner_of(cat)
-    if owner is not None:
-        get_backend().release(object_key(cat), owner)
-    assert owner is None
+                except Abort:
+                    pass
+        if fired:
+            fired_on.append(line)
+        assert owner_of(cat) is None, f"lease left in Redis after an interrupt at line {line}"
+        assert lease_module.held_lease(object_key(cat)) is None, line
+    assert len(fired_on) > 5  # the sweep did reach the lines in between
 
 
 # -- 5. a receiver raising BaseException silently drops the rest of the lease's callbacks
