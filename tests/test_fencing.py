@@ -263,22 +263,28 @@ def test_a_committed_transition_always_raises_the_column_mark(db_alias, side_eff
 # -- Lease.fence() never re-anchors ---------------------------------------------------------------
 
 
-@MODELS
-def test_a_lease_redis_brings_back_is_refused_by_fence(model, db_alias):
+def lost_then_brought_back(lease: Any, newer_writer: Any) -> None:
+    """A's key is deleted (`dsm_locks --release --force`, eviction), ``newer_writer`` commits under
+    a newer lease, then Redis rolls back (a lagging replica promoted, an AOF restore): A's key and
+    the old counter return."""
     from django.conf import settings
 
     prefix = settings.DSM_REDIS["OPTIONS"]["KEY_PREFIX"]
-    obj = model.objects.using(db_alias).create()
     client = get_backend().client
+    lock_key, counter = f"lock:{redis_name(prefix, lease.key)}", counter_key(prefix, lease.key)
+    saved_counter = client.get(counter)
+    client.delete(lock_key)
+    in_other_thread(newer_writer)
+    client.set(lock_key, lease.owner, px=60_000)
+    client.set(counter, saved_counter)
+
+
+@MODELS
+def test_a_lease_redis_brings_back_is_refused_by_fence(model, db_alias):
+    obj = model.objects.using(db_alias).create()
     with object_lock(obj, ttl=60) as a:
         read = model.objects.using(db_alias).get(pk=obj.pk).balance
-        lock_key, counter = f"lock:{redis_name(prefix, a.key)}", counter_key(prefix, a.key)
-        saved_counter = client.get(counter)
-        client.delete(lock_key)  # `dsm_locks --release --force`, or eviction
-        in_other_thread(lambda: model.objects.using(db_alias).get(pk=obj.pk).machine.deposit(amount=10))
-        # Redis rolls back (a lagging replica promoted, an AOF restore): A's key and the old counter return.
-        client.set(lock_key, a.owner, px=60_000)
-        client.set(counter, saved_counter)
+        lost_then_brought_back(a, lambda: model.objects.using(db_alias).get(pk=obj.pk).machine.deposit(amount=10))
         with pytest.raises(StaleFencingToken):
             with transaction.atomic(using=db_alias):
                 a.fence(db_alias)  # Redis says A owns the lease; A's read predates the newer commit
@@ -397,19 +403,10 @@ def test_a_busy_sqlite_database_is_a_lock_timeout(db_alias):
 
 @MODELS
 def test_a_transition_inside_object_lock_is_not_re_anchored_after_redis_brings_the_lease_back(model, db_alias):
-    from django.conf import settings
-
-    prefix = settings.DSM_REDIS["OPTIONS"]["KEY_PREFIX"]
     obj = model.objects.using(db_alias).create()
-    client = get_backend().client
     with object_lock(obj, ttl=60) as a:
         read = model.objects.using(db_alias).get(pk=obj.pk).balance
-        lock_key, counter = f"lock:{redis_name(prefix, a.key)}", counter_key(prefix, a.key)
-        saved_counter = client.get(counter)
-        client.delete(lock_key)
-        in_other_thread(lambda: model.objects.using(db_alias).get(pk=obj.pk).machine.deposit(amount=10))
-        client.set(lock_key, a.owner, px=60_000)  # Redis rolls back: A's key and the old counter return
-        client.set(counter, saved_counter)
+        lost_then_brought_back(a, lambda: model.objects.using(db_alias).get(pk=obj.pk).machine.deposit(amount=10))
         with pytest.raises(StaleFencingToken):
             obj.machine.deposit(amount=100 - read)  # an amount computed from what A read before B's commit
     assert model.objects.using(db_alias).get(pk=obj.pk).balance == 10
