@@ -66,7 +66,7 @@ from django.db.models import Model
 from .conf import get_config
 from .exceptions import LockError, LockTimeout
 from .keys import object_key
-from .lease import Lease, enter_barrier, hold
+from .lease import Lease, enter_barrier, hold, on_commit_first
 
 __all__ = ["locked_task", "run_locked", "CONTENTION_HEADER"]
 
@@ -197,6 +197,7 @@ def run_locked(
         # Taken by this call, not re-entered from a caller of this thread (an eager task under its
         # caller's lease: the caller passed the barrier, and may have read since; no re-anchoring).
         acquired = lease.depth == 1
+        committed: list[bool] = []
         try:
             if not atomic:
                 if acquired:
@@ -206,6 +207,9 @@ def run_locked(
                     enter_barrier(lease, using)
                 return body(lease)
             with transaction.atomic(using=using):
+                # Run first at the commit (on_commit_first): a hook of the body's that raises a
+                # LockError after the COMMIT must not have the committed body sent again.
+                on_commit_first(functools.partial(committed.append, True), using)
                 if acquired:
                     # Nothing read yet: the barrier may re-anchor a counter Redis lost (fence() never
                     # does), and judges the token before the body writes anything.
@@ -217,7 +221,7 @@ def run_locked(
             return result
         except LockError as exc:  # the failing transaction committed nothing (earlier ones of an
             # atomic=False body may have: retry only bodies that resume, like the transition task's)
-            if not retry_lock_errors:
+            if not retry_lock_errors or committed:
                 raise
             stack.close()  # release our lease before scheduling the retry
             _raise(resend(exc), exc)

@@ -74,13 +74,10 @@ def run_through(machine: StateMachine, instance: Model, target: Any, *, on_step:
     """Walk the shortest path to ``target`` one transaction per step, all under one lease."""
 
     def resolve(row: Model) -> Transition | None:
-        transition = machine.edge_toward(row, target)
-        if transition is not None and on_step is not None:
-            on_step(row, transition)
-        return transition
+        return machine.edge_toward(row, target)
 
     def step(lease: Lease | None) -> tuple[Any, bool]:
-        state, done = _step(machine, instance, resolve, (), {}, using, lease)
+        state, done = _step(machine, instance, resolve, (), {}, using, lease, on_step)
         # Each step is its own fenced transaction; stop at the target — judged on the row read
         # under the lock, not on the instance, which may be older than the row — or where a
         # TransitionFailed diverted the walk to its error state (as deus-state-machina did).
@@ -106,8 +103,12 @@ def _step(
     kwargs: dict[str, Any],
     using: str,
     lease: Lease | None,
+    on_step: OnStep | None = None,
 ) -> tuple[Any, bool]:
     """One transition in one transaction; ``lease`` is None for an unsaved object (no row to lock).
+
+    ``on_step(row, transition)`` runs inside the transaction once the transition is chosen, also for
+    the edge to an error state that a ``TransitionFailed`` diverts to (it replaces the failed one).
 
     Returns the object's state afterwards, and whether the request is over without a step to its
     own end: nothing to do (the row already is where it asked for), or diverted by ``TransitionFailed``.
@@ -144,6 +145,8 @@ def _step(
                     _adopt_row(instance, row)  # the caller's instance may be older than the row
                 return machine.current_state(row), True
             machine.check_arguments(transition, instance, args, kwargs)
+            if on_step is not None:
+                on_step(row, transition)
             if row is not instance:
                 _adopt_row(instance, row)
             before = _snapshot(instance)
@@ -169,7 +172,7 @@ def _step(
         _restore(instance, original)
         target = machine.check_known(failed.error_state)
         resolve_error = partial(machine.edge_for_target, target=target)
-        return _step(machine, instance, resolve_error, (), failed.kwargs, using, lease)[0], True
+        return _step(machine, instance, resolve_error, (), failed.kwargs, using, lease, on_step)[0], True
     except BaseException:
         if not committed:
             _restore(instance, original)

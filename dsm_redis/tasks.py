@@ -118,6 +118,8 @@ def enqueue(bound: BoundStateMachine, kind: str, target: Any, kwargs: dict[str, 
         "using": using,
     }
     _check_json("the task's payload (state values or primary key)", payload)
+    # A copy of what was checked: arguments mutated between the call and the commit are not sent.
+    payload = json.loads(json.dumps(payload))
     task_id = uuid()
     transaction.on_commit(
         lambda: transition.apply_async(kwargs=payload, task_id=task_id, serializer="json"), using=using
@@ -179,7 +181,7 @@ def _transition(
 
     # Everything the payload names is checked before a lease is taken: a crafted or corrupted
     # message fails here, with no lease, no fencing counter and no write.
-    cls, pk, machine, db = _validated(model, pk, field, kind, target, kwargs, using)
+    cls, pk, machine, db = _validated(model, pk, field, kind, target, expected, kwargs, using)
     found = existing_object_key(cls, pk, db)
     if found is None:
         # Minting a token would leave a fencing counter in Redis for an object that does not exist.
@@ -242,18 +244,16 @@ def _walk(task_id: str, key: str, db: str, machine: StateMachine, instance: Mode
             raise _AlreadyApplied(state)
 
     try:
-        state = protocol.run_through(machine, instance, target, on_step=record)
+        # A step diverted by TransitionFailed records its source state in the error edge's own
+        # transaction (the failed step's record rolled back with it): a later copy must not take
+        # that step again once the object is back in that state.
+        return protocol.run_through(machine, instance, target, on_step=record)
     except _AlreadyApplied as done:
         logger.info(
             "%s[%s] on %s: the step from %r was already applied by this task; walk skipped",
             TASK_NAME, task_id, key, done.state,
         )  # fmt: skip
         return done.state
-    if state != target:
-        # Diverted by TransitionFailed to its error state (that step records nothing of its own):
-        # a later copy must not walk on from there.
-        _record(db, _step_id(task_id, state), key)
-    return state
 
 
 def _record(db: str, applied_id: str, key: str) -> bool:
@@ -268,6 +268,13 @@ def _record(db: str, applied_id: str, key: str) -> bool:
         with transaction.atomic(using=db), bounded_row_locks(db, key, get_config().effective_row_lock_timeout):
             AppliedTask.objects.using(db).create(task_id=applied_id, object_key=stored_key(key))
     except IntegrityError:
+        recorded = AppliedTask.objects.using(db).filter(pk=applied_id).values_list("object_key", flat=True).first()
+        if recorded is not None and recorded != stored_key(key):
+            # A task id reused for another object (apply_async(task_id=...)): not a duplicate of
+            # this transition, and taking it for one would drop it silently.
+            raise TransitionException(
+                f"{TASK_NAME}: refused: task id {applied_id!r} was already applied to another object"
+            ) from None
         return False
     return True
 
@@ -284,8 +291,17 @@ def _step_id(task_id: str, state: Any) -> str:
     return f"{base}:{digest}"
 
 
+def _known(machine: StateMachine, state: Any, refuse: Any) -> None:
+    try:
+        machine.check_known(state)
+    except TypeError:  # a list or a dict: not a state value at all
+        raise refuse(f"{state!r} is not a state of {type(machine).__name__}") from None
+    except TransitionException as exc:
+        raise refuse(str(exc)) from None
+
+
 def _validated(
-    model: Any, pk: Any, field: Any, kind: Any, target: Any, kwargs: Any, using: Any
+    model: Any, pk: Any, field: Any, kind: Any, target: Any, expected: Any, kwargs: Any, using: Any
 ) -> tuple[type[Model], Any, StateMachine, str]:
     """The model, primary key, machine and database the payload names, or ``TransitionException``."""
     from .fields import StateMachineField
@@ -307,9 +323,17 @@ def _validated(
         if not isinstance(target, str) or target not in machine.edge_names:
             raise refuse(f"{type(machine).__name__} has no edge {target!r}")
     else:
-        machine.check_known(target)  # TransitionException naming the states
+        _known(machine, target, refuse)
+    # The state(s) the object was in when asked: one state, or the states of the walk.
+    for state in expected if kind == "through" and isinstance(expected, list) else [expected]:
+        _known(machine, state, refuse)
+    if kind == "through" and not isinstance(expected, list):
+        raise refuse(f"expected is not a list of states: {expected!r}")
     if kwargs is not None and not isinstance(kwargs, dict):
         raise refuse("kwargs is not a dict")
+    if kwargs and "as_task" in kwargs:
+        # Relayed, it would send yet another task and apply nothing here.
+        raise refuse("as_task is not an argument of a side effect")
     if using is None:
         db = router.db_for_write(cls)
     elif not isinstance(using, str) or using not in connections.databases or not router.allow_migrate_model(using, cls):

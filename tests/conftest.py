@@ -37,3 +37,15 @@ def queries() -> Any:
     from django.test.utils import CaptureQueriesContext
 
     return lambda alias="default": CaptureQueriesContext(connections[alias])
+
+
+@pytest.fixture
+def captured(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]]:
+    """Asynchronous transitions are not sent but kept: [(task id, payload)], to be run by the test."""
+    from dsm_redis import tasks as dsm_tasks
+
+    sent: list[tuple[str, dict[str, Any]]] = []
+    monkeypatch.setattr(
+        dsm_tasks.transition, "apply_async", lambda kwargs, **options: sent.append((options["task_id"], kwargs))
+    )
+    return sent

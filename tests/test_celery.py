@@ -171,16 +171,6 @@ def prefix() -> str:
     return str(settings.DSM_REDIS["OPTIONS"]["KEY_PREFIX"])
 
 
-@pytest.fixture
-def captured(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]]:
-    """Asynchronous transitions are not sent but kept: [(task id, payload)], to be run by the test."""
-    sent: list[tuple[str, dict[str, Any]]] = []
-    monkeypatch.setattr(
-        dsm_tasks.transition, "apply_async", lambda kwargs, **options: sent.append((options["task_id"], kwargs))
-    )
-    return sent
-
-
 def run_transition(payload: dict[str, Any], task_id: str | None = None) -> Any:
     """What a worker does with a message (eagerly, in this thread)."""
     return dsm_tasks.transition._get_current_object().apply(kwargs=payload, task_id=task_id, throw=True).get()

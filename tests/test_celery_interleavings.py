@@ -1,8 +1,9 @@
-"""Adversarial review of the Celery path: reproductions of what breaks its contract, and one that held.
+"""The Celery path under interleavings: diverted walks redelivered, lock errors after the commit,
+malformed payloads, reused task ids, a worker killed mid-walk.
 
 Each test states the interleaving it drives and the contract item it checks. The worker-based tests
-run a real prefork worker (``ReviewWorker``: ``tests.test_celery.Worker`` that also loads
-``tests/review_tasks.py``); the payload checks run the transition task in this process
+run a real prefork worker (``InterleavingWorker``: ``tests.test_celery.Worker`` that also loads
+``tests/interleaving_tasks.py``); the payload checks run the transition task in this process
 (``run_transition``, the same code a worker runs on a message).
 """
 
@@ -26,17 +27,17 @@ from dsm_redis import tasks as dsm_tasks
 from dsm_redis.backends import get_backend
 from dsm_redis.keys import counter_key, object_key
 from dsm_redis.models import AppliedTask
-from tests import review_tasks
+from tests import interleaving_tasks
 from tests.celery_app import QUEUE
-from tests.test_celery import ROOT, WAIT, Worker, captured, fresh, prefix, run_transition, wait_for  # noqa: F401
+from tests.test_celery import ROOT, WAIT, Worker, fresh, prefix, run_transition, wait_for
 from tests.testapp import tasks as test_tasks
 from tests.testapp.models import Account, Order, SeedModel, Switch, TestStates
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-class ReviewWorker(Worker):
-    """``Worker`` that also imports tests.review_tasks; it serves ``queue`` only."""
+class InterleavingWorker(Worker):
+    """``Worker`` that also imports tests.interleaving_tasks; it serves ``queue`` only."""
 
     def __init__(self, log: Path, name: str, queue: str, concurrency: int = 2) -> None:
         self.log, self.queue = log, queue
@@ -50,7 +51,7 @@ class ReviewWorker(Worker):
             sys.executable, "-m", "celery", "-A", "tests.celery_app", "worker", "--pool=prefork",
             f"--concurrency={concurrency}", "--loglevel=INFO", f"--hostname={name}-{uuid.uuid4().hex[:6]}@%h",
             "-Q", queue, "--without-gossip", "--without-mingle", "--without-heartbeat",
-            "--include=tests.review_tasks",
+            "--include=tests.interleaving_tasks",
         ]  # fmt: skip
         connections.close_all()
         with open(log, "wb") as out:
@@ -65,8 +66,10 @@ class ReviewWorker(Worker):
 
 
 @pytest.fixture(scope="module")
-def review_worker(django_db_setup: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    w = ReviewWorker(tmp_path_factory.mktemp("review") / "worker.log", "review", f"{QUEUE}-review")
+def interleaving_worker(django_db_setup: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    w = InterleavingWorker(
+        tmp_path_factory.mktemp("interleavings") / "worker.log", "interleavings", f"{QUEUE}-interleavings"
+    )
     yield w
     w.stop()
 
@@ -98,13 +101,15 @@ def ran_twice(worker: Any, task_id: str) -> bool:
 # -- 1. a walk diverted by TransitionFailed keeps no record of its diverted step -------------------
 
 
-def test_a_walk_diverted_by_transition_failed_is_applied_again_by_a_late_copy(review_worker, sent, monkeypatch):
+def test_a_walk_diverted_by_transition_failed_is_not_applied_again_by_a_late_copy(
+    interleaving_worker, sent, monkeypatch
+):
     # THE_WAY_TO_FAILURE -[this_transition_will_fail]-> FAILURE_IS_ACTUALLY_AN_OPTION raises
     # TransitionFailed(FAIL): the step is rolled back (its record with it) and the error edge
     # THE_WAY_TO_FAILURE -> FAIL commits, recording nothing for its source state; _walk then records
     # FAIL, the *end* state. A copy delivered once the object is back in THE_WAY_TO_FAILURE finds no
     # record for that state and takes the step (side effect, then error edge) a second time.
-    route_transitions(monkeypatch, review_worker.queue)
+    route_transitions(monkeypatch, interleaving_worker.queue)
     obj = SeedModel.objects.create(state=TestStates.THE_WAY_TO_FAILURE)
     result = obj.state_machine.async_transition_through(TestStates.FAILURE_IS_ACTUALLY_AN_OPTION)
     assert result.get(timeout=WAIT) == TestStates.FAIL
@@ -112,12 +117,12 @@ def test_a_walk_diverted_by_transition_failed_is_applied_again_by_a_late_copy(re
     # test_celery.test_async_transition_through_resumes_a_walk_and_ignores_late_copies).
     SeedModel.objects.filter(pk=obj.pk).update(state=TestStates.THE_WAY_TO_FAILURE)
     dsm_tasks.transition.apply_async(kwargs=sent[-1], task_id=result.id)  # the broker delivers it again
-    wait_for(lambda: ran_twice(review_worker, result.id), "the late copy", [review_worker.log])
+    wait_for(lambda: ran_twice(interleaving_worker, result.id), "the late copy", [interleaving_worker.log])
     # Contract 1: a late copy is a no-op; the step from THE_WAY_TO_FAILURE was taken by this task id.
     assert fresh(obj).state == TestStates.THE_WAY_TO_FAILURE
 
 
-def test_a_diverted_walk_is_taken_twice_per_task_id_in_process(captured):
+def test_a_diverted_walk_is_taken_once_per_task_id_in_process(captured):
     # The same, counted: the object is saved into FAIL once per delivery.
     obj = SeedModel.objects.create(state=TestStates.THE_WAY_TO_FAILURE)
     obj.state_machine.async_transition_through(TestStates.FAILURE_IS_ACTUALLY_AN_OPTION)
@@ -127,13 +132,13 @@ def test_a_diverted_walk_is_taken_twice_per_task_id_in_process(captured):
     def count(sender: Any, instance: Any, **kwargs: Any) -> None:
         saves.append(instance.state)
 
-    post_save.connect(count, sender=SeedModel, weak=False, dispatch_uid="review-saves")
+    post_save.connect(count, sender=SeedModel, weak=False, dispatch_uid="interleaving-saves")
     try:
         assert run_transition(payload, task_id) == TestStates.FAIL
         SeedModel.objects.filter(pk=obj.pk).update(state=TestStates.THE_WAY_TO_FAILURE)
         run_transition(payload, task_id)
     finally:
-        post_save.disconnect(sender=SeedModel, dispatch_uid="review-saves")
+        post_save.disconnect(sender=SeedModel, dispatch_uid="interleaving-saves")
     assert saves == [TestStates.FAIL]
     assert fresh(obj).state == TestStates.THE_WAY_TO_FAILURE
 
@@ -141,17 +146,21 @@ def test_a_diverted_walk_is_taken_twice_per_task_id_in_process(captured):
 # -- 2. retry_lock_errors re-runs a body whose transaction committed ------------------------------
 
 
-def test_retry_lock_errors_reruns_a_body_whose_transaction_committed(review_worker):
+def test_retry_lock_errors_does_not_rerun_a_body_whose_transaction_committed(interleaving_worker):
     # The body (atomic=True) deposits and registers an on-commit hook that takes another object's
     # lease. Django runs the hook after the COMMIT, inside `with transaction.atomic()`: its
     # LockTimeout leaves the block after the deposit committed, run_locked takes it for a rolled-back
     # body ("The transaction that raised it committed nothing") and re-sends the task, which
     # deposits again — once per re-send until the other lease is free.
+    # Now the hook's LockTimeout is raised to Celery (the task fails), and the body ran once.
     account, other = Account.objects.create(), Account.objects.create()
     with object_lock(other):
-        result = review_tasks.deposit_then_notify.apply_async((account.pk, other.pk), queue=review_worker.queue)
-        wait_for(lambda: fresh(account).deposits >= 3, "the body to run three times", [review_worker.log])
-    result.get(timeout=WAIT)
+        result = interleaving_tasks.deposit_then_notify.apply_async(
+            (account.pk, other.pk), queue=interleaving_worker.queue
+        )
+        with pytest.raises(Exception) as failed:
+            result.get(timeout=WAIT)
+    assert type(failed.value).__name__ == "LockTimeout", failed.value
     row = fresh(account)
     assert (row.balance, row.deposits) == (1, 1)
 
@@ -203,8 +212,9 @@ def test_a_task_id_reused_for_another_object_is_not_taken_for_a_duplicate(captur
     b.machine.deposit(as_task=True, amount=1)
     (id_a, payload_a), (_, payload_b) = captured
     assert run_transition(payload_a, id_a) == "open"
-    run_transition(payload_b, id_a)
-    assert (fresh(a).balance, fresh(b).balance) == (1, 1)
+    with pytest.raises(TransitionException, match="already applied to another object"):
+        run_transition(payload_b, id_a)  # a clear refusal, not a silent no-op
+    assert (fresh(a).balance, fresh(b).balance) == (1, 0)
 
 
 # -- 5. the payload is validated at the call but serialised at the commit -------------------------
@@ -233,18 +243,18 @@ def test_a_walk_cut_by_sigkill_resumes_on_redelivery_and_takes_each_step_once(tm
     from django.conf import settings
 
     obj = SeedModel.objects.create()
-    base = f"review:{settings.DSM_REDIS['OPTIONS']['KEY_PREFIX']}:{obj.pk}"
+    base = f"interleavings:{settings.DSM_REDIS['OPTIONS']['KEY_PREFIX']}:{obj.pk}"
     redis.set(f"{base}:stall", TestStates.FAIL)
-    queue = f"{QUEUE}-review-kill"
+    queue = f"{QUEUE}-interleavings-kill"
     route_transitions(monkeypatch, queue)
-    victim = ReviewWorker(tmp_path / "victim.log", "victim", queue)
+    victim = InterleavingWorker(tmp_path / "victim.log", "victim", queue)
     try:
         result = obj.state_machine.async_transition_through(TestStates.FAIL)
         wait_for(lambda: redis.get(f"{base}:stalled"), "the second step to stall", [victim.log])
     finally:
         victim.kill()
     assert fresh(obj).state == TestStates.THE_WAY_TO_FAILURE  # the first step committed, alone
-    survivor = ReviewWorker(tmp_path / "survivor.log", "survivor", queue)
+    survivor = InterleavingWorker(tmp_path / "survivor.log", "survivor", queue)
     try:
         assert result.get(timeout=WAIT) == TestStates.FAIL
     finally:

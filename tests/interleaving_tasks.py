@@ -1,4 +1,4 @@
-"""Tasks for tests/test_review_celery.py, loaded by its workers (``celery worker --include``)."""
+"""Tasks for tests/test_celery_interleavings.py, loaded by its workers (``celery worker --include``)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def _stall_flagged_steps(sender: Any, instance: Any, **kwargs: Any) -> None:
 
     from django.conf import settings
 
-    prefix = f"review:{settings.DSM_REDIS['OPTIONS']['KEY_PREFIX']}:{instance.pk}"
+    prefix = f"interleavings:{settings.DSM_REDIS['OPTIONS']['KEY_PREFIX']}:{instance.pk}"
     r = _redis()
     r.rpush(f"{prefix}:saves", f"{instance.state}:{os.getpid()}")
     flag = r.get(f"{prefix}:stall")
@@ -55,7 +55,7 @@ def _connect() -> None:
 
     from tests.testapp.models import SeedModel
 
-    pre_save.connect(_stall_flagged_steps, sender=SeedModel, weak=False, dispatch_uid="review-stall")
+    pre_save.connect(_stall_flagged_steps, sender=SeedModel, weak=False, dispatch_uid="interleaving-stall")
 
 
 from celery.signals import worker_process_init  # noqa: E402
