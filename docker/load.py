@@ -28,6 +28,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=1000, help="requests in all (default 1000)")
     parser.add_argument("--async-share", type=float, default=0.3, help="share of deposits queued to Celery")
     parser.add_argument("--drain-timeout", type=float, default=300, help="seconds to wait for queued deposits")
+    parser.add_argument("--report", type=Path, help="also write the summary to this file, as JSON")
     args = parser.parse_args(argv)
     bases = args.base or ["http://localhost:8000"]
     wait_ready(bases, timeout=120)
@@ -130,6 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     failures = sum(n for outcome, n in outcomes.items() if not outcome.endswith((" 200", " 202", " 409", " 503")))
     if failures:
         print(f"unexpected responses: {failures}")
+    if args.report is not None:
+        summary = {
+            "requests": args.requests, "clients": args.clients, "web_servers": len(bases),
+            "outcomes": dict(sorted(outcomes.items())),
+            "deposits_answered": expected - before["balance"], "balance_grew": after["balance"] - before["balance"],
+            "lost": lost, "forbidden": illegal, "unexpected": failures,
+        }  # fmt: skip
+        args.report.write_text(json.dumps(summary, indent=2) + "\n")
     return 0 if lost == 0 and illegal == 0 and not failures else 1
 
 

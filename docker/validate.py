@@ -14,16 +14,20 @@ Static:
 - the example project: ``manage.py check --deploy`` passes, the URLs resolve, and the Celery app
   registers ``shop.tasks.deposit`` and dsm_redis's transition task.
 
-Live (``--live``; needs ``dsm_redis[embedded,postgres,celery]``): a real Redis and PostgreSQL
-(``dsm_redis._servers``), ``migrate``, several web server processes (gunicorn if installed, else
-``manage.py runserver``), several Celery worker processes, and ``load.py`` against them; it fails
-if the load script finds a lost update or a forbidden transition.
+Live (``--live``; needs ``dsm_redis[embedded,postgres,celery]``, gunicorn and PyYAML): the
+services of compose.yaml as plain processes, their commands read from compose.yaml — a real Redis
+with compose's options (append-only file on) and PostgreSQL (``dsm_redis._servers``), the
+``migrate`` service (``check --deploy``, ``migrate``), gunicorn with several workers, several
+Celery workers, and ``load.py`` against them; it fails if a service dies or the load script finds
+a lost update, a forbidden transition or an unexpected response. ``tests/test_deployment.py``
+runs the same pieces in the test suite, on loopback and across network namespaces.
 """
 
 from __future__ import annotations
 
 import argparse
 import fnmatch
+import json
 import os
 import re
 import shlex
@@ -33,7 +37,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -54,13 +60,13 @@ def problem(message: str) -> None:
     print(f"  PROBLEM: {message}")
 
 
-def check_compose() -> dict:
+def check_compose() -> dict[str, Any]:
     try:
         import yaml
     except ImportError:
         sys.exit("validate.py needs PyYAML to read compose.yaml: pip install pyyaml")
     text = (HERE / "compose.yaml").read_text()
-    compose = yaml.safe_load(text)  # resolves the x-app anchor and the << merges
+    compose: dict[str, Any] = yaml.safe_load(text)  # resolves the x-app anchor and the << merges
     print("compose.yaml")
     allowed_top = {"name", "services", "volumes"}
     for key in compose:
@@ -231,6 +237,204 @@ def check_django() -> None:
 
 
 # -- live ------------------------------------------------------------------------------------------
+#
+# The same services as compose.yaml, started as plain processes: their commands are read from
+# compose.yaml and run with this interpreter, so what runs here is what the containers would run.
+# tests/test_deployment.py uses these pieces (on loopback, and across network namespaces).
+
+
+class LiveFailure(RuntimeError):
+    """A service failed to start, exited early, or the load script found something wrong."""
+
+
+def compose_services() -> dict[str, Any]:
+    try:
+        import yaml
+    except ImportError:
+        sys.exit("validate.py needs PyYAML to read compose.yaml: pip install pyyaml")
+    services: dict[str, Any] = yaml.safe_load((HERE / "compose.yaml").read_text())["services"]
+    return services
+
+
+def _argv(command: list[str] | str) -> list[str]:
+    return shlex.split(command) if isinstance(command, str) else [str(part) for part in command]
+
+
+def service_commands(service: dict[str, Any]) -> list[list[str]]:
+    """A service's command as argv lists to run outside its container (``sh -c "a && b"`` is two),
+    with this interpreter for ``python``, ``gunicorn`` and ``celery``, and ``load.py`` from here."""
+    argv = _argv(service["command"])
+    if argv[:2] == ["sh", "-c"]:
+        return [cmd for part in argv[2].split("&&") for cmd in service_commands({"command": part.strip()})]
+    head, *rest = argv
+    if head == "python" and rest[:1] == ["load.py"]:
+        return [[sys.executable, str(HERE / "load.py"), *rest[1:]]]
+    if head == "python":
+        return [[sys.executable, *rest]]
+    if head in ("gunicorn", "celery"):
+        return [[sys.executable, "-m", head, *rest]]
+    raise LiveFailure(f"do not know how to run {head!r} outside a container")
+
+
+def with_option(argv: list[str], name: str, value: str | float) -> list[str]:
+    """``argv`` with ``--name=value`` in place of any ``--name=...`` or ``--name ...`` it had."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == f"--{name}":
+            skip = True
+        elif not arg.startswith(f"--{name}="):
+            out.append(arg)
+    return [*out, f"--{name}={value}"]
+
+
+def app_environment(service: dict[str, Any]) -> dict[str, str]:
+    """The service's ``environment`` with every ``${VAR:-default}`` resolved as Compose would."""
+
+    def resolve(match: re.Match[str]) -> str:
+        name, _, default = match.group(1).partition(":-")
+        return os.environ.get(name) or default
+
+    return {key: re.sub(r"\$\{([^}]*)\}", resolve, str(value)) for key, value in service["environment"].items()}
+
+
+def server_env(services: dict[str, Any], redis_url: str, database: dict[str, Any], hosts: list[str]) -> dict[str, str]:
+    """The app services' environment (compose.yaml's), pointed at these servers: ``redis_url`` is
+    the lease Redis (db 0; the broker is db 1 on the same server), ``database`` a Django
+    ``DATABASES`` entry, ``hosts`` the names the web server is reached by."""
+    env = app_environment(services["web"])
+    env.update(
+        DSM_REDIS_URL=redis_url, CELERY_BROKER_URL=redis_url.rsplit("/", 1)[0] + "/1",
+        POSTGRES_HOST=str(database["HOST"]), POSTGRES_PORT=str(database["PORT"] or 5432),
+        POSTGRES_DB=str(database["NAME"]), POSTGRES_USER=str(database["USER"]),
+        POSTGRES_PASSWORD=str(database["PASSWORD"] or ""), DJANGO_ALLOWED_HOSTS=",".join(hosts),
+    )  # fmt: skip
+    return env
+
+
+@dataclass
+class Side:
+    """Where a group of processes runs: its environment (how it reaches the servers) and a command
+    prefix (``["ip", "netns", "exec", "web"]`` runs it in a network namespace)."""
+
+    env: dict[str, str]
+    prefix: list[str] = field(default_factory=list)
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class LiveRun:
+    """The example project's services as plain processes; ``stop()`` (or leaving the ``with``)
+    ends every one of them, bounded in time. Logs go to ``logs/<name>.log``."""
+
+    def __init__(self, logs: Path, services: dict[str, Any] | None = None) -> None:
+        self.logs = logs
+        self.services = services if services is not None else compose_services()
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def __enter__(self) -> LiveRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _command(self, side: Side, argv: list[str]) -> list[str]:
+        return [*side.prefix, *argv]
+
+    def once(self, name: str, side: Side, argv: list[str], timeout: float = 180) -> None:
+        log = self.logs / f"{name}.log"
+        with open(log, "ab") as out:
+            try:
+                done = subprocess.run(
+                    self._command(side, argv), cwd=EXAMPLE, env=example_env(**side.env), stdin=subprocess.DEVNULL,
+                    stdout=out, stderr=subprocess.STDOUT, timeout=timeout,
+                )  # fmt: skip
+            except subprocess.TimeoutExpired:
+                raise LiveFailure(f"{shlex.join(argv)} did not finish in {timeout:.0f}s:\n{_tail(log)}") from None
+        if done.returncode != 0:
+            raise LiveFailure(f"{shlex.join(argv)} exited with status {done.returncode}:\n{_tail(log)}")
+
+    def spawn(self, name: str, side: Side, argv: list[str]) -> None:
+        with open(self.logs / f"{name}.log", "ab") as out:
+            self.procs[name] = subprocess.Popen(
+                self._command(side, argv), cwd=EXAMPLE, env=example_env(**side.env), stdin=subprocess.DEVNULL,
+                stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+    def migrate(self, side: Side) -> None:
+        """The ``migrate`` service: ``check --deploy --fail-level ERROR``, then ``migrate``."""
+        for i, argv in enumerate(service_commands(self.services["migrate"])):
+            self.once(f"migrate-{i}", side, argv)
+
+    def web(self, side: Side, bind: str, workers: int | None = None) -> str:
+        """The ``web`` service (gunicorn) bound to ``bind`` (host:port); returns its base URL."""
+        (argv,) = service_commands(self.services["web"])
+        argv = with_option(argv, "bind", bind)
+        if workers is not None:
+            argv = with_option(argv, "workers", workers)
+        self.spawn("web", side, argv)
+        return f"http://{bind}"
+
+    def workers(self, side: Side, count: int | None = None) -> None:
+        """The ``worker`` service: ``count`` Celery workers (default: compose's replicas)."""
+        (argv,) = service_commands(self.services["worker"])
+        count = count if count is not None else int(self.services["worker"].get("deploy", {}).get("replicas", 1))
+        for i in range(count):
+            self.spawn(f"worker{i}", side, with_option(argv, "hostname", f"worker{i}@%h"))
+
+    def load(self, bases: list[str], timeout: float = 600, **options: str | int | float) -> dict[str, Any]:
+        """The ``load`` service against ``bases`` (``--base`` from compose replaced, other options
+        overridden by ``options``); returns its report. Raises :class:`LiveFailure` if it found a
+        lost update, a forbidden transition or an unexpected response, or a service died."""
+        (argv,) = service_commands(self.services["load"])
+        argv = [arg for arg in argv if not arg.startswith("--base")] + [f"--base={base}" for base in bases]
+        for name, value in options.items():
+            argv = with_option(argv, name.replace("_", "-"), value)
+        report = self.logs / "load.json"
+        argv = with_option(argv, "report", str(report))
+        self.check_running()
+        try:
+            done = subprocess.run(argv, cwd=HERE, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise LiveFailure(f"load.py did not finish in {timeout:.0f}s\n{self.log_tails()}") from None
+        (self.logs / "load.log").write_text(done.stdout + done.stderr)
+        print("\n".join("  | " + line for line in (done.stdout + done.stderr).splitlines()))
+        self.check_running()
+        if done.returncode != 0 or not report.is_file():
+            raise LiveFailure(
+                f"load.py failed (status {done.returncode}):\n{done.stdout}{done.stderr}\n{self.log_tails()}"
+            )
+        result: dict[str, Any] = json.loads(report.read_text())
+        return result
+
+    def check_running(self) -> None:
+        dead = {name: proc.returncode for name, proc in self.procs.items() if proc.poll() is not None}
+        if dead:
+            raise LiveFailure(f"exited early: {dead}\n{self.log_tails()}")
+
+    def log_tails(self) -> str:
+        return "\n".join(f"--- {log.name}\n{_tail(log)}" for log in sorted(self.logs.glob("*.log")))
+
+    def stop(self, timeout: float = 30) -> None:
+        """SIGTERM to every process (Celery finishes its tasks, gunicorn its requests), SIGKILL
+        what is still running after ``timeout`` seconds."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
 
 
 def _free_port() -> int:
@@ -244,72 +448,33 @@ def live(web: int, workers: int, requests: int) -> None:
     from dsm_redis._servers import PostgresServer, RedisServer
 
     print("live run (outside containers)")
-    with RedisServer() as redis, PostgresServer() as pg:
-        db = pg.django_settings()
-        env = example_env(
-            POSTGRES_HOST=db["HOST"], POSTGRES_PORT=str(db["PORT"]), POSTGRES_DB=db["NAME"],
-            POSTGRES_USER=db["USER"], POSTGRES_PASSWORD=db["PASSWORD"] or "",
-            DSM_REDIS_URL=redis.url, CELERY_BROKER_URL=redis.url.rsplit("/", 1)[0] + "/1",
-            DSM_REDIS_LOG_LEVEL="WARNING",
-        )  # fmt: skip
-        subprocess.run(
-            [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=EXAMPLE, env=env, check=True
-        )
-        procs: list[subprocess.Popen[bytes]] = []
-        logs = Path(tempfile.mkdtemp(prefix="dsm_redis-example-"))
+    try:
+        import gunicorn  # noqa: F401
+    except ImportError:
+        sys.exit("validate.py --live runs the web service with gunicorn, as compose.yaml does: pip install gunicorn")
+    services = compose_services()
+    redis_args = _argv(services["redis"]["command"])[1:]  # --appendonly yes, --maxmemory-policy noeviction
+    logs = Path(tempfile.mkdtemp(prefix="dsm_redis-example-"))
+    with RedisServer(extra_args=redis_args) as redis, PostgresServer() as pg, LiveRun(logs, services) as run:
+        side = Side(server_env(services, redis.url, pg.django_settings(), ["127.0.0.1"]))
         try:
-            bases = []
-            try:
-                import gunicorn  # noqa: F401
-
-                port = _free_port()
-                bases.append(f"http://127.0.0.1:{port}")
-                server = ["gunicorn", "shop.wsgi:application", f"--bind=127.0.0.1:{port}", f"--workers={web}"]
-                procs.append(_spawn([sys.executable, "-m", *server], env, logs / "web.log"))
-                print(f"  gunicorn with {web} workers")
-            except ImportError:
-                for i in range(web):
-                    port = _free_port()
-                    bases.append(f"http://127.0.0.1:{port}")
-                    cmd = [sys.executable, "manage.py", "runserver", "--noreload", f"127.0.0.1:{port}"]
-                    procs.append(_spawn(cmd, env, logs / f"web{i}.log"))
-                print(f"  {web} runserver processes (gunicorn is not installed)")
-            for i in range(workers):
-                cmd = [sys.executable, "-m", "celery", "-A", "shop", "worker", "--concurrency=2", "--loglevel=WARNING",
-                       f"--hostname=w{i}@%h"]  # fmt: skip
-                procs.append(_spawn(cmd, env, logs / f"worker{i}.log"))
+            run.migrate(side)
+            base = run.web(side, f"127.0.0.1:{_free_port()}", workers=web)
+            print(f"  gunicorn with {web} workers")
+            run.workers(side, workers)
             print(f"  {workers} Celery workers (2 processes each)")
-            load = [sys.executable, str(HERE / "load.py"), *(f"--base={b}" for b in bases), f"--requests={requests}"]
-            result = subprocess.run(load, env=env, capture_output=True, text=True, timeout=900)
-            print("\n".join("  | " + line for line in (result.stdout + result.stderr).splitlines()))
-            if result.returncode != 0:
-                problem(f"load.py failed (logs in {logs})")
-            else:
-                shutil.rmtree(logs, ignore_errors=True)
-        finally:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-
-
-def _spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=EXAMPLE, env=env, stdout=out, stderr=subprocess.STDOUT)
-    time.sleep(0.2)
-    if proc.poll() is not None:
-        sys.exit(f"{' '.join(cmd)} exited at once:\n{log.read_text()}")
-    return proc
+            run.load([base], requests=requests)
+        except LiveFailure as exc:
+            problem(f"{exc}\n(logs in {logs})")
+            return
+    shutil.rmtree(logs, ignore_errors=True)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--live", action="store_true", help="also run the example for real (no containers)")
-    parser.add_argument("--web", type=int, default=3, help="web server processes in the live run")
-    parser.add_argument("--workers", type=int, default=3, help="Celery workers in the live run")
+    parser.add_argument("--web", type=int, default=4, help="gunicorn workers in the live run (compose: 4)")
+    parser.add_argument("--workers", type=int, default=3, help="Celery workers in the live run (compose: 3)")
     parser.add_argument("--requests", type=int, default=600, help="requests the load script sends")
     args = parser.parse_args()
     check_compose()
