@@ -17,6 +17,7 @@ from dsm_redis import StaleFencingToken, object_lock
 from dsm_redis._servers import _free_port
 from dsm_redis.backends import get_backend
 from dsm_redis.keys import object_key, redis_name
+from tests.procs import in_background
 
 
 def run(*args: str) -> str:
@@ -216,9 +217,7 @@ def test_a_forced_release_cannot_let_the_old_holder_overwrite_a_newer_one(backen
         def newer() -> None:
             Account.objects.get(pk=account.pk).machine.deposit(amount=10)
 
-        thread = threading.Thread(target=newer)
-        thread.start()
-        thread.join(120)
+        in_background(newer)()
         assert Account.objects.get(pk=account.pk).balance == 10
         with pytest.raises(StaleFencingToken):
             account.machine.deposit(amount=1)
@@ -252,7 +251,6 @@ def test_prune_deletes_old_applied_task_records_only():
 @pytest.mark.django_db(transaction=True)
 def test_prune_deletes_marks_of_deleted_objects_under_their_lease():
     from dsm_redis.models import FencingMark
-    from tests.procs import in_background
     from tests.testapp.models import Account
 
     kept, gone, busy = (Account.objects.create() for _ in range(3))

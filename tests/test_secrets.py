@@ -4,7 +4,6 @@ requires it."""
 
 from __future__ import annotations
 
-import threading
 import traceback
 from collections.abc import Iterator
 from typing import Any
@@ -16,6 +15,7 @@ from django.core.exceptions import ImproperlyConfigured
 from dsm_redis import LockBackendUnavailable, LockTimeout, object_lock
 from dsm_redis.backends import get_backend
 from dsm_redis.conf import get_config, parse, redact
+from tests.procs import in_background
 from tests.testapp.models import ALIVE, Cat
 
 PASSWORD = "s3cret-pw-7f1c"
@@ -74,9 +74,7 @@ def test_a_lock_timeout_traceback_with_locals_holds_no_password(secret_location)
             errors.append(exc)
 
     with object_lock(cat):
-        thread = threading.Thread(target=contend)
-        thread.start()
-        thread.join(60)
+        in_background(contend)()
     (error,) = errors
     text = formatted(error)
     assert "hold" in text and "config = Config(" in text  # the frames and locals are there
