@@ -7,7 +7,11 @@ Safety contract:
   for it like another process would. A thread re-enters only a lease that has a live block of its
   own or is parked for a transaction still open; the lease is registered inside the block's
   ``try``, so a block that fails while setting up (the renewer refusing it, an asynchronous
-  exception) gives it back instead of leaving an entry every later block would re-enter.
+  exception on any line before the block runs) gives it back instead of leaving an entry every
+  later block would re-enter, a raised ``depth``, or a key in Redis.
+- Entering ``object_lock`` (not re-entering it) passes the fencing door (``fence.barrier``): the
+  token is judged before the block reads, so an older holder's late commit cannot overwrite what
+  the block read.
 - While held, a lease is renewed every TTL/3 by one renewer thread per process (when
   ``AUTO_RENEW``). A renewal that finds the lease gone marks it *lost*; one that cannot reach Redis
   keeps trying until the lease's local deadline passes, then marks it lost. Either way
@@ -27,7 +31,9 @@ Safety contract:
   rollback hook), which releases the lease once all of them are over.
 - dsm_redis's on-commit hooks are robust and run before any hook of the caller's, whenever that
   was registered: the lease is released right after the COMMIT even if a caller's hook raises,
-  and ``state_changed`` is sent (see ``signals.py`` for the order it is delivered in).
+  and ``state_changed`` is sent (see ``signals.py`` for the order it is delivered in). Inside
+  Django's ``TestCase`` (which never commits) they keep their registration order instead, so that
+  ``captureOnCommitCallbacks`` — which takes hooks by position — runs them.
 - ``after_release`` callbacks are only ever queued by commits (``state_changed`` is queued by the
   commit's own hook; a rolled-back transition queues nothing) or by an explicit request, so they
   are never dropped: they run on the holder's thread when the lease is released or dropped by a
