@@ -30,6 +30,7 @@ __all__ = ["State", "Transition", "precondition", "StateMachine"]
 
 SideEffect = Callable[..., Any]
 Precondition = Callable[[Any], bool]
+_ANY: Any = object()  # edges_from(..., to=...) not given
 
 # Names a side effect may not take: they are attributes of the bound machine (``obj.state_machine``).
 RESERVED_EDGE_NAMES = frozenset(
@@ -215,7 +216,45 @@ class StateMachine:
 
     def possible_transitions(self, instance: Any) -> list[Transition]:
         current = self.current_state(instance)
-        return [t for t in self._transitions if t.start == current and t.allowed(instance)]
+        return [t for t in self.edges_from(current) if t.allowed(instance)]
+
+    # -- graph questions on plain state values (no instance, no precondition) -------------------
+
+    def edges_from(self, state: Any, *, name: str | None = None, to: Any = _ANY) -> list[Transition]:
+        """The edges leaving ``state`` (those named ``name``, those ending in ``to``), in declared order."""
+        return [
+            t
+            for t in self._transitions
+            if t.start == state and (name is None or t.name == name) and (to is _ANY or t.end == to)
+        ]
+
+    def first_edge_toward(self, current: Any, target: Any) -> Transition | None:
+        """The first edge of a shortest path from ``current`` to ``target`` (breadth-first, edges in
+        declared order); ``None`` when already there; ``TransitionException`` when there is no path."""
+        if current == target:
+            return None
+        first_edge: dict[Any, Transition] = {}
+        queue = deque([current])
+        seen = {current}
+        while queue:
+            state = queue.popleft()
+            for t in self.edges_from(state):
+                if t.end in seen:
+                    continue
+                seen.add(t.end)
+                first_edge[t.end] = first_edge.get(state, t)
+                if t.end == target:
+                    return first_edge[t.end]
+                queue.append(t.end)
+        raise TransitionException(f"{type(self).__name__}: no path from {current!r} to {target!r}")
+
+    def path_states(self, current: Any, target: Any) -> list[Any]:
+        """The states a walk from ``current`` to ``target`` passes through (``target`` excluded)."""
+        states: list[Any] = []
+        while (edge := self.first_edge_toward(current, target)) is not None:
+            states.append(current)
+            current = edge.end
+        return states
 
     # -- resolving a request against a state (called with the row read under the lock) ---------
 
@@ -230,7 +269,7 @@ class StateMachine:
 
     def edge_for_target(self, instance: Any, target: Any) -> Transition:
         current = self.current_state(instance)
-        candidates = [t for t in self._transitions if t.start == current and t.end == target]
+        candidates = self.edges_from(current, to=target)
         if not candidates:
             raise TransitionException(
                 f"{type(self).__name__}: cannot transition from {self.label(instance, current)} "
@@ -258,24 +297,13 @@ class StateMachine:
     def edge_toward(self, instance: Any, target: Any) -> Transition | None:
         """The first edge of a shortest path to ``target``; ``None`` when already there."""
         current = self.current_state(instance)
-        if current == target:
-            return None
-        first_edge: dict[Any, Transition] = {}
-        queue = deque([current])
-        seen = {current}
-        while queue:
-            state = queue.popleft()
-            for t in self._transitions:
-                if t.start != state or t.end in seen:
-                    continue
-                seen.add(t.end)
-                first_edge[t.end] = first_edge.get(state, t)
-                if t.end == target:
-                    return self._guarded(instance, first_edge[t.end])
-                queue.append(t.end)
-        raise TransitionException(
-            f"{type(self).__name__}: no path from {self.label(instance, current)} to {self.label(instance, target)}"
-        )
+        try:
+            edge = self.first_edge_toward(current, target)
+        except TransitionException:
+            raise TransitionException(
+                f"{type(self).__name__}: no path from {self.label(instance, current)} to {self.label(instance, target)}"
+            ) from None
+        return None if edge is None else self._guarded(instance, edge)
 
     def check_arguments(
         self, transition: Transition, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -87,21 +87,21 @@ def enqueue(bound: BoundStateMachine, kind: str, target: Any, kwargs: dict[str, 
         raise TransitionException(f"{instance!r} is not saved: an asynchronous transition needs its primary key")
     current = machine.current_state(instance)
     if kind == "edge":
-        edges = [t for t in machine._transitions if t.name == target and t.start == current]
+        edges = machine.edges_from(current, name=target)
         if not edges:
             machine.edge_by_name(instance, target)  # raises, naming the states the edge starts from
         machine.check_arguments(edges[0], instance, (), kwargs)
         expected: Any = current
     elif kind == "to":
         target = machine.check_known(target)
-        edges = [t for t in machine._transitions if t.start == current and t.end == target]
+        edges = machine.edges_from(current, to=target)
         if len(edges) != 1:
             machine.edge_for_target(instance, target)  # raises: no such edge, or ambiguous
         machine.check_arguments(edges[0], instance, (), kwargs)
         expected = current
     else:
         target = machine.check_known(target)
-        expected = walk(machine, current, target)
+        expected = machine.path_states(current, target)
     for name, value in kwargs.items():
         _check_json(f"{type(machine).__name__}: argument {name!r}", value)
     model = type(instance)
@@ -125,33 +125,6 @@ def enqueue(bound: BoundStateMachine, kind: str, target: Any, kwargs: dict[str, 
         lambda: transition.apply_async(kwargs=payload, task_id=task_id, serializer="json"), using=using
     )
     return transition.AsyncResult(task_id)
-
-
-def walk(machine: StateMachine, current: Any, target: Any) -> list[Any]:
-    """The states ``transition_through`` passes on its way from ``current`` to ``target`` (excluded)."""
-    states: list[Any] = []
-    while current != target:
-        if current in states or len(states) > len(machine.states):
-            break
-        states.append(current)
-        current = _next_state(machine, current, target)
-    return states
-
-
-def _next_state(machine: StateMachine, current: Any, target: Any) -> Any:
-    # The same breadth-first search as StateMachine.edge_toward, on values (no instance, no guard).
-    first: dict[Any, Any] = {}
-    queue, seen = [current], {current}
-    for state in queue:
-        for t in machine._transitions:
-            if t.start != state or t.end in seen:
-                continue
-            seen.add(t.end)
-            first[t.end] = first.get(state, t.end)
-            if t.end == target:
-                return first[t.end]
-            queue.append(t.end)
-    raise TransitionException(f"{type(machine).__name__}: no path from {current!r} to {target!r}")
 
 
 def _check_json(what: str, value: Any) -> None:

@@ -111,3 +111,19 @@ def test_transition_objects_carry_the_seed_attributes():
     (t,) = Machine._transitions
     assert (t.start, t.end, t.side_effect, t.fencing_token) == (0, 1, go, None)
     assert t.precondition is go._precondition
+
+
+def test_graph_questions_on_plain_state_values():
+    from tests.testapp.models import ALIVE, DEAD, UNKNOWN, CatStateMachine, SeedStateMachine, TestStates
+
+    cat = CatStateMachine("state_machine", "state")
+    assert [t.name for t in cat.edges_from(UNKNOWN)] == ["survive", "rip"]
+    assert [t.name for t in cat.edges_from(UNKNOWN, to=DEAD)] == ["rip"]
+    assert cat.first_edge_toward(DEAD, DEAD) is None
+    assert cat.path_states(UNKNOWN, DEAD) == [UNKNOWN]  # the direct edge, not through Alive
+    assert cat.path_states(ALIVE, DEAD) == [ALIVE]
+    with pytest.raises(TransitionException, match="no path"):
+        cat.path_states(DEAD, ALIVE)
+    seed = SeedStateMachine("state_machine", "state")
+    middle_enabled = TestStates.TRANSITION_TO_MIDDLE_ENABLED
+    assert seed.path_states(TestStates.START, TestStates.MIDDLE) == [TestStates.START, middle_enabled]
