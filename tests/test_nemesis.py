@@ -102,3 +102,18 @@ def test_fault_kinds_are_checked_by_name(capsys: pytest.CaptureFixture[str]):
         parse_kinds("pause,meteor")
     assert main(["nemesis", "--faults", "meteor"]) == 2
     assert "unknown fault kind" in capsys.readouterr().err
+
+
+def test_without_celery_the_nemesis_refuses_to_start_and_says_what_to_install():
+    import subprocess
+    import sys
+
+    # A child whose import system has no celery: its locked_task operations would test nothing.
+    code = (
+        "import sys, importlib.util as u; real = u.find_spec; "
+        "u.find_spec = lambda name, *a: None if name == 'celery' else real(name, *a); "
+        "from dsm_redis.__main__ import main; sys.exit(main(['nemesis', '--seconds', '5']))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "pip install 'dsm_redis[embedded,postgres,celery]'" in done.stderr

