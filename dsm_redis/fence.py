@@ -32,6 +32,7 @@ that writes to systems outside this database must pass ``transition.fencing_toke
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Callable, Iterator
@@ -135,8 +136,10 @@ def _bounded_wait(
         raise
     except BaseException:
         # A refusal (StaleFencingToken) leaves the transaction usable: a caller that catches it and
-        # carries on must get its own lock_timeout back, not ours.
-        _restore_lock_timeout(using, previous_timeout)
+        # carries on must get its own lock_timeout back, not ours. (After an interrupt mid-statement
+        # the connection may be unusable: the original exception is the one to report.)
+        with contextlib.suppress(DatabaseError):
+            _restore_lock_timeout(using, previous_timeout)
         raise
     _restore_lock_timeout(using, previous_timeout)
 
