@@ -73,7 +73,13 @@ class Worker:
     """``celery -A tests.celery_app worker --pool=prefork`` in its own session (killable as a group)."""
 
     def __init__(
-        self, log: Path, name: str, queue: str, concurrency: int = 3, env: dict[str, str] | None = None
+        self,
+        log: Path,
+        name: str,
+        queue: str,
+        concurrency: int = 3,
+        env: dict[str, str] | None = None,
+        include: tuple[str, ...] = (),
     ) -> None:
         self.log, self.queue = log, queue
         env = {
@@ -87,6 +93,7 @@ class Worker:
             sys.executable, "-m", "celery", "-A", "tests.celery_app", "worker", "--pool=prefork",
             f"--concurrency={concurrency}", "--loglevel=INFO", f"--hostname={name}-{uuid.uuid4().hex[:6]}@%h",
             "-Q", queue, "--without-gossip", "--without-mingle", "--without-heartbeat",
+            *(f"--include={module}" for module in include),
         ]  # fmt: skip
         connections.close_all()  # nothing of ours stays open in the database the worker uses
         with open(log, "wb") as out:

@@ -2,7 +2,7 @@
 malformed payloads, reused task ids, a worker killed mid-walk.
 
 Each test states the interleaving it drives and the contract item it checks. The worker-based tests
-run a real prefork worker (``InterleavingWorker``: ``tests.test_celery.Worker`` that also loads
+run a real prefork worker (``tests.test_celery.Worker`` that also loads
 ``tests/interleaving_tasks.py``); the payload checks run the transition task in this process
 (``run_transition``, the same code a worker runs on a message).
 """
@@ -10,16 +10,11 @@ run a real prefork worker (``InterleavingWorker``: ``tests.test_celery.Worker`` 
 from __future__ import annotations
 
 import functools
-import os
-import subprocess
-import sys
-import uuid
-from pathlib import Path
 from typing import Any
 
 import pytest
 from celery.signals import before_task_publish
-from django.db import connections, transaction
+from django.db import transaction
 from django.db.models.signals import post_save
 
 from dsm_redis import TransitionException, object_lock
@@ -29,46 +24,22 @@ from dsm_redis.keys import counter_key, object_key
 from dsm_redis.models import AppliedTask
 from tests import interleaving_tasks
 from tests.celery_app import QUEUE
-from tests.test_celery import ROOT, WAIT, Worker, fresh, prefix, run_transition, wait_for
-from tests.testapp import tasks as test_tasks
+from tests.test_celery import WAIT, Worker, fresh, prefix, run_transition, wait_for
 from tests.testapp.models import Account, Order, SeedModel, Switch, TestStates
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-class InterleavingWorker(Worker):
-    """``Worker`` that also imports tests.interleaving_tasks; it serves ``queue`` only."""
-
-    def __init__(self, log: Path, name: str, queue: str, concurrency: int = 2) -> None:
-        self.log, self.queue = log, queue
-        env = {
-            **os.environ,
-            "DJANGO_SETTINGS_MODULE": "tests.settings",
-            "DSM_TEST_DB_NAME": connections["default"].settings_dict["NAME"],
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        }
-        command = [
-            sys.executable, "-m", "celery", "-A", "tests.celery_app", "worker", "--pool=prefork",
-            f"--concurrency={concurrency}", "--loglevel=INFO", f"--hostname={name}-{uuid.uuid4().hex[:6]}@%h",
-            "-Q", queue, "--without-gossip", "--without-mingle", "--without-heartbeat",
-            "--include=tests.interleaving_tasks",
-        ]  # fmt: skip
-        connections.close_all()
-        with open(log, "wb") as out:
-            self.process = subprocess.Popen(
-                command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        try:
-            test_tasks.ping.apply_async(queue=queue).get(timeout=WAIT)
-        except Exception:
-            self.stop()
-            raise AssertionError(f"worker did not start:\n{log.read_text()[-4000:]}") from None
+INCLUDE = ("tests.interleaving_tasks",)  # what the workers here import besides the app's tasks
 
 
 @pytest.fixture(scope="module")
 def interleaving_worker(django_db_setup: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    w = InterleavingWorker(
-        tmp_path_factory.mktemp("interleavings") / "worker.log", "interleavings", f"{QUEUE}-interleavings"
+    # A worker that also imports tests.interleaving_tasks; it serves its own queue only.
+    w = Worker(
+        tmp_path_factory.mktemp("interleavings") / "worker.log",
+        "interleavings",
+        f"{QUEUE}-interleavings",
+        concurrency=2,
+        include=INCLUDE,
     )
     yield w
     w.stop()
@@ -247,14 +218,14 @@ def test_a_walk_cut_by_sigkill_resumes_on_redelivery_and_takes_each_step_once(tm
     redis.set(f"{base}:stall", TestStates.FAIL)
     queue = f"{QUEUE}-interleavings-kill"
     route_transitions(monkeypatch, queue)
-    victim = InterleavingWorker(tmp_path / "victim.log", "victim", queue)
+    victim = Worker(tmp_path / "victim.log", "victim", queue, concurrency=2, include=INCLUDE)
     try:
         result = obj.state_machine.async_transition_through(TestStates.FAIL)
         wait_for(lambda: redis.get(f"{base}:stalled"), "the second step to stall", [victim.log])
     finally:
         victim.kill()
     assert fresh(obj).state == TestStates.THE_WAY_TO_FAILURE  # the first step committed, alone
-    survivor = InterleavingWorker(tmp_path / "survivor.log", "survivor", queue)
+    survivor = Worker(tmp_path / "survivor.log", "survivor", queue, concurrency=2, include=INCLUDE)
     try:
         assert result.get(timeout=WAIT) == TestStates.FAIL
     finally:

@@ -21,10 +21,10 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from .._servers.process import ignoring_signals
 from . import workers
 from .environment import DemoError, check_redis, demo_settings, forget_redis_keys, prepare_database
 from .report import Progress, Result, status
@@ -51,7 +51,7 @@ def run(options: Options, err: TextIO) -> list[Result]:
         return _run(options, resources, err)
     finally:
         # A second Ctrl-C (or a SIGTERM) must not cut the cleanup short.
-        with _ignoring(signal.SIGINT, signal.SIGTERM):
+        with ignoring_signals(signal.SIGINT, signal.SIGTERM):
             resources.close()
 
 
@@ -88,20 +88,6 @@ def _servers(options: Options, resources: contextlib.ExitStack, err: TextIO) -> 
     return redis_url, database_url
 
 
-@contextlib.contextmanager
-def _ignoring(*signums: signal.Signals) -> Iterator[None]:
-    """Ignore these signals for the block (main thread only: elsewhere signals cannot be set)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in signums}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
 class _Pool:
     """The worker processes, spawned once and raced once per contender."""
 
@@ -124,7 +110,7 @@ class _Pool:
 
     def start(self) -> None:
         # Workers inherit "ignore SIGINT": Ctrl-C interrupts only us, and we stop them.
-        with _ignoring(signal.SIGINT):
+        with ignoring_signals(signal.SIGINT):
             for proc in self.procs:
                 proc.start()
 

@@ -27,15 +27,14 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from .._servers.process import ignoring_signals
 from . import faults as fault_kinds
 from .checker import Verdict, check
 from .faults import Fault, RedisControl, fault_schedule
@@ -93,21 +92,8 @@ def run(options: Options, err: TextIO) -> Report:
     try:
         return _Run(options, resources, err).run()
     finally:
-        with _ignoring(signal.SIGINT, signal.SIGTERM):
+        with ignoring_signals(signal.SIGINT, signal.SIGTERM):
             resources.close()
-
-
-@contextlib.contextmanager
-def _ignoring(*signums: signal.Signals) -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in signums}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def status(err: TextIO, text: str) -> None:
