@@ -263,6 +263,17 @@ def test_a_committed_transition_always_raises_the_column_mark(db_alias, side_eff
 # -- Lease.fence() never re-anchors ---------------------------------------------------------------
 
 
+def fenced_write(lease: Any, model: Any, alias: str, pk: Any, **values: Any) -> str:
+    """A hand-written write as the README shows it: ``"wrote"``, or ``"refused"`` by the fence."""
+    try:
+        with transaction.atomic(using=alias):
+            lease.fence(alias)
+            model.objects.using(alias).filter(pk=pk).update(**values)
+    except StaleFencingToken:
+        return "refused"
+    return "wrote"
+
+
 def lost_then_brought_back(lease: Any, newer_writer: Any) -> None:
     """A's key is deleted (`dsm_locks --release --force`, eviction), ``newer_writer`` commits under
     a newer lease, then Redis rolls back (a lagging replica promoted, an AOF restore): A's key and
@@ -297,7 +308,6 @@ def test_a_lease_redis_brings_back_is_refused_by_fence(model, db_alias):
 
 @MODELS
 def test_an_older_holders_late_commit_cannot_overwrite_what_object_lock_read(model, db_alias, monkeypatch):
-    from dsm_redis import fence
     from dsm_redis.lease import held_lease
 
     obj = model.objects.using(db_alias).create()
@@ -318,14 +328,7 @@ def test_an_older_holders_late_commit_cannot_overwrite_what_object_lock_read(mod
     assert older_inside.wait(60)
     expire(older_lease[0])  # its lease ends (Redis restarted empty, or it paused past its TTL)
 
-    barrier = getattr(fence, "barrier", None)
-
-    def barrier_reached(*args: Any, **kwargs: Any) -> Any:
-        newer_waiting.set()
-        assert barrier is not None
-        return barrier(*args, **kwargs)
-
-    monkeypatch.setattr(fence, "barrier", barrier_reached, raising=False)
+    _signal_at_the_door(monkeypatch, newer_waiting)
     outcome: list[str] = []
 
     def newer() -> None:
@@ -333,13 +336,7 @@ def test_an_older_holders_late_commit_cannot_overwrite_what_object_lock_read(mod
             read = model.objects.using(db_alias).get(pk=obj.pk).balance  # a plain read, as the README shows
             newer_waiting.set()
             newer_go.wait(60)
-            try:
-                with transaction.atomic(using=db_alias):
-                    lease.fence(db_alias)
-                    model.objects.using(db_alias).filter(pk=obj.pk).update(balance=read + 100)
-                outcome.append("wrote")
-            except StaleFencingToken:
-                outcome.append("refused")
+            outcome.append(fenced_write(lease, model, db_alias, obj.pk, balance=read + 100))
 
     join_newer = in_background(newer)
     assert newer_waiting.wait(60)  # the newer holder has read, or is at the door
@@ -476,13 +473,7 @@ def test_object_lock_after_a_failed_transition_in_the_same_transaction_passes_th
             with object_lock(obj) as b:  # must wait at the door for the older holder's commit
                 read = model.objects.using(alias).get(pk=obj.pk).balance
                 b_at_door_or_read.set()
-                try:
-                    with transaction.atomic(using=alias):
-                        b.fence(alias)
-                        model.objects.using(alias).filter(pk=obj.pk).update(balance=read + 1)
-                    outcome.append("wrote")
-                except StaleFencingToken:
-                    outcome.append("refused")
+                outcome.append(fenced_write(b, model, alias, obj.pk, balance=read + 1))
 
     join_a = in_background(holder_a)
     assert a_read.wait(WAIT)
