@@ -376,13 +376,11 @@ def test_fence_waits_for_a_row_lock_no_longer_than_the_bound(model, settings):
     assert model.objects.get(pk=obj.pk).balance == 1
 
 
-def test_a_busy_sqlite_database_is_a_lock_timeout(db_alias):
+def test_a_busy_sqlite_database_is_a_lock_timeout():
     import sqlite3
 
     from dsm_redis import LockTimeout
 
-    if db_alias != "sqlite":
-        pytest.skip("SQLite's busy error")
     obj = Account.objects.using("sqlite").create()
     name = connections["sqlite"].settings_dict["NAME"]
     with connections["sqlite"].cursor() as cursor:
