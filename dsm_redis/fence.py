@@ -226,7 +226,7 @@ def fence(lease: Lease, using: str, row_lock_timeout: float | None) -> None:
     Raises the mark, or refuses with ``StaleFencingToken`` — without re-anchoring (module
     docstring): whatever the holder read before this call may predate a newer holder's commit.
     """
-    _fence(lease, using, row_lock_timeout, reanchor=False)
+    _fence(lease, using, row_lock_timeout, reanchor=False, in_caller_transaction=True)
 
 
 def barrier(lease: Lease, using: str, row_lock_timeout: float | None) -> None:
@@ -240,14 +240,18 @@ def barrier(lease: Lease, using: str, row_lock_timeout: float | None) -> None:
     an object with no row has nothing to protect and the door writes nothing; with the mark table
     the object's mark row is written either way.
     """
+    # Outside a caller's transaction the bound ends with our own: nothing of the caller's to put back.
+    in_caller_transaction = connections[using].in_atomic_block
     with transaction.atomic(using=using):
-        _fence(lease, using, row_lock_timeout, reanchor=True)
+        _fence(lease, using, row_lock_timeout, reanchor=True, in_caller_transaction=in_caller_transaction)
 
 
-def _fence(lease: Lease, using: str, row_lock_timeout: float | None, *, reanchor: bool) -> None:
+def _fence(
+    lease: Lease, using: str, row_lock_timeout: float | None, *, reanchor: bool, in_caller_transaction: bool
+) -> None:
     model, pk = object_of(lease.key)
     column = fencing_column(model) if model is not None else None
-    with _bounded_wait(using, lease.key, row_lock_timeout, in_caller_transaction=True) as timeout:
+    with _bounded_wait(using, lease.key, row_lock_timeout, in_caller_transaction) as timeout:
         if column is None:
             rejudge = (lambda: _table_verdict(lease, using, timeout)) if reanchor else None
             _judge(_table_verdict(lease, using, timeout), lease, rejudge)

@@ -38,6 +38,7 @@ from dsm_redis.checks import celery_timeout_warnings
 from dsm_redis.keys import counter_key, object_key, redis_name
 from dsm_redis.models import FencingMark
 from tests.celery_app import QUEUE, app
+from tests.procs import in_background
 from tests.test_faults import pg_connect
 from tests.testapp import tasks
 from tests.testapp.models import (
@@ -294,8 +295,7 @@ def test_eager_contention_raises_or_skips():
             holding.set()
             done.wait(WAIT)
 
-    thread = threading.Thread(target=holder)
-    thread.start()
+    join = in_background(holder)  # closes the holder thread's database connection (object_lock's door)
     try:
         holding.wait(WAIT)
         with pytest.raises(LockTimeout):
@@ -303,7 +303,7 @@ def test_eager_contention_raises_or_skips():
         assert tasks.unbound_skip.apply((account.pk,)).state == "IGNORED"
     finally:
         done.set()
-        thread.join()
+        join()
 
 
 def test_a_locked_task_that_outlives_its_lease_commits_nothing():

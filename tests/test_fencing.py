@@ -296,10 +296,8 @@ def test_a_lease_redis_brings_back_is_refused_by_fence(model, db_alias):
     with object_lock(obj, ttl=60) as a:
         read = model.objects.using(db_alias).get(pk=obj.pk).balance
         lost_then_brought_back(a, lambda: model.objects.using(db_alias).get(pk=obj.pk).machine.deposit(amount=10))
-        with pytest.raises(StaleFencingToken):
-            with transaction.atomic(using=db_alias):
-                a.fence(db_alias)  # Redis says A owns the lease; A's read predates the newer commit
-                model.objects.using(db_alias).filter(pk=obj.pk).update(balance=read + 100)
+        # Redis says A owns the lease; A's read predates the newer commit: refused.
+        assert fenced_write(a, model, db_alias, obj.pk, balance=read + 100) == "refused"
     assert model.objects.using(db_alias).get(pk=obj.pk).balance == 10
 
 

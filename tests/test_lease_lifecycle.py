@@ -16,6 +16,7 @@ from dsm_redis import state_changed
 from dsm_redis.backends import get_backend
 from dsm_redis.keys import object_key
 from dsm_redis.lease import held_lease
+from tests.test_transactions import killing_when_alive
 from tests.testapp.models import ALIVE, DEAD, Cat
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -124,10 +125,7 @@ def test_renewer_during_the_commit_hooks_does_not_reorder_an_objects_signals(set
     seen: list[Any] = []
     receiver = record_signals(seen)
 
-    def kill_y(sender: Any, instance: Any, state: Any, **kwargs: Any) -> None:
-        if instance.pk == x.pk and state == ALIVE:
-            Cat.objects.get(pk=y.pk).state_machine.transition_to(DEAD)
-
+    kill_y = killing_when_alive(x, y)
     leases: dict[str, Any] = {}
 
     @commit_hook("signal")

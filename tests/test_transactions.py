@@ -163,6 +163,16 @@ def record_signals(seen: list[Any]) -> Any:
     return receiver
 
 
+def killing_when_alive(x: Cat, y: Cat) -> Any:
+    """A state_changed receiver that moves ``y`` to Dead when ``x`` becomes Alive."""
+
+    def kill_y(sender: Any, instance: Any, state: Any, **kwargs: Any) -> None:
+        if instance.pk == x.pk and state == ALIVE:
+            Cat.objects.get(pk=y.pk).state_machine.transition_to(DEAD)
+
+    return kill_y
+
+
 def test_a_failing_user_hook_registered_first_does_not_keep_the_lease_nor_drop_the_signal():
     cat = Cat.objects.create()
     seen: list[Any] = []
@@ -200,10 +210,7 @@ def test_a_receiver_transitioning_another_object_does_not_reorder_that_objects_s
     seen: list[Any] = []
     receiver = record_signals(seen)
 
-    def kill_y(sender: Any, instance: Any, state: Any, **kwargs: Any) -> None:
-        if instance.pk == x.pk and state == ALIVE:
-            Cat.objects.get(pk=y.pk).state_machine.transition_to(DEAD)
-
+    kill_y = killing_when_alive(x, y)
     state_changed.connect(kill_y, sender=Cat, weak=False)
     try:
         with transaction.atomic():
