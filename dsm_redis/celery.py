@@ -66,7 +66,7 @@ from django.db.models import Model
 from .conf import get_config
 from .exceptions import LockError, LockTimeout
 from .keys import object_key
-from .lease import Lease, enter_barrier, hold, on_commit_first
+from .lease import Lease, enter_barrier, hold, on_commit_first, require_managed_transactions
 
 __all__ = ["locked_task", "run_locked", "CONTENTION_HEADER"]
 
@@ -174,6 +174,7 @@ def run_locked(
     retry_lock_errors: bool = False,
 ) -> Any:
     """Run ``body(lease)`` under the lease on ``key`` for ``task`` (None: not run by Celery)."""
+    require_managed_transactions(using)
     config = get_config()
     queued = _queued(task)
     if timeout is _DEFAULT:

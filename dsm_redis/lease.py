@@ -60,6 +60,7 @@ from .conf import get_config
 from .exceptions import LockBackendUnavailable, LockLost
 from .keys import object_key
 from .renewer import Renewer
+from .signals import deliver_pending
 
 if TYPE_CHECKING:
     from django.db.models import Model
@@ -272,7 +273,15 @@ def _take_over(leases: dict[str, Lease], lease: Lease) -> tuple[bool, Lease | No
 
 def _deliver_orphans(leases: dict[str, Lease]) -> None:
     """Run the callbacks of leases the renewer released for this thread (see ``release_if_rolled_back``),
-    and those an interrupted delivery left (``_run_after_release``)."""
+    and those an interrupted delivery left (``_run_after_release``, ``signals.deliver_pending``).
+
+    Only outside every transaction: receivers of committed transitions must not write into an
+    unrelated transaction that may roll back (or run inside another object's side effect). Inside
+    one, they wait for a later ``hold()`` made outside.
+    """
+    if any(connection.in_atomic_block for connection in connections.all(initialized_only=True)):
+        return
+    deliver_pending()
     left = getattr(_local, "left", None)
     while left:
         _run_callback(left.pop(0), "an earlier lease")
@@ -511,10 +520,28 @@ def object_lock(
     database by default) before the block runs: what the block reads afterwards cannot be
     overwritten by the late commit of a holder whose lease ran out (``fence.barrier``).
     """
+    db = using or router.db_for_write(type(obj), instance=obj)
+    require_managed_transactions(db)
     with hold(object_key(obj), timeout=timeout, ttl=ttl) as lease:
         if lease.depth == 1:  # this block alone: not re-entered from an enclosing block of this thread
-            enter_barrier(lease, using or router.db_for_write(type(obj), instance=obj))
+            enter_barrier(lease, db)
         yield lease
+
+
+def require_managed_transactions(using: str) -> None:
+    """Refuse Django's manual transaction management (``set_autocommit(False)`` outside ``atomic``).
+
+    There the transition's ``atomic()`` is a savepoint of a transaction no ``atomic`` block knows
+    of: the lease would be released at the end of the block while the uncommitted write still holds
+    the row (commit, then release, broken) and the row-lock bound would outlive the transition. As
+    Django's own ``on_commit``, refuse it.
+    """
+    connection = connections[using]
+    if not connection.get_autocommit() and not connection.in_atomic_block:
+        raise TransactionManagementError(
+            "dsm_redis cannot hold a lease in manual transaction management (set_autocommit(False)); "
+            "use transaction.atomic()"
+        )
 
 
 def enter_barrier(lease: Lease, using: str) -> None:

@@ -42,7 +42,7 @@ from .conf import get_config
 from .exceptions import LockLost, TransitionException, TransitionFailed
 from .fence import lock_row, save_judged
 from .keys import object_key
-from .lease import Lease, after_release, commit_hook, hold, on_commit_first
+from .lease import Lease, after_release, commit_hook, hold, on_commit_first, require_managed_transactions
 from .signals import deliver, state_changed
 
 if TYPE_CHECKING:
@@ -66,6 +66,7 @@ def run(machine: StateMachine, instance: Model, resolve: Resolve, args: tuple[An
     using = router.db_for_write(type(instance), instance=instance)
     if instance.pk is None or instance._state.adding:
         return _step(machine, instance, resolve, args, kwargs, using, None)[0]
+    require_managed_transactions(using)
     with hold(object_key(instance)) as lease:  # 1. lease
         return _step(machine, instance, resolve, args, kwargs, using, lease)[0]
 
@@ -88,6 +89,7 @@ def run_through(machine: StateMachine, instance: Model, target: Any, *, on_step:
         state, done = step(None)  # no row to lock yet: this step inserts it
         if done:
             return state
+    require_managed_transactions(using)
     with hold(object_key(instance)) as lease:
         while True:
             state, done = step(lease)

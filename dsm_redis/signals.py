@@ -49,6 +49,11 @@ def deliver(send: Callable[[], None]) -> None:
     _drain()
 
 
+def deliver_pending() -> None:
+    """Deliver what an interrupted delivery (a receiver's ``BaseException``) left queued."""
+    _drain()
+
+
 def _drain() -> None:
     state = _deliveries
     if state.delivering:
