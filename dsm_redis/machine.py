@@ -14,6 +14,9 @@ no precondition: the edge with a name (``edge_named``), the edge to a target (``
 walk to a target (``shortest_path``). The instance-level resolvers (``edge_by_name``,
 ``edge_for_target``, ``edge_toward``) answer them for the row read under the lock and add the
 precondition; the asynchronous entry points (``tasks.py``) ask the same questions at the call.
+
+Longer than most modules here because it is one concept that reads better whole: what a machine
+is (its declaration, its validation at class definition, and the questions its graph answers).
 """
 
 from __future__ import annotations
