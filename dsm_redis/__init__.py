@@ -1,19 +1,25 @@
 """dsm_redis: deus-state-machina's API with per-object Redis leases, ``select_for_update`` and
-fencing tokens judged by the database."""
+fencing tokens judged by the database.
+
+This module's ``__all__`` is the public API; a name of a submodule that is not in it is internal
+(``dsm_redis.conf``, ``dsm_redis.backends`` and ``dsm_redis.celery`` document their own public names).
+"""
 
 from .exceptions import (
+    DsmRedisError,
     LockBackendUnavailable,
     LockError,
     LockLost,
+    LockTemporarilyUnavailable,
     LockTimeout,
     StaleFencingToken,
     TransitionException,
     TransitionFailed,
 )
 from .fence import FencingTokenField
-from .fields import StateMachineField
+from .fields import BoundStateMachine, StateMachineField
 from .lease import Lease, object_lock
-from .machine import State, StateMachine, Transition, precondition
+from .machine import State, StateMachine, StateValue, Transition, precondition
 from .signals import emit_signal_on_state, state_changed
 
 __version__ = "0.1.0"
@@ -31,21 +37,29 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    # declaring a machine
     "State",
+    "StateValue",
     "StateMachine",
     "StateMachineField",
+    "BoundStateMachine",
     "FencingTokenField",
     "Transition",
     "precondition",
+    # exceptions
+    "DsmRedisError",
     "TransitionException",
     "TransitionFailed",
     "LockError",
+    "LockTemporarilyUnavailable",
     "LockTimeout",
     "LockLost",
     "StaleFencingToken",
     "LockBackendUnavailable",
+    # leases
     "Lease",
     "object_lock",
+    # signals
     "state_changed",
     "emit_signal_on_state",
 ]

@@ -7,6 +7,8 @@
 ``dsm_redis.E004``  ``BACKEND`` is not a ``dsm_redis.backends.LockBackend`` subclass
 ``dsm_redis.E005``  ``LOCATION`` is unusable for the Redis backend (URL scheme, unknown ``CACHES``
                     alias, a cache that is not a Redis cache)
+``dsm_redis.E006``  a ``FencingTokenField`` on a multi-table-inheritance child (the mark belongs to
+                    the root model's row)
 ``dsm_redis.W001``  ``LocalLockBackend`` with ``DEBUG = False``: it excludes the threads of one
                     process only, not gunicorn or Celery worker processes
 ``dsm_redis.W101``  Celery: ``AUTO_RENEW`` is off and a task time limit is unset or longer than the
@@ -18,7 +20,9 @@
 The W1xx checks run only when the project has imported Celery (its app module), against the
 current Celery app; a worker also logs them when it is ready (``dsm_redis.tasks``).
 
-The E00x problems also raise ``ImproperlyConfigured`` with the same message at first use (a
+E001, E002 and E005 for the setting's own values are the ids ``conf.validate()`` gives its
+problems; E003 and E004 (importing ``BACKEND``), the ``CACHES`` alias of E005, E006, W001 and the
+W1xx are found here. The E001-E005 problems also raise ``ImproperlyConfigured`` with the same message at first use (a
 transition, ``object_lock``, a locked task), in processes that run no checks: Celery workers (they
 run them but discard the result), scripts. Not when the app is ready, which would pre-empt these
 checks. Messages never echo a ``LOCATION`` URL (it may carry a password).
@@ -34,7 +38,7 @@ from django.conf import settings
 from django.core import checks
 from django.utils.module_loading import import_string
 
-from .conf import DEFAULT_BACKEND, OPTIONS, SETTING, TOP_LEVEL_KEYS, validate
+from .conf import BAD_LOCATION, DEFAULT_BACKEND, OPTIONS, SETTING, TOP_LEVEL_KEYS, UNKNOWN, Problem, validate
 
 HINT = "See the configuration reference (DSM_REDIS) in dsm_redis's README."
 REDIS_CACHES = frozenset({"django.core.cache.backends.redis.RedisCache", "django_redis.cache.RedisCache"})
@@ -77,21 +81,17 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
     return messages
 
 
-def _error(problem: str) -> checks.CheckMessage:
-    kind = getattr(problem, "kind", "invalid")
-    if kind == "unknown":
-        key = str(getattr(problem, "key", ""))
-        close = difflib.get_close_matches(key.upper(), sorted(TOP_LEVEL_KEYS | set(OPTIONS)), n=1)
+def _error(problem: Problem) -> checks.CheckMessage:
+    hint = HINT
+    if problem.check_id == UNKNOWN:
+        close = difflib.get_close_matches(str(problem.key).upper(), sorted(TOP_LEVEL_KEYS | set(OPTIONS)), n=1)
         hint = f"Did you mean {close[0]!r}? {HINT}" if close else HINT
-        return checks.Error(problem, hint=hint, id="dsm_redis.E002")
-    if kind == "location":
-        return checks.Error(
-            problem,
-            hint="For example redis://:password@host:6379/0, rediss://..., unix:///path/redis.sock, "
-            "redis+cluster://host:7000/0 (one node of a Redis Cluster), or cache:default. " + HINT,
-            id="dsm_redis.E005",
+    elif problem.check_id == BAD_LOCATION:
+        hint = (
+            "For example redis://:password@host:6379/0, rediss://..., unix:///path/redis.sock, "
+            "redis+cluster://host:7000/0 (one node of a Redis Cluster), or cache:default. " + HINT
         )
-    return checks.Error(problem, hint=HINT, id="dsm_redis.E001")
+    return checks.Error(problem.message, hint=hint, id=problem.check_id)
 
 
 def _backend_class(path: str, messages: list[checks.CheckMessage]) -> type | None:
@@ -130,7 +130,7 @@ def _check_cache_alias(alias: str) -> list[checks.CheckMessage]:
                 f"DSM_REDIS['LOCATION'] names the cache alias {alias!r}, which is not in CACHES "
                 f"(aliases: {', '.join(map(repr, caches)) or 'none'})",
                 hint=HINT,
-                id="dsm_redis.E005",
+                id=BAD_LOCATION,
             )
         ]
     path = (caches[alias] or {}).get("BACKEND", "")
@@ -147,7 +147,7 @@ def _check_cache_alias(alias: str) -> list[checks.CheckMessage]:
             hint="Point it at a django.core.cache.backends.redis.RedisCache or "
             "django_redis.cache.RedisCache alias (dsm_redis borrows its redis-py client), or give a "
             "redis:// URL. " + HINT,
-            id="dsm_redis.E005",
+            id=BAD_LOCATION,
         )
     ]
 

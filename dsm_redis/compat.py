@@ -142,9 +142,7 @@ class SeedMachine:
         self.machine = machine
 
     def _bound(self, obj: Model) -> Any:
-        from .fields import BoundStateMachine
-
-        return BoundStateMachine(self.machine, obj)
+        return getattr(obj, self.machine.field_name)  # obj.<field>: its BoundStateMachine
 
     def get_current_state(self, obj: Model) -> Any:
         return self.machine.current_state(obj)

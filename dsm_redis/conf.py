@@ -1,7 +1,10 @@
-"""The ``DSM_REDIS`` setting: parsed and validated strictly, in this one place.
+"""The ``DSM_REDIS`` setting: declared, parsed and validated strictly, in this one place.
 
-``validate()`` lists every problem at once; the system checks in ``checks.py`` turn them into
-``manage.py check`` errors with ids (so do runserver, migrate and every command that runs the checks).
+Each key is declared once, as a field of :class:`Config` made by ``option()`` (its key, type,
+default, check and check id); validation, parsing and the known keys are derived from those
+declarations. ``validate()`` lists every problem at once as :class:`Problem` values carrying their
+system check id; ``checks.py`` turns them into ``manage.py check`` errors with those ids (so do
+runserver, migrate and every command that runs the checks).
 ``get_config()`` returns a frozen :class:`Config` or raises ``ImproperlyConfigured`` naming the
 offending keys; it runs at first use (a transition, ``object_lock``, a locked task), so a process that
 runs no checks (a Celery worker, a script) fails there with the same messages. The app's ``ready()``
@@ -13,8 +16,8 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Final
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
@@ -23,7 +26,11 @@ from django.core.signals import setting_changed
 SETTING = "DSM_REDIS"
 DEFAULT_BACKEND = "dsm_redis.backends.redis.RedisLockBackend"
 DEFAULT_LOCATION = "redis://127.0.0.1:6379/0"
-TOP_LEVEL_KEYS = frozenset({"BACKEND", "LOCATION", "OPTIONS"})
+
+# The system check ids of the problems validate() finds (checks.py reports them under these).
+INVALID: Final = "dsm_redis.E001"  # a wrong type or value
+UNKNOWN: Final = "dsm_redis.E002"  # an unknown key
+BAD_LOCATION: Final = "dsm_redis.E005"  # a LOCATION the Redis backend cannot use
 
 
 def _number(value: Any) -> bool:
@@ -54,18 +61,71 @@ def _prefix(value: Any) -> str | None:
     return "must be a non-empty string without braces or spaces (braces would break the hash tag)"
 
 
-class Problem(str):
-    """One problem ``validate()`` found: a message (a ``str``), tagged with its class for the system
-    checks' ids: ``"invalid"`` (a wrong type or value), ``"unknown"`` (an unknown key, ``.key``) or
-    ``"location"`` (a ``LOCATION`` the Redis backend cannot use)."""
+def _dotted_path(value: Any) -> str | None:
+    return (
+        None if isinstance(value, str) and "." in value else f"must be a dotted path to a backend class, not {value!r}"
+    )
 
-    kind: str = "invalid"
+
+def _url_or_callable(value: Any) -> str | None:
+    if isinstance(value, str) or callable(value):
+        return None
+    return "must be a URL, 'cache:<alias>', or a callable returning a client"  # never echoes a URL
+
+
+def _seconds(value: Any) -> float:
+    return float(value)
+
+
+def _seconds_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem ``validate()`` found: its message and the system check id it is reported under
+    (``INVALID``, ``UNKNOWN`` or ``BAD_LOCATION``); ``key`` is the unknown key, for the hint."""
+
+    message: str
+    check_id: str = INVALID
     key: str | None = None
 
-    def __new__(cls, message: str, kind: str = "invalid", key: str | None = None) -> Problem:
-        problem = super().__new__(cls, message)
-        problem.kind, problem.key = kind, key
-        return problem
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class Option:
+    """One key of ``DSM_REDIS``, declared once: where it lives, its default, its check, and how a
+    valid value becomes the :class:`Config` attribute ``attr``."""
+
+    key: str
+    attr: str
+    default: Any
+    check: Callable[[Any], str | None]  # None, or what is wrong with the value
+    convert: Callable[[Any], Any] = _same
+    top_level: bool = False  # DSM_REDIS[key], not DSM_REDIS['OPTIONS'][key]
+    echo: bool = True  # the message shows the value (never for BACKEND, which says it, or LOCATION)
+    check_id: str = INVALID
+
+    @property
+    def where(self) -> str:
+        return f"{SETTING}['{self.key}']" if self.top_level else f"{SETTING}['OPTIONS']['{self.key}']"
+
+    def problem(self, value: Any) -> Problem | None:
+        wrong = self.check(value)
+        if wrong is None:
+            return None
+        return Problem(f"{self.where} {wrong}" + (f"; got {value!r}" if self.echo else ""), self.check_id)
+
+
+def option(key: str, default: Any, check: Callable[[Any], str | None], **how: Any) -> Any:
+    """A :class:`Config` field declaring the key ``key`` (``how``: the other fields of :class:`Option`)."""
+    return field(default=default, metadata={"option": Option(key, "", default, check, **how)})
 
 
 LOCATION_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
@@ -114,30 +174,23 @@ class SecretLocation(str):
         return tuple(SecretLocation(part) for part in super().rpartition(sep))  # type: ignore[return-value]
 
 
-# key -> (default, validator). A validator returns None or what is wrong with the value.
-OPTIONS: dict[str, tuple[Any, Callable[[Any], str | None]]] = {
-    "TTL": (30.0, _positive),
-    "AUTO_RENEW": (True, _bool),
-    "ACQUIRE_TIMEOUT": (10.0, _non_negative_or_none),
-    "ROW_LOCK_TIMEOUT": (None, _positive_or_none),
-    "KEY_PREFIX": ("dsm", _prefix),
-    "SOCKET_TIMEOUT": (5.0, _positive),
-    "SOCKET_CONNECT_TIMEOUT": (2.0, _positive),
-}
-
-
 @dataclass(frozen=True)
 class Config:
-    backend: str = DEFAULT_BACKEND
-    location: Any = DEFAULT_LOCATION
-    ttl: float = 30.0
-    auto_renew: bool = True
-    acquire_timeout: float | None = 10.0
+    """The parsed setting. Each ``option()`` field declares one key; ``extra`` is not a key."""
+
+    backend: str = option("BACKEND", DEFAULT_BACKEND, _dotted_path, top_level=True, echo=False)
+    # option() is a dataclasses.field() (its default is the str below), not a shared mutable default.
+    location: str | Callable[[], Any] = option(  # noqa: RUF009
+        "LOCATION", DEFAULT_LOCATION, _url_or_callable, top_level=True, echo=False
+    )
+    ttl: float = option("TTL", 30.0, _positive, convert=_seconds)
+    auto_renew: bool = option("AUTO_RENEW", True, _bool)
+    acquire_timeout: float | None = option("ACQUIRE_TIMEOUT", 10.0, _non_negative_or_none, convert=_seconds_or_none)
     # None: bounded by acquire_timeout (or unbounded when that is None too).
-    row_lock_timeout: float | None = None
-    key_prefix: str = "dsm"
-    socket_timeout: float = 5.0
-    socket_connect_timeout: float = 2.0
+    row_lock_timeout: float | None = option("ROW_LOCK_TIMEOUT", None, _positive_or_none, convert=_seconds_or_none)
+    key_prefix: str = option("KEY_PREFIX", "dsm", _prefix)
+    socket_timeout: float = option("SOCKET_TIMEOUT", 5.0, _positive, convert=_seconds)
+    socket_connect_timeout: float = option("SOCKET_CONNECT_TIMEOUT", 2.0, _positive, convert=_seconds)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -151,61 +204,51 @@ class Config:
         return self.row_lock_timeout if self.row_lock_timeout is not None else self.acquire_timeout
 
 
-def validate(raw: Any) -> list[str]:
-    """Every problem with a ``DSM_REDIS`` value, as messages naming the key; empty when valid."""
+#: Every key, in declaration order: the top-level ones (beside ``OPTIONS``), then those of ``OPTIONS``.
+DECLARED: Final = tuple(replace(f.metadata["option"], attr=f.name) for f in fields(Config) if "option" in f.metadata)
+TOP_LEVEL: Final = {o.key: o for o in DECLARED if o.top_level}
+OPTIONS: Final = {o.key: o for o in DECLARED if not o.top_level}
+TOP_LEVEL_KEYS: Final = frozenset({*TOP_LEVEL, "OPTIONS"})
+
+
+def validate(raw: Any) -> list[Problem]:
+    """Every problem with a ``DSM_REDIS`` value, naming the key; empty when valid."""
     if raw is None:
         return []
     if not isinstance(raw, Mapping):
-        return [f"{SETTING} must be a dict, not {type(raw).__name__}"]
-    problems: list[str] = [
-        Problem(f"{SETTING} has an unknown key {key!r} (known: {', '.join(sorted(TOP_LEVEL_KEYS))})", "unknown", key)
+        return [Problem(f"{SETTING} must be a dict, not {type(raw).__name__}")]
+    problems = [
+        Problem(f"{SETTING} has an unknown key {key!r} (known: {', '.join(sorted(TOP_LEVEL_KEYS))})", UNKNOWN, key)
         for key in raw
         if key not in TOP_LEVEL_KEYS
     ]
-    backend = raw.get("BACKEND", DEFAULT_BACKEND)
-    if not isinstance(backend, str) or "." not in backend:
-        problems.append(f"{SETTING}['BACKEND'] must be a dotted path to a backend class, not {backend!r}")
+    for declared in TOP_LEVEL.values():
+        if (found := declared.problem(raw.get(declared.key, declared.default))) is not None:
+            problems.append(found)
     location = raw.get("LOCATION", DEFAULT_LOCATION)
-    if not (isinstance(location, str) or callable(location)):
-        problems.append(f"{SETTING}['LOCATION'] must be a URL, 'cache:<alias>', or a callable returning a client")
-    elif isinstance(location, str) and backend == DEFAULT_BACKEND and (wrong := _location(location)):
-        problems.append(Problem(f"{SETTING}['LOCATION'] {wrong}", "location"))
+    if isinstance(location, str) and raw.get("BACKEND", DEFAULT_BACKEND) == DEFAULT_BACKEND:
+        # Only the Redis backend's LOCATION is ours to judge; a custom backend's is its own.
+        if wrong := _location(location):
+            problems.append(Problem(f"{TOP_LEVEL['LOCATION'].where} {wrong}", BAD_LOCATION))
     options = raw.get("OPTIONS", {})
     if not isinstance(options, Mapping):
-        return [*problems, f"{SETTING}['OPTIONS'] must be a dict, not {type(options).__name__}"]
+        return [*problems, Problem(f"{SETTING}['OPTIONS'] must be a dict, not {type(options).__name__}")]
     for key, value in options.items():
         if key not in OPTIONS:
-            problems.append(
-                Problem(
-                    f"{SETTING}['OPTIONS'] has an unknown key {key!r} (known: {', '.join(sorted(OPTIONS))})",
-                    "unknown",
-                    key,
-                )
-            )
-            continue
-        wrong = OPTIONS[key][1](value)
-        if wrong:
-            problems.append(f"{SETTING}['OPTIONS']['{key}'] {wrong}; got {value!r}")
+            known = ", ".join(sorted(OPTIONS))
+            problems.append(Problem(f"{SETTING}['OPTIONS'] has an unknown key {key!r} (known: {known})", UNKNOWN, key))
+        elif (found := OPTIONS[key].problem(value)) is not None:
+            problems.append(found)
     return problems
 
 
 def parse(raw: Any) -> Config:
     problems = validate(raw)
     if problems:
-        raise ImproperlyConfigured("; ".join(problems))
+        raise ImproperlyConfigured("; ".join(p.message for p in problems))
     raw = raw or {}
-    options = {key: raw.get("OPTIONS", {}).get(key, default) for key, (default, _) in OPTIONS.items()}
-    return Config(
-        backend=raw.get("BACKEND", DEFAULT_BACKEND),
-        location=raw.get("LOCATION", DEFAULT_LOCATION),
-        ttl=float(options["TTL"]),
-        auto_renew=options["AUTO_RENEW"],
-        acquire_timeout=None if options["ACQUIRE_TIMEOUT"] is None else float(options["ACQUIRE_TIMEOUT"]),
-        row_lock_timeout=None if options["ROW_LOCK_TIMEOUT"] is None else float(options["ROW_LOCK_TIMEOUT"]),
-        key_prefix=options["KEY_PREFIX"],
-        socket_timeout=float(options["SOCKET_TIMEOUT"]),
-        socket_connect_timeout=float(options["SOCKET_CONNECT_TIMEOUT"]),
-    )
+    given = {**{k: v for k, v in raw.items() if k in TOP_LEVEL}, **raw.get("OPTIONS", {})}
+    return Config(**{o.attr: o.convert(given.get(o.key, o.default)) for o in DECLARED})
 
 
 _cache: tuple[Any, Config] | None = None

@@ -1,12 +1,21 @@
-"""Every exception dsm_redis raises on purpose.
+"""Every exception dsm_redis raises on purpose, under one root: ``DsmRedisError``.
+
+::
+
+    DsmRedisError
+    ├── TransitionException           the machine refused; nothing was written
+    ├── TransitionFailed              raised by a side effect: roll back, move to error_state
+    └── LockError                     the protection could not be guaranteed; nothing was committed
+        ├── LockTemporarilyUnavailable    retriable: nothing was tried, try again later
+        │   ├── LockTimeout                   the lease or row lock was not obtained in time
+        │   └── LockBackendUnavailable        Redis could not be reached
+        ├── LockLost                      the lease expired or was taken before the commit
+        └── StaleFencingToken             the database has seen a newer holder
 
 All of them pickle and unpickle to an equal exception (Celery carries them between processes), so
 each keeps the constructor arguments it needs in ``self.args`` and rebuilds from them in
-``__reduce__``.
-
-``TransitionException`` means "the machine refused": nothing was written, the instance is unchanged.
-``LockError`` and its subclasses mean "the protection could not be guaranteed": nothing was
-committed by the call that raised it.
+``__reduce__``. Misuse of the API is not among them: a wrong argument is a ``TypeError``, a broken
+setting or machine ``ImproperlyConfigured``, as Django raises them.
 """
 
 from __future__ import annotations
@@ -14,9 +23,11 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "DsmRedisError",
     "TransitionException",
     "TransitionFailed",
     "LockError",
+    "LockTemporarilyUnavailable",
     "LockTimeout",
     "LockLost",
     "StaleFencingToken",
@@ -24,11 +35,15 @@ __all__ = [
 ]
 
 
-class TransitionException(Exception):
+class DsmRedisError(Exception):
+    """The root of every exception dsm_redis raises on purpose."""
+
+
+class TransitionException(DsmRedisError):
     """An illegal transition: wrong source state, failed precondition, unknown or ambiguous target."""
 
 
-class TransitionFailed(Exception):
+class TransitionFailed(DsmRedisError):
     """Raised by a side effect to roll its transition back and move to ``error_state`` instead.
 
     ``kwargs`` reach the side effect of the edge that leads to ``error_state``.
@@ -47,11 +62,19 @@ def _rebuild_transition_failed(error_state: Any, kwargs: dict[str, Any]) -> Tran
     return TransitionFailed(error_state, **kwargs)
 
 
-class LockError(Exception):
+class LockError(DsmRedisError):
     """Base class: the object's protection could not be guaranteed, so nothing was committed."""
 
 
-class LockTimeout(LockError):
+class LockTemporarilyUnavailable(LockError):
+    """The lease could not be had right now; nothing ran, and the same call may succeed later.
+
+    Catch this one to retry (Celery's ``autoretry_for``, a queue's backoff) without also retrying
+    ``LockLost`` or ``StaleFencingToken``, whose work ran and was refused.
+    """
+
+
+class LockTimeout(LockTemporarilyUnavailable):
     """The lease (or the database row lock) was not obtained within the acquire timeout."""
 
 
@@ -75,5 +98,5 @@ def _rebuild_stale(message: str, token: int | None, mark: int | None) -> StaleFe
     return StaleFencingToken(message, token=token, mark=mark)
 
 
-class LockBackendUnavailable(LockError):
+class LockBackendUnavailable(LockTemporarilyUnavailable):
     """The lock backend (Redis) could not be reached; nothing was written."""

@@ -1,6 +1,9 @@
 """``StateMachineField``: attaches a machine to a model; ``obj.<name>`` is a ``BoundStateMachine``.
 
-Not a database column: the state lives in an ordinary field named by ``state_field_name``.
+Not a database column: the state lives in an ordinary field named by ``state_field_name``. The
+bound machine is the entry point of every transition: synchronous ones run through ``protocol``,
+asynchronous ones are sent by ``tasks`` (imported when first used: importing it imports Celery,
+whose presence the system checks take as the project using it).
 """
 
 from __future__ import annotations
@@ -9,11 +12,12 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from django.core.exceptions import ImproperlyConfigured
 from django.db.models import Model
 
 from . import protocol
 from .exceptions import TransitionException
-from .machine import StateMachine, Transition, plain
+from .machine import StateMachine, StateValue, Transition, plain
 
 __all__ = ["StateMachineField", "BoundStateMachine"]
 
@@ -27,14 +31,14 @@ class BoundStateMachine:
         self.machine = machine
         self.instance = instance
 
-    def get_current_state(self) -> Any:
+    def get_current_state(self) -> StateValue:
         return self.machine.current_state(self.instance)
 
     def get_possible_transitions(self) -> list[Transition]:
         """Edges allowed from the in-memory state, preconditions applied (no lock, no query)."""
         return self.machine.possible_transitions(self.instance)
 
-    def transition_to(self, state: Any, *args: Any, **kwargs: Any) -> Any:
+    def transition_to(self, state: StateValue | Transition, *args: Any, **kwargs: Any) -> Any:
         """Take the one edge from the current state (read under the lock) to ``state``."""
         if isinstance(state, Transition):
             return protocol.run(self.machine, self.instance, partial(self._exactly, state), args, kwargs)
@@ -43,11 +47,11 @@ class BoundStateMachine:
             self.machine, self.instance, partial(self.machine.edge_for_target, target=target), args, kwargs
         )
 
-    def transition_through(self, state: Any) -> Any:
+    def transition_through(self, state: StateValue) -> Any:
         """Walk a shortest path to ``state``, one committed transition per step, under one lease."""
         return protocol.run_through(self.machine, self.instance, self.machine.check_known(state))
 
-    def async_transition_to(self, state: Any, **kwargs: Any) -> Any:
+    def async_transition_to(self, state: StateValue, **kwargs: Any) -> Any:
         """``transition_to`` in a Celery task sent when the transaction commits; an ``AsyncResult``.
 
         ``kwargs`` travel as JSON; the task is a logged no-op if the object has left its current
@@ -55,13 +59,13 @@ class BoundStateMachine:
         """
         from .tasks import enqueue
 
-        return enqueue(self, "to", state, kwargs)
+        return enqueue(self.machine, self.instance, "to", state, kwargs)
 
-    def async_transition_through(self, state: Any) -> Any:
+    def async_transition_through(self, state: StateValue) -> Any:
         """``transition_through`` in a Celery task sent when the transaction commits; an ``AsyncResult``."""
         from .tasks import enqueue
 
-        return enqueue(self, "through", state, {})
+        return enqueue(self.machine, self.instance, "through", state, {})
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         if name.startswith("_") or name not in self.machine.edge_names:
@@ -85,7 +89,7 @@ class BoundStateMachine:
                 raise TypeError(f"{name}(as_task=True) takes keyword arguments only: they travel as JSON")
             from .tasks import enqueue
 
-            return enqueue(self, "edge", name, kwargs)
+            return enqueue(self.machine, self.instance, "edge", name, kwargs)
         return protocol.run(self.machine, self.instance, partial(self.machine.edge_by_name, name=name), args, kwargs)
 
     def _exactly(self, transition: Transition, row: Model) -> Transition:
@@ -95,7 +99,7 @@ class BoundStateMachine:
                 f"{type(self.machine).__name__}: edge {transition} does not start from the current state "
                 f"{self.machine.label(row, current)}"
             )
-        return self.machine._guarded(row, transition)
+        return self.machine.guarded(row, transition)
 
     def __repr__(self) -> str:
         return f"<BoundStateMachine {type(self.machine).__name__} of {self.instance!r}>"
@@ -106,8 +110,6 @@ class StateMachineField:
 
     def __init__(self, state_machine_class: type[StateMachine], state_field_name: str) -> None:
         if not (isinstance(state_machine_class, type) and issubclass(state_machine_class, StateMachine)):
-            from django.core.exceptions import ImproperlyConfigured
-
             raise ImproperlyConfigured(f"StateMachineField needs a StateMachine subclass, not {state_machine_class!r}")
         self.state_machine_class = state_machine_class
         self.state_field_name = state_field_name
@@ -119,12 +121,7 @@ class StateMachineField:
         self.name = name
         self.model = cls
         self.machine = self.state_machine_class(name, self.state_field_name)
-        setattr(cls, name, self)
-        registry = cls.__dict__.get("_dsm_machines")
-        if registry is None:
-            registry = {}
-            cls._dsm_machines = registry  # type: ignore[attr-defined]
-        registry[name] = self
+        setattr(cls, name, self)  # machine.attached_machine(cls, name) finds the machine here
 
     def __get__(self, instance: Model | None, owner: type[Model]) -> Any:
         if instance is None:

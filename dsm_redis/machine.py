@@ -8,6 +8,15 @@ production.
 State values may be ints, strings or ``enum`` members (Django's ``IntegerChoices``/``TextChoices``
 included); they are compared by their plain value, so ``State(Status.ALIVE)``, ``Status.ALIVE`` and
 ``1`` name the same state.
+
+The machine is the one owner of graph questions, asked on plain state values with no instance and
+no precondition: the edge with a name (``edge_named``), the edge to a target (``edge_to``), the
+walk to a target (``shortest_path``). The instance-level resolvers (``edge_by_name``,
+``edge_for_target``, ``edge_toward``) answer them for the row read under the lock and add the
+precondition; the asynchronous entry points (``tasks.py``) ask the same questions at the call.
+
+Longer than most modules here because it is one concept that reads better whole: what a machine
+is (its declaration, its validation at class definition, and the questions its graph answers).
 """
 
 from __future__ import annotations
@@ -15,22 +24,59 @@ from __future__ import annotations
 import enum
 import inspect
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol, TypeAlias
 
 from django.core.exceptions import FieldDoesNotExist, ImproperlyConfigured
 
 from .exceptions import TransitionException
 
-if TYPE_CHECKING:
-    from .lease import Lease
+__all__ = ["State", "StateValue", "Transition", "precondition", "StateMachine"]
 
-__all__ = ["State", "Transition", "precondition", "StateMachine"]
+#: A state as you name it: an int, a str, an ``enum`` member (``IntegerChoices``...) or a ``State``.
+#: Compared by its plain value (``plain()``); a machine's own answers are plain values.
+StateValue: TypeAlias = Hashable
+SideEffect: TypeAlias = Callable[..., Any]
+Precondition: TypeAlias = Callable[[Any], bool]
 
-SideEffect = Callable[..., Any]
-Precondition = Callable[[Any], bool]
+
+class HeldLease(Protocol):
+    """What a side effect may use of the lease its transition runs under (``transition.lease``, a
+    :class:`dsm_redis.Lease`): its key, owner and fencing token, the time left, and the fence.
+
+    Named by this protocol: this module is the pure layer under the lock, and importing ``lease``
+    (even for annotations) would close an import cycle (lease -> signals -> machine).
+    """
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def owner(self) -> str: ...
+
+    @property
+    def fencing_token(self) -> int | None: ...
+
+    @property
+    def remaining(self) -> float: ...
+
+    def check(self) -> None: ...
+
+    def fence(self, using: str = ...) -> None: ...
+
+
 _ANY: Any = object()  # edges_from(..., to=...) not given
+
+
+def plain(value: StateValue) -> StateValue:
+    """The comparable value of a state: unwraps ``State`` and ``enum`` members."""
+    if isinstance(value, State):
+        value = value.value
+    if isinstance(value, enum.Enum):
+        return value.value  # type: ignore[no-any-return]
+    return value
+
 
 # Names a side effect may not take: they are attributes of the bound machine (``obj.state_machine``).
 RESERVED_EDGE_NAMES = frozenset(
@@ -48,21 +94,12 @@ RESERVED_EDGE_NAMES = frozenset(
 )
 
 
-def plain(value: Any) -> Any:
-    """The comparable value of a state: unwraps ``State`` and ``enum`` members."""
-    if isinstance(value, State):
-        value = value.value
-    if isinstance(value, enum.Enum):
-        return value.value
-    return value
-
-
 class State:
     """A state of the machine; ``State(a) | side_effect | State(b)`` declares an edge."""
 
     __slots__ = ("value",)
 
-    def __init__(self, value: Any) -> None:
+    def __init__(self, value: StateValue) -> None:
         self.value = plain(value)
 
     def __or__(self, side_effect: SideEffect | None) -> _HalfEdge:
@@ -87,7 +124,7 @@ class _HalfEdge:
 
     __slots__ = ("start", "side_effect")
 
-    def __init__(self, start: Any, side_effect: SideEffect | None) -> None:
+    def __init__(self, start: StateValue, side_effect: SideEffect | None) -> None:
         self.start = start
         self.side_effect = side_effect
 
@@ -115,11 +152,11 @@ class Transition:
     locked); pass it to systems outside the database as an idempotency key or fence.
     """
 
-    start: Any
-    end: Any
+    start: StateValue
+    end: StateValue
     precondition: Precondition | None = None
     side_effect: SideEffect | None = None
-    lease: Lease | None = field(default=None, compare=False, repr=False)
+    lease: HeldLease | None = field(default=None, compare=False, repr=False)
 
     @property
     def name(self) -> str | None:
@@ -132,7 +169,7 @@ class Transition:
     def allowed(self, instance: Any) -> bool:
         return self.precondition is None or bool(self.precondition(instance))
 
-    def under(self, lease: Lease | None) -> Transition:
+    def under(self, lease: HeldLease | None) -> Transition:
         return replace(self, lease=lease)
 
     def __str__(self) -> str:
@@ -159,13 +196,13 @@ class StateMachine:
     Side effects are called as ``side_effect(machine, instance, transition, **kwargs)``.
     """
 
-    start: ClassVar[Any] = None
+    start: ClassVar[StateValue] = None
     transitions: ClassVar[Iterable[Any] | None] = None
 
     # Filled by __init_subclass__.
     _transitions: ClassVar[tuple[Transition, ...]] = ()
     _by_name: ClassVar[dict[str, tuple[Transition, ...]]] = {}
-    _states: ClassVar[frozenset[Any]] = frozenset()
+    _states: ClassVar[frozenset[StateValue]] = frozenset()
     _signatures: ClassVar[dict[SideEffect, inspect.Signature]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -190,19 +227,26 @@ class StateMachine:
     # -- reading ---------------------------------------------------------------------------------
 
     @property
-    def states(self) -> frozenset[Any]:
+    def states(self) -> frozenset[StateValue]:
         return self._states
+
+    @property
+    def edges(self) -> tuple[Transition, ...]:
+        """Every edge, in declared order."""
+        return self._transitions
 
     @property
     def edge_names(self) -> frozenset[str]:
         return frozenset(self._by_name)
 
-    def current_state(self, instance: Any) -> Any:
+    def current_state(self, instance: Any) -> StateValue:
         return plain(getattr(instance, self.state_field_name))
 
-    def label(self, instance_or_model: Any, state: Any) -> str:
+    def label(self, instance_or_model: Any, state: StateValue) -> str:
         """``1 (Alive)`` when the state field has choices, else the value's repr."""
         value = plain(state)
+        if instance_or_model is None:
+            return repr(value)
         model = instance_or_model if isinstance(instance_or_model, type) else type(instance_or_model)
         meta = getattr(model, "_meta", None)  # None: not a Django model (unit tests of the graph)
         try:
@@ -218,9 +262,20 @@ class StateMachine:
         current = self.current_state(instance)
         return [t for t in self.edges_from(current) if t.allowed(instance)]
 
-    # -- graph questions on plain state values (no instance, no precondition) -------------------
+    def check_known(self, state: StateValue) -> StateValue:
+        """The plain value of ``state``; ``TransitionException`` when the machine has no such state."""
+        value = plain(state)
+        if value not in self._states:
+            raise TransitionException(
+                f"{type(self).__name__} has no state {value!r}; its states are "
+                f"{', '.join(repr(s) for s in sorted(self._states, key=repr))}"
+            )
+        return value
 
-    def edges_from(self, state: Any, *, name: str | None = None, to: Any = _ANY) -> list[Transition]:
+    # -- graph questions on plain state values (no instance, no precondition) -------------------
+    # ``model`` (a model class or instance, optional) only labels the states in messages.
+
+    def edges_from(self, state: StateValue, *, name: str | None = None, to: StateValue = _ANY) -> list[Transition]:
         """The edges leaving ``state`` (those named ``name``, those ending in ``to``), in declared order."""
         return [
             t
@@ -228,12 +283,39 @@ class StateMachine:
             if t.start == state and (name is None or t.name == name) and (to is _ANY or t.end == to)
         ]
 
-    def first_edge_toward(self, current: Any, target: Any) -> Transition | None:
+    def edge_named(self, state: StateValue, name: str, *, model: Any = None) -> Transition:
+        """The edge called ``name`` from ``state``; ``TransitionException`` naming where it starts."""
+        for t in self._by_name.get(name, ()):
+            if t.start == state:
+                return t
+        starts = ", ".join(self.label(model, t.start) for t in self._by_name.get(name, ()))
+        raise TransitionException(
+            f"{type(self).__name__}: cannot call edge {name!r} from {self.label(model, state)}; it starts from {starts}"
+        )
+
+    def edge_to(self, state: StateValue, target: StateValue, *, model: Any = None) -> Transition:
+        """The one edge from ``state`` to ``target``; ``TransitionException`` when there is none or
+        more than one (then the edges must be called by name)."""
+        candidates = self.edges_from(state, to=target)
+        if not candidates:
+            raise TransitionException(
+                f"{type(self).__name__}: cannot transition from {self.label(model, state)} "
+                f"to {self.label(model, target)}: no such edge"
+            )
+        if len(candidates) > 1:
+            raise TransitionException(
+                f"{type(self).__name__}: ambiguous transition {self.label(model, state)} -> "
+                f"{self.label(model, target)}; call one of the edges instead: "
+                f"{', '.join(_name(t.side_effect) for t in candidates)}"
+            )
+        return candidates[0]
+
+    def first_edge_toward(self, current: StateValue, target: StateValue, *, model: Any = None) -> Transition | None:
         """The first edge of a shortest path from ``current`` to ``target`` (breadth-first, edges in
         declared order); ``None`` when already there; ``TransitionException`` when there is no path."""
         if current == target:
             return None
-        first_edge: dict[Any, Transition] = {}
+        first_edge: dict[StateValue, Transition] = {}
         queue = deque([current])
         seen = {current}
         while queue:
@@ -246,64 +328,35 @@ class StateMachine:
                 if t.end == target:
                     return first_edge[t.end]
                 queue.append(t.end)
-        raise TransitionException(f"{type(self).__name__}: no path from {current!r} to {target!r}")
-
-    def path_states(self, current: Any, target: Any) -> list[Any]:
-        """The states a walk from ``current`` to ``target`` passes through (``target`` excluded)."""
-        states: list[Any] = []
-        while (edge := self.first_edge_toward(current, target)) is not None:
-            states.append(current)
-            current = edge.end
-        return states
-
-    # -- resolving a request against a state (called with the row read under the lock) ---------
-
-    def check_known(self, state: Any) -> Any:
-        value = plain(state)
-        if value not in self._states:
-            raise TransitionException(
-                f"{type(self).__name__} has no state {value!r}; its states are "
-                f"{', '.join(repr(s) for s in sorted(self._states, key=repr))}"
-            )
-        return value
-
-    def edge_for_target(self, instance: Any, target: Any) -> Transition:
-        current = self.current_state(instance)
-        candidates = self.edges_from(current, to=target)
-        if not candidates:
-            raise TransitionException(
-                f"{type(self).__name__}: cannot transition from {self.label(instance, current)} "
-                f"to {self.label(instance, target)}: no such edge"
-            )
-        if len(candidates) > 1:
-            raise TransitionException(
-                f"{type(self).__name__}: ambiguous transition {self.label(instance, current)} -> "
-                f"{self.label(instance, target)}; call one of the edges instead: "
-                f"{', '.join(_name(t.side_effect) for t in candidates)}"
-            )
-        return self._guarded(instance, candidates[0])
-
-    def edge_by_name(self, instance: Any, name: str) -> Transition:
-        current = self.current_state(instance)
-        for t in self._by_name.get(name, ()):
-            if t.start == current:
-                return self._guarded(instance, t)
-        starts = ", ".join(self.label(instance, t.start) for t in self._by_name.get(name, ()))
         raise TransitionException(
-            f"{type(self).__name__}: cannot call edge {name!r} from {self.label(instance, current)}; "
-            f"it starts from {starts}"
+            f"{type(self).__name__}: no path from {self.label(model, current)} to {self.label(model, target)}"
         )
 
-    def edge_toward(self, instance: Any, target: Any) -> Transition | None:
+    def shortest_path(self, current: StateValue, target: StateValue, *, model: Any = None) -> list[Transition]:
+        """The edges ``transition_through`` takes from ``current`` to ``target``: at each state the
+        first edge of a shortest path (``first_edge_toward``); ``[]`` when already there."""
+        path: list[Transition] = []
+        while (edge := self.first_edge_toward(current, target, model=model)) is not None:
+            path.append(edge)
+            current = edge.end
+        return path
+
+    def path_states(self, current: StateValue, target: StateValue) -> list[StateValue]:
+        """The states a walk from ``current`` to ``target`` passes through (``target`` excluded)."""
+        return [t.start for t in self.shortest_path(current, target)]
+
+    # -- resolving a request against the row read under the lock (the graph, then the guard) ----
+
+    def edge_for_target(self, instance: Any, target: StateValue) -> Transition:
+        return self.guarded(instance, self.edge_to(self.current_state(instance), target, model=instance))
+
+    def edge_by_name(self, instance: Any, name: str) -> Transition:
+        return self.guarded(instance, self.edge_named(self.current_state(instance), name, model=instance))
+
+    def edge_toward(self, instance: Any, target: StateValue) -> Transition | None:
         """The first edge of a shortest path to ``target``; ``None`` when already there."""
-        current = self.current_state(instance)
-        try:
-            edge = self.first_edge_toward(current, target)
-        except TransitionException:
-            raise TransitionException(
-                f"{type(self).__name__}: no path from {self.label(instance, current)} to {self.label(instance, target)}"
-            ) from None
-        return None if edge is None else self._guarded(instance, edge)
+        edge = self.first_edge_toward(self.current_state(instance), target, model=instance)
+        return None if edge is None else self.guarded(instance, edge)
 
     def check_arguments(
         self, transition: Transition, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -318,7 +371,8 @@ class StateMachine:
         except TypeError as exc:
             raise TypeError(f"{transition.name}(): {exc}") from None
 
-    def _guarded(self, instance: Any, transition: Transition) -> Transition:
+    def guarded(self, instance: Any, transition: Transition) -> Transition:
+        """``transition`` when its precondition holds for ``instance``, else ``TransitionException``."""
         if not transition.allowed(instance):
             raise TransitionException(
                 f"{type(self).__name__}: cannot transition from {self.label(instance, transition.start)} "
@@ -358,3 +412,14 @@ def _validated(machine: str, transitions: Iterable[Any], start: Any) -> tuple[Tr
     if start is not None and plain(start) not in {s for t in result for s in (t.start, t.end)}:
         raise ImproperlyConfigured(f"{machine}.start is {plain(start)!r}, which no transition names")
     return tuple(result)
+
+
+def attached_machine(model: type, name: str) -> StateMachine | None:
+    """The machine a ``StateMachineField`` attached to ``model`` (or one of its bases) as ``name``.
+
+    Looked up statically (the class attribute, not the bound machine an instance would get), so an
+    untrusted ``name`` — a task's payload — runs no code; ``None`` for anything else.
+    """
+    descriptor = inspect.getattr_static(model, name, None) if isinstance(name, str) else None
+    machine = getattr(descriptor, "machine", None)
+    return machine if isinstance(machine, StateMachine) and machine.field_name == name else None

@@ -25,6 +25,8 @@ from typing import Any
 
 from django.dispatch import Signal
 
+from .machine import StateValue, plain
+
 __all__ = ["state_changed", "emit_signal_on_state"]
 
 state_changed = Signal()
@@ -66,10 +68,8 @@ def _drain() -> None:
         state.delivering = False
 
 
-def emit_signal_on_state(model: Any, target_field_name: str, target_state: Any, signal: Signal) -> None:
+def emit_signal_on_state(model: Any, target_field_name: str, target_state: StateValue, signal: Signal) -> None:
     """Send ``signal(sender=model, instance=...)`` whenever ``model`` enters ``target_state``."""
-    from .machine import plain
-
     target = plain(target_state)
 
     def handler(instance: Any, state: Any, field_name: str, **kwargs: Any) -> None:

@@ -41,10 +41,9 @@ imports without Celery; enqueueing without it raises ``ImproperlyConfigured``.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from django.apps import apps
 from django.core.exceptions import ImproperlyConfigured, ValidationError
@@ -55,7 +54,7 @@ from .conf import get_config
 from .exceptions import TransitionException
 from .fence import bounded_row_locks
 from .keys import object_key, stored_key
-from .machine import plain
+from .machine import StateValue, attached_machine, plain
 
 try:
     from celery import shared_task
@@ -65,39 +64,40 @@ except ImportError:  # celery is the optional extra dsm_redis[celery]
 if TYPE_CHECKING:
     from django.db.models import Model
 
-    from .fields import BoundStateMachine
     from .lease import Lease
     from .machine import StateMachine, Transition
 
-__all__ = ["enqueue", "transition"]
+__all__ = ["TASK_NAME", "transition"]
 
 logger = logging.getLogger("dsm_redis")
 TASK_NAME = "dsm_redis.transition"
-KINDS = ("edge", "to", "through")
+#: What a task does: call an edge by name, ``transition_to`` a state, ``transition_through`` to one.
+Kind = Literal["edge", "to", "through"]
+KINDS: tuple[Kind, ...] = get_args(Kind)
 
 
-def enqueue(bound: BoundStateMachine, kind: str, target: Any, kwargs: dict[str, Any]) -> Any:
-    """Validate the request now, send the task when the transaction commits; an ``AsyncResult``."""
+def enqueue(machine: StateMachine, instance: Model, kind: Kind, target: Any, kwargs: dict[str, Any]) -> Any:
+    """Validate the request now, send the task when the transaction commits; an ``AsyncResult``.
+
+    The entry point of ``BoundStateMachine.async_transition_to`` and the others; ``target`` is an
+    edge name for ``"edge"``, a state for the other kinds.
+    """
     if shared_task is None:
         raise ImproperlyConfigured("Asynchronous transitions need Celery: pip install 'dsm_redis[celery]'")
     from celery.utils import uuid
 
-    machine, instance = bound.machine, bound.instance
     if instance.pk is None or instance._state.adding:
         raise TransitionException(f"{instance!r} is not saved: an asynchronous transition needs its primary key")
     current = machine.current_state(instance)
+    # The graph questions a worker will ask again on the row read under the lease (preconditions
+    # are judged there, on that row, not here).
+    expected: StateValue | list[StateValue]
     if kind == "edge":
-        edges = machine.edges_from(current, name=target)
-        if not edges:
-            machine.edge_by_name(instance, target)  # raises, naming the states the edge starts from
-        machine.check_arguments(edges[0], instance, (), kwargs)
-        expected: Any = current
+        machine.check_arguments(machine.edge_named(current, target, model=instance), instance, (), kwargs)
+        expected = current
     elif kind == "to":
         target = machine.check_known(target)
-        edges = machine.edges_from(current, to=target)
-        if len(edges) != 1:
-            machine.edge_for_target(instance, target)  # raises: no such edge, or ambiguous
-        machine.check_arguments(edges[0], instance, (), kwargs)
+        machine.check_arguments(machine.edge_to(current, target, model=instance), instance, (), kwargs)
         expected = current
     else:
         target = machine.check_known(target)
@@ -144,7 +144,7 @@ def _transition(
     model: str,
     pk: Any,
     field: str,
-    kind: str,
+    kind: Kind,
     target: Any,
     expected: Any,
     kwargs: dict[str, Any] | None = None,
@@ -277,7 +277,6 @@ def _validated(
     model: Any, pk: Any, field: Any, kind: Any, target: Any, expected: Any, kwargs: Any, using: Any
 ) -> tuple[type[Model], Any, StateMachine, str]:
     """The model, primary key, machine and database the payload names, or ``TransitionException``."""
-    from .fields import StateMachineField
 
     def refuse(why: str) -> TransitionException:
         return TransitionException(f"{TASK_NAME}: refused: {why}")
@@ -288,10 +287,9 @@ def _validated(
         cls = apps.get_model(model)
     except (LookupError, ValueError, TypeError, AttributeError):
         raise refuse(f"no installed model {model!r}") from None
-    descriptor = inspect.getattr_static(cls, field, None) if isinstance(field, str) else None
-    if not isinstance(descriptor, StateMachineField) or descriptor.machine is None:
+    machine = attached_machine(cls, field)
+    if machine is None:
         raise refuse(f"{cls._meta.label} has no state machine {field!r}")
-    machine = descriptor.machine
     if kind == "edge":
         if not isinstance(target, str) or target not in machine.edge_names:
             raise refuse(f"{type(machine).__name__} has no edge {target!r}")

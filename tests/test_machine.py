@@ -8,6 +8,7 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 
 from dsm_redis import State, StateMachine, TransitionException, precondition
+from dsm_redis.machine import plain
 from tests.testapp.models import Cat, CatStateMachine
 
 
@@ -127,3 +128,64 @@ def test_graph_questions_on_plain_state_values():
     seed = SeedStateMachine("state_machine", "state")
     middle_enabled = TestStates.TRANSITION_TO_MIDDLE_ENABLED
     assert seed.path_states(TestStates.START, TestStates.MIDDLE) == [TestStates.START, middle_enabled]
+
+
+def test_graph_queries_name_an_edge_a_target_and_a_path():
+    from tests.testapp.models import ALIVE, DEAD, UNKNOWN
+
+    machine = CatStateMachine("state_machine", "state")
+    assert machine.edge_named(UNKNOWN, "survive").end == ALIVE
+    with pytest.raises(TransitionException, match=r"cannot call edge 'survive' from 2 \(Dead\); it starts from"):
+        machine.edge_named(DEAD, "survive", model=Cat)
+    assert machine.edge_to(UNKNOWN, DEAD).name == "rip"
+    with pytest.raises(TransitionException, match=r"cannot transition from 2 to 0: no such edge"):
+        machine.edge_to(DEAD, UNKNOWN)
+    assert machine.shortest_path(DEAD, DEAD) == []
+    assert [(t.start, t.end) for t in machine.shortest_path(UNKNOWN, DEAD)] == [(UNKNOWN, DEAD)]
+    assert machine.edges == CatStateMachine._transitions
+
+
+def test_an_ambiguous_target_names_its_edges():
+    def a(self, instance, transition):
+        pass
+
+    def b(self, instance, transition):
+        pass
+
+    class Fork(StateMachine):
+        transitions = [State(0) | a | State(1), State(0) | b | State(1)]
+
+    with pytest.raises(TransitionException, match="ambiguous transition 0 -> 1; call one of the edges instead: a, b"):
+        Fork("m", "state").edge_to(0, 1)
+
+
+def test_the_walk_is_the_one_transition_through_takes():
+    from tests.testapp.models import SeedStateMachine, TestStates
+
+    seed = SeedStateMachine("state_machine", "state")
+    path = seed.shortest_path(TestStates.START, TestStates.MIDDLE)
+    assert [t.start for t in path] == seed.path_states(TestStates.START, TestStates.MIDDLE)
+    # Each step is the first edge toward the target from where the previous one ended.
+    for step in path:
+        assert seed.first_edge_toward(step.start, plain(TestStates.MIDDLE)) == step
+
+
+def test_a_machine_is_found_by_model_and_name():
+    from dsm_redis.machine import attached_machine
+
+    machine = attached_machine(Cat, "state_machine")
+    assert isinstance(machine, CatStateMachine) and machine.field_name == "state_machine"
+    assert attached_machine(Cat, "state") is None  # a model field, not a machine
+    assert attached_machine(Cat, "objects") is None
+    assert attached_machine(Cat, "nope") is None
+    assert attached_machine(Cat, ["state_machine"]) is None  # type: ignore[arg-type]
+
+
+def test_the_public_api_is_the_package_all():
+    import dsm_redis
+    from dsm_redis.fields import BoundStateMachine
+
+    assert dsm_redis.BoundStateMachine is BoundStateMachine
+    assert isinstance(Cat(state=0).state_machine, dsm_redis.BoundStateMachine)
+    assert all(hasattr(dsm_redis, name) for name in dsm_redis.__all__)
+    assert "StateValue" in dsm_redis.__all__

@@ -77,3 +77,32 @@ def test_unknown_backend_path_is_a_clear_error(settings):
     with pytest.raises(ImproperlyConfigured, match=r"cannot import 'dsm_redis\.backends\.nope\.Backend'"):
         cat.state_machine.survive()
     assert Cat.objects.get(pk=cat.pk).state == 0
+
+
+def test_each_key_is_declared_once_and_the_rest_is_derived():
+    from dataclasses import fields
+
+    from dsm_redis.conf import DECLARED, OPTIONS, TOP_LEVEL_KEYS, Config
+
+    assert TOP_LEVEL_KEYS == {"BACKEND", "LOCATION", "OPTIONS"}
+    assert set(OPTIONS) == {
+        "TTL", "AUTO_RENEW", "ACQUIRE_TIMEOUT", "ROW_LOCK_TIMEOUT", "KEY_PREFIX", "SOCKET_TIMEOUT",
+        "SOCKET_CONNECT_TIMEOUT",
+    }  # fmt: skip
+    defaults = Config()
+    assert {o.attr for o in DECLARED} == {f.name for f in fields(Config)} - {"extra"}
+    assert all(getattr(defaults, o.attr) == o.default for o in DECLARED)
+    assert parse(None) == defaults
+
+
+def test_a_problem_carries_its_check_id():
+    from dsm_redis.conf import Problem
+
+    problems = validate({"X": 1, "LOCATION": "http://h", "OPTIONS": {"TTL": 0}})
+    assert [p.check_id for p in problems] == ["dsm_redis.E002", "dsm_redis.E005", "dsm_redis.E001"]
+    assert problems[0] == Problem(
+        "DSM_REDIS has an unknown key 'X' (known: BACKEND, LOCATION, OPTIONS)", "dsm_redis.E002", "X"
+    )
+    assert str(problems[2]) == "DSM_REDIS['OPTIONS']['TTL'] must be a number > 0; got 0"
+    with pytest.raises(AttributeError):
+        problems[0].message = "changed"  # type: ignore[misc]

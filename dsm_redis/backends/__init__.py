@@ -19,7 +19,8 @@ from django.utils.module_loading import import_string
 
 from ..conf import Config, get_config
 
-__all__ = ["Grant", "LeaseInfo", "LockBackend", "get_backend", "load_backend_class"]
+# What a custom backend implements and returns; get_backend() and load_backend_class() serve the core.
+__all__ = ["Grant", "LeaseInfo", "LockBackend"]
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ from typing import Any
 from ..exceptions import LockTimeout
 from . import Grant, LeaseInfo, LockBackend
 
+__all__ = ["LocalLockBackend"]
+
 
 class _Table:
     def __init__(self) -> None:
@@ -52,6 +54,8 @@ os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 class LocalLockBackend(LockBackend):
+    """Leases in a table of this process (see the module's safety contract)."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Shared with every other instance for this prefix: a settings change (which builds a new

@@ -37,7 +37,7 @@ class Graph:
         machine = field.machine
         assert machine is not None
         self.title = f"{model._meta.label}.{field.name} ({type(machine).__name__})"
-        self.transitions: tuple[Transition, ...] = machine._transitions
+        self.transitions: tuple[Transition, ...] = machine.edges
         states: list[Any] = []
         for t in self.transitions:
             for state in (t.start, t.end):
