@@ -285,6 +285,13 @@ def markdown(results: dict[str, Any], chart: str) -> str:
     )
     if "dsm_redis+column" in CONTENDERS:
         w("| `dsm_redis+column` | the same, on a model with `fencing_token = FencingTokenField()` |")
+    if FLOOR in CONTENDERS:
+        w("| `floor` | a reference, not a peer: dsm_redis's protocol with no library around it (`bench/floor.py`). "
+          "redis-py calls of dsm_redis's acquire script (read from the installed package) and of "
+          "python-redis-lock's UNLOCK script, waiting on the signal list with `BLPOP` like dsm_redis; then "
+          "on a psycopg connection of its own (autocommit, default server-side binding, so statements are "
+          "prepared after a few runs): `BEGIN`, `SELECT … FOR UPDATE` with `dsm_redis_fence(…)` in its select "
+          "list, `UPDATE`, `COMMIT`; then the release. Its lost updates are counted like everyone's |")  # fmt: skip
     w("")
     w("Goodput = deposits that survived (the final balance) per second of race; throughput counts every call "
       "that returned success. Lost updates = successful calls − final balance. A call that retries more "
@@ -522,6 +529,20 @@ def analysis(results: dict[str, Any]) -> str:
     def measured(target: str) -> str:
         return "; ".join(f"{name} {next(x['measured'] for x in t[name] if x['target'] == target)}" for name in DSM)
 
+    floor = b.get(FLOOR)
+    if floor is not None:
+        fr = latency_ratio(results, "dsm_redis", FLOOR)
+        out += [
+            f"**Against the floor (dsm_redis {fr:.2f}× floor).** Per call (timers above): floor {_ms(floor['total'])} ms "
+            f"= SQL {_ms(floor['sql'])} + Redis {_ms(floor['redis'])} + Python {_ms(floor['rest'])}; dsm_redis "
+            f"{_ms(dsm['total'])} ms = SQL {_ms(dsm['sql'])} + Redis {_ms(dsm['redis'])} + Python {_ms(dsm['rest'])}. "
+            f"Both send the same four statements and two Redis commands, so the difference is time spent in "
+            f"Python around them: building each statement with the ORM (query cloning and compiling before the "
+            f"SELECT, `Model.save` with its signals before the UPDATE, model instantiation of the locked row), "
+            f"Django's cursor wrappers and client-side parameter binding, and the library's own bookkeeping "
+            f"(lease registry, renewer, on-commit hooks, snapshots), which is the smallest part.",
+            "",
+        ]
     lat = next((m for m in missed if m.startswith("uncontended")), None)
     if lat:
         text = (
