@@ -274,3 +274,87 @@ def redis_memory(redis_url: str, objects: int, label: str = "benchapp.memoryprob
         "keys_per_object": (after_keys - before_keys) / objects,
         "memory_usage_by_kind": {k: sum(v) / len(v) for k, v in kinds.items()},
     }
+
+
+def phases(load: Callable[[], Any], call: Callable[[Any], Any], calls: int) -> list[tuple[str, float]]:
+    """Per-phase wall time of an uncontended call: median seconds between consecutive round-trip edges.
+
+    Timed at points that do not depend on the library's internals: the lease backend's ``acquire``
+    and ``release`` (dsm_redis's backend instance; the floor's own script calls are timed at
+    ``redis.Redis.execute_command``), every SQL statement (Django's ``execute_wrapper``, and
+    ``psycopg.Connection.execute`` for the floor) and Django's COMMIT (``connection._commit``).
+    A gap between two edges is Python: the ORM building the next statement, the library's
+    bookkeeping, the side effect. Returns (phase, seconds) in call order.
+    """
+    import statistics
+
+    import psycopg
+    import redis
+    from django.db import connection
+
+    from dsm_redis.backends import get_backend
+
+    marks: list[tuple[str, float, float]] = []  # (label, start, end) of each round trip
+    clock = time.perf_counter
+    depth = [0]
+
+    def timed(label: str, fn: Callable[[], Any]) -> Any:
+        if depth[0]:  # inside a timed call already (dsm_redis's backend calling redis-py)
+            return fn()
+        depth[0] += 1
+        t0 = clock()
+        try:
+            return fn()
+        finally:
+            depth[0] -= 1
+            marks.append((label, t0, clock()))
+
+    def sql_label(sql: Any) -> str:
+        return "SQL " + (str(sql).split() or ["?"])[0].upper()
+
+    def django_sql(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        return timed(sql_label(sql), lambda: execute(sql, params, many, context))
+
+    backend = get_backend()
+    acquire, release = backend.acquire, backend.release
+    raw_execute, raw_command = psycopg.Connection.execute, redis.Redis.execute_command
+    connection.ensure_connection()
+    commit = connection._commit
+    backend.acquire = lambda *a, **k: timed("lease acquire", lambda: acquire(*a, **k))  # type: ignore[method-assign]
+    backend.release = lambda *a, **k: timed("lease release", lambda: release(*a, **k))  # type: ignore[method-assign]
+    connection._commit = lambda: timed("SQL COMMIT", commit)
+    psycopg.Connection.execute = lambda self, q, *a, **k: timed(sql_label(q), lambda: raw_execute(self, q, *a, **k))  # type: ignore[method-assign]
+    redis.Redis.execute_command = lambda self, *a, **k: timed(f"Redis {a[0]}", lambda: raw_command(self, *a, **k))  # type: ignore[method-assign]
+    samples: dict[str, list[float]] = {}
+    order: list[str] = []
+
+    def add(phase: str, seconds: float) -> None:
+        if phase not in samples:
+            order.append(phase)
+            samples[phase] = []
+        samples[phase].append(seconds)
+
+    try:
+        with connection.execute_wrapper(django_sql):
+            for _ in range(calls):
+                obj = load()
+                marks.clear()
+                t0 = clock()
+                call(obj)
+                t1 = clock()
+                previous, last = "the call", t0
+                seen: dict[str, int] = {}
+                for label, start, end in marks:
+                    seen[label] = seen.get(label, 0) + 1
+                    name = label if seen[label] == 1 else f"{label} ({seen[label]})"
+                    add(f"Python: after {previous}, before {name}", start - last)
+                    add(name, end - start)
+                    previous, last = name, end
+                add(f"Python: after {previous}, until the return", t1 - last)
+    finally:
+        for name in ("acquire", "release"):
+            vars(backend).pop(name, None)
+        del connection._commit
+        psycopg.Connection.execute = raw_execute  # type: ignore[method-assign]
+        redis.Redis.execute_command = raw_command  # type: ignore[method-assign]
+    return [(phase, statistics.median(samples[phase])) for phase in order if len(samples[phase]) * 2 >= calls]

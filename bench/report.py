@@ -491,6 +491,25 @@ def markdown(results: dict[str, Any], chart: str) -> str:
     for name, v in b.items():
         w(f"| {name} | {_ms(v['total'])} | {_ms(v['sql'])} | {_ms(v['redis'])} | {_ms(v['rest'])} |")
     w("")
+    phased = results.get("phases")
+    if phased:
+        w("Per phase, median µs over uncontended calls (`bench/probes.py` `phases`): the round trips (lease "
+          "acquire and release, each SQL statement, Redis commands of the floor and COMMIT), timed at the "
+          "lease backend, Django's `execute_wrapper` and `_commit`, and psycopg/redis-py for the floor; the "
+          "gaps between them are Python. In a Django transaction psycopg sends `BEGIN` as a round trip of "
+          "its own just before the first statement, so Django's `SQL SELECT` phase holds two round trips; "
+          "the floor sends `BEGIN` itself.")  # fmt: skip
+        w("")
+        for name, rows in phased.items():
+            total = sum(v for _, v in rows)
+            python = sum(v for k, v in rows if k.startswith("Python"))
+            w(f"**{name}**: {total * 1e6:.0f} µs in all, of which {python * 1e6:.0f} µs Python between round trips")
+            w("")
+            w("| phase | µs |")
+            w("|---|---:|")
+            for phase, v in rows:
+                w(f"| {phase} | {v * 1e6:.0f} |")
+            w("")
     p = results["profiles"]
     for name in [n for n in ("dsm_redis", FLOOR) if n in p]:
         w(f"cProfile of {p[name]['calls']} uncontended {name} calls (the profiler inflates Python time), "

@@ -399,6 +399,21 @@ def races(pool: Any, layout: dict[str, Any], args: argparse.Namespace, redis_url
     return records
 
 
+def phase_times(layout: dict[str, Any], calls: int) -> dict[str, list[tuple[str, float]]]:
+    """Per-phase wall time of uncontended dsm_redis, floor and seed calls (``probes.phases``)."""
+    from bench import probes
+
+    out = {}
+    for name in ("dsm_redis", "floor", "seed"):
+        model, pk, call = model_for(name), layout[name]["probe"], CALLS[name]
+        out[name] = probes.phases(
+            lambda model=model, pk=pk: model.objects.get(pk=pk),
+            lambda obj, pk=pk, call=call: call(obj, pk, time.monotonic() + 60),
+            calls,
+        )
+    return out
+
+
 def profiles(layout: dict[str, Any], calls: int) -> dict[str, Any]:
     from bench import probes
 
@@ -464,11 +479,12 @@ def main(argv: list[str] | None = None) -> int:
         log("timing the parts of an uncontended call; profiling")
         diag = diagnostics(layout, 300 if args.quick else 1500)
         profiled = profiles(layout, 300 if args.quick else 1000)
+        phased = phase_times(layout, 300 if args.quick else 1500)
         results = {
             "command": command_line(argv),
             "args": {k: v for k, v in vars(args).items() if k not in ("out", "chart", "json", "redis_url", "database_url")},
             "machine": machine, "counts": counted, "latency": lat, "races": records, "profiles": profiled,
-            "breakdown": diag, "memory": memory, "load": {"start": load_start, "end": os.getloadavg()},
+            "breakdown": diag, "memory": memory, "phases": phased, "load": {"start": load_start, "end": os.getloadavg()},
             "wall_seconds": time.time() - t_start, "date": time.strftime("%Y-%m-%d"),
         }  # fmt: skip
     finally:
