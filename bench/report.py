@@ -205,7 +205,9 @@ def markdown(results: dict[str, Any], chart: str) -> str:
     w(results["command"])
     w("```")
     w("")
-    w(f"`python -m bench --quick` is a ~1 minute smoke run. `--redis-url` / `--database-url` use existing "
+    w(f"`python -m bench --quick` is a ~2 minute smoke run (1 repeat, 1 s races, Redis memory at 20,000 "
+      f"objects); `--crowd ''` leaves out the 16/32-process figure and `--memory-objects 0` the memory one. "
+      f"`--redis-url` / `--database-url` use existing "
       f"servers (a database is created on the PostgreSQL server for the run and dropped after it); without "
       f"them the run starts its own, like the test suite. This run: {a['repeats']} repeat{'s' if a['repeats'] != 1 else ''}, "
       f"{a['duration']:g} s per race, {a['latency_rounds']} latency rounds × {a['latency_calls']} calls, "

@@ -46,7 +46,9 @@ def servers_module() -> Any:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run (~1 minute): 1 repeat, 1 s races")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run (~2 minutes): 1 repeat, 1 s races, memory at 20,000 objects"
+    )
     p.add_argument("--repeats", type=int, help="repeats of every race (default 8; --quick: 1)")
     p.add_argument("--duration", type=float, help="seconds per race (default 1.5; --quick: 1)")
     p.add_argument("--objects", type=int, default=1000, help="objects in the spread scenario")
