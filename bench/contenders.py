@@ -14,6 +14,9 @@ not timed) and then makes one *call* (timed, from the call to its return, retrie
 - ``dsm_redis+column``: the same, on a model that opts into dsm_redis's ``FencingTokenField``
   (the fencing mark kept in the row instead of the shared mark table); left out when the installed
   dsm_redis has no such field.
+- ``floor``: dsm_redis's protocol by hand (``bench.floor``): raw redis-py calls of its acquire and
+  release scripts, raw psycopg statements on a connection of its own. A reference, not a peer: what
+  the protocol costs with no library around it.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ except ImportError:  # pragma: no cover
     _column = None
 
 CONTENDERS = ["cowboy", "seed", "django-fsm-2", "django-logic", "dsm_redis"] + (["dsm_redis+column"] if _column else [])
+CONTENDERS.append("floor")
 DSM = [c for c in CONTENDERS if c.startswith("dsm_redis")]
-PEERS = [c for c in CONTENDERS if c not in DSM]
+FLOOR = "floor"
+PEERS = [c for c in CONTENDERS if c not in DSM and c != FLOOR]
 LOGIC_BACKOFF = 0.002  # seconds: upper bound of the random sleep before a refused call retries
 
 
@@ -51,6 +56,7 @@ def model_for(name: str) -> Any:
         "django-logic": models.LogicAccount,
         "dsm_redis": models.DsmAccount,
         "dsm_redis+column": getattr(models, "DsmColumnAccount", None),
+        "floor": models.FloorAccount,
     }[name]
 
 
@@ -153,6 +159,56 @@ def _dsm(obj: Any, pk: int, hard_stop: float) -> tuple[Any, int]:
     return obj, 0
 
 
+def _floor(obj: Any, pk: int, hard_stop: float) -> tuple[Any, int]:
+    from bench import floor
+
+    floor.client().deposit(pk)
+    return obj, 0
+
+
+# -- lease waits: from the call to the lease granted, measured in the racing workers only -----------
+
+_dsm_waits: list[float] = []
+
+
+def watch_lease_waits() -> None:
+    """Time every lease acquire of this process's dsm_redis backend (a worker's, once).
+
+    The backend's ``acquire`` is shadowed on the instance by a timer around it: from the call to the
+    grant (or the exception), the acquire round trip included. The library itself is untouched.
+    """
+    from dsm_redis.backends import get_backend
+
+    backend = get_backend()
+    if "acquire" in vars(backend):
+        return
+    acquire = backend.acquire
+
+    def timed(key: str, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return acquire(key, **kwargs)
+        finally:
+            _dsm_waits.append(time.perf_counter() - t0)
+
+    backend.acquire = timed  # type: ignore[method-assign]
+
+
+def take_lease_waits(name: str) -> list[float]:
+    """The lease waits recorded since the last call, for a contender that takes leases."""
+    if name == "floor":
+        from bench import floor
+
+        waits = floor.client().lease_waits
+    elif name in DSM:
+        waits = _dsm_waits
+    else:
+        return []
+    out = list(waits)
+    waits.clear()
+    return out
+
+
 CALLS: dict[str, Callable[[Any, int, float], tuple[Any, int]]] = {
     "cowboy": _cowboy,
     "seed": _seed_call,
@@ -160,4 +216,5 @@ CALLS: dict[str, Callable[[Any, int, float], tuple[Any, int]]] = {
     "django-logic": _logic,
     "dsm_redis": _dsm,
     "dsm_redis+column": _dsm,
+    "floor": _floor,
 }

@@ -48,33 +48,48 @@ def _process_cpu(pid: int | None) -> float | None:
         return None
 
 
-def _backend_pid() -> int | None:
-    """The PostgreSQL backend serving this process's connection (to count its CPU too)."""
+def _backend_pids(contender: str) -> tuple[int, ...] | None:
+    """The PostgreSQL backends serving this process's connections (to count their CPU too): Django's,
+    and the floor's own connection when the floor races."""
     from django.db import connection
 
     if connection.vendor != "postgresql":
         return None
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_backend_pid()")
-        return int(cursor.fetchone()[0])
+        pids = [int(cursor.fetchone()[0])]
+    if contender == "floor":
+        from bench import floor
+
+        pids.append(floor.client().pg.info.backend_pid)
+    return tuple(pids)
+
+
+def _backends_cpu(pids: tuple[int, ...] | None) -> float | None:
+    if pids is None:
+        return None
+    cpu = [_process_cpu(pid) for pid in pids]
+    return None if any(c is None for c in cpu) else sum(c for c in cpu if c is not None)
 
 
 def run_race(index: int, race: Race) -> dict[str, Any]:
-    from bench.contenders import CALLS, GaveUp, model_for
+    from bench.contenders import CALLS, GaveUp, model_for, take_lease_waits, watch_lease_waits
 
     model = model_for(race.contender)
     call = CALLS[race.contender]
     rng = random.Random(race.seed * 1000 + index)
     pks = race.pks
     one = pks[0] if len(pks) == 1 else None
+    watch_lease_waits()
+    take_lease_waits(race.contender)  # drop the waits of warm-up calls
     delay = race.start_at - time.time()
     if delay > 0:
         time.sleep(delay)
     started = time.time()
     end = time.perf_counter() + race.duration
     hard_stop = time.monotonic() + race.duration + race.grace
-    backend = _backend_pid()
-    server0 = _process_cpu(backend)
+    backends = _backend_pids(race.contender)
+    server0 = _backends_cpu(backends)
     cpu = time.process_time()
     latencies: list[float] = []
     ok = retries = gave_up = errors = 0
@@ -102,11 +117,12 @@ def run_race(index: int, race: Race) -> dict[str, Any]:
         "errors": errors,
         "first_error": first_error,
         "latencies": latencies,
+        "lease_waits": take_lease_waits(race.contender),
         "started": started,
         "ended": time.time(),
         "cpu": time.process_time() - cpu,
         # The PostgreSQL backend's CPU (same machine only); a reconnect mid-race would make it None.
-        "server_cpu": _delta(server0, _process_cpu(backend)) if backend == _backend_pid() else None,
+        "server_cpu": _delta(server0, _backends_cpu(backends)) if backends == _backend_pids(race.contender) else None,
     }
 
 

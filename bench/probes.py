@@ -53,12 +53,26 @@ def redis_commands(redis_url: str, fn: Callable[[], Any]) -> dict[str, Any]:
 
 
 def sql_statements(fn: Callable[[], Any]) -> list[str]:
+    """SQL sent while ``fn`` ran: Django's (``CaptureQueriesContext``) and statements run with
+    ``psycopg.Connection.execute`` directly (the floor's; Django never calls it on its path)."""
+    import psycopg
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
-    with CaptureQueriesContext(connection) as ctx:
-        fn()
-    return [q["sql"] for q in ctx.captured_queries]
+    raw: list[str] = []
+    original = psycopg.Connection.execute
+
+    def execute(self: Any, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        raw.append(query if params is None else f"{query} -- {list(params)}")
+        return original(self, query, params, **kwargs)
+
+    psycopg.Connection.execute = execute  # type: ignore[method-assign]
+    try:
+        with CaptureQueriesContext(connection) as ctx:
+            fn()
+    finally:
+        psycopg.Connection.execute = original  # type: ignore[method-assign]
+    return [q["sql"] for q in ctx.captured_queries] + raw
 
 
 # Functions whose cumulative time the profile summary reports, by layer.
@@ -134,6 +148,18 @@ def breakdown(calls_by_name: dict[str, tuple[Callable[[], Any], Callable[[Any], 
             current["redis"] += time.perf_counter() - t0
             current["redis_n"] += 1
 
+    import psycopg
+
+    raw_execute = psycopg.Connection.execute
+
+    def raw_wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:  # the floor's own statements
+        t0 = time.perf_counter()
+        try:
+            return raw_execute(self, *args, **kwargs)
+        finally:
+            current["sql"] += time.perf_counter() - t0
+            current["sql_n"] += 1
+
     commit = connection._commit
 
     def commit_wrapper() -> Any:  # COMMIT is a round trip too, but not a cursor statement
@@ -146,6 +172,7 @@ def breakdown(calls_by_name: dict[str, tuple[Callable[[], Any], Callable[[Any], 
 
     samples: dict[str, dict[str, list[float]]] = {n: {"total": [], "sql": [], "redis": []} for n in calls_by_name}
     redis.Redis.execute_command = redis_wrapper  # type: ignore[method-assign]
+    psycopg.Connection.execute = raw_wrapper  # type: ignore[method-assign]
     connection._commit = commit_wrapper
     try:
         with connection.execute_wrapper(sql_wrapper):
@@ -161,6 +188,7 @@ def breakdown(calls_by_name: dict[str, tuple[Callable[[], Any], Callable[[Any], 
                     samples[name]["redis"].append(current["redis"])
     finally:
         redis.Redis.execute_command = original  # type: ignore[method-assign]
+        psycopg.Connection.execute = raw_execute  # type: ignore[method-assign]
         del connection._commit
     out = {}
     import statistics
@@ -170,3 +198,163 @@ def breakdown(calls_by_name: dict[str, tuple[Callable[[], Any], Callable[[Any], 
         rest = statistics.median([t - q - r for t, q, r in zip(s["total"], s["sql"], s["redis"], strict=True)])
         out[name] = {"total": total, "sql": sql, "redis": red, "rest": rest}
     return out
+
+
+def redis_memory(redis_url: str, objects: int, label: str = "benchapp.memoryprobe") -> dict[str, Any]:
+    """Redis memory left behind per object that ever transitioned, at ``objects`` objects.
+
+    Each object gets one lease taken and given back through dsm_redis's own backend (the real
+    acquire and release scripts, with the run's key prefix), as one transition does; no database is
+    involved. Measured: ``INFO memory`` ``used_memory`` and ``DBSIZE`` before, and again once the
+    release's short-lived keys (the signal lists, which expire after a second) are gone, and
+    ``MEMORY USAGE`` of a sample of the keys that stay (by kind). The keys are deleted afterwards.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import redis
+
+    from dsm_redis.backends import get_backend
+
+    backend = get_backend()
+    client = redis.Redis.from_url(redis_url)
+
+    def settled_dbsize() -> int:
+        # Expired keys are reclaimed lazily or by Redis's active cycle: wait until the count holds.
+        last, stable = client.dbsize(), 0
+        while stable < 3:
+            time.sleep(0.5)
+            now = client.dbsize()
+            stable = stable + 1 if now == last else 0
+            last = now
+        return last
+
+    settled_dbsize()
+    before_keys = client.dbsize()
+    before = int(client.info("memory")["used_memory"])
+
+    def transition(start: int, stop: int) -> None:
+        for i in range(start, stop):
+            grant = backend.acquire(f"{label}:{i}", ttl=30.0, timeout=5.0)
+            backend.release(f"{label}:{i}", grant.owner)
+
+    t0 = time.perf_counter()
+    threads = 4
+    step = -(-objects // threads)
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda k: transition(k * step, min(objects, (k + 1) * step)), range(threads)))
+    seconds = time.perf_counter() - t0
+    time.sleep(1.2)  # past the signal lists' expiry
+    after_keys = settled_dbsize()
+    after = int(client.info("memory")["used_memory"])
+    kinds: dict[str, list[int]] = {}
+    names = list(client.scan_iter(match=f"*{{{label}:*", count=1000))
+    for name in names[:: max(1, len(names) // 300)]:
+        text = name.decode()
+        kind = (
+            "lock"
+            if text.startswith("lock:")
+            else "signal"
+            if text.startswith("lock-signal:")
+            else text.rsplit(":", 1)[-1]
+        )
+        usage = client.memory_usage(name)
+        if usage is not None:
+            kinds.setdefault(kind, []).append(int(usage))
+    for i in range(0, len(names), 1000):
+        client.unlink(*names[i : i + 1000])
+    version = client.info("server")["redis_version"]
+    client.close()
+    return {
+        "objects": objects,
+        "seconds": seconds,
+        "redis": version,
+        "used_memory_delta": after - before,
+        "bytes_per_object": (after - before) / objects,
+        "keys_left": after_keys - before_keys,
+        "keys_per_object": (after_keys - before_keys) / objects,
+        "memory_usage_by_kind": {k: sum(v) / len(v) for k, v in kinds.items()},
+    }
+
+
+def phases(load: Callable[[], Any], call: Callable[[Any], Any], calls: int) -> list[tuple[str, float]]:
+    """Per-phase wall time of an uncontended call: median seconds between consecutive round-trip edges.
+
+    Timed at points that do not depend on the library's internals: the lease backend's ``acquire``
+    and ``release`` (dsm_redis's backend instance; the floor's own script calls are timed at
+    ``redis.Redis.execute_command``), every SQL statement (Django's ``execute_wrapper``, and
+    ``psycopg.Connection.execute`` for the floor) and Django's COMMIT (``connection._commit``).
+    A gap between two edges is Python: the ORM building the next statement, the library's
+    bookkeeping, the side effect. Returns (phase, seconds) in call order.
+    """
+    import statistics
+
+    import psycopg
+    import redis
+    from django.db import connection
+
+    from dsm_redis.backends import get_backend
+
+    marks: list[tuple[str, float, float]] = []  # (label, start, end) of each round trip
+    clock = time.perf_counter
+    depth = [0]
+
+    def timed(label: str, fn: Callable[[], Any]) -> Any:
+        if depth[0]:  # inside a timed call already (dsm_redis's backend calling redis-py)
+            return fn()
+        depth[0] += 1
+        t0 = clock()
+        try:
+            return fn()
+        finally:
+            depth[0] -= 1
+            marks.append((label, t0, clock()))
+
+    def sql_label(sql: Any) -> str:
+        return "SQL " + (str(sql).split() or ["?"])[0].upper()
+
+    def django_sql(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        return timed(sql_label(sql), lambda: execute(sql, params, many, context))
+
+    backend = get_backend()
+    acquire, release = backend.acquire, backend.release
+    raw_execute, raw_command = psycopg.Connection.execute, redis.Redis.execute_command
+    connection.ensure_connection()
+    commit = connection._commit
+    backend.acquire = lambda *a, **k: timed("lease acquire", lambda: acquire(*a, **k))  # type: ignore[method-assign]
+    backend.release = lambda *a, **k: timed("lease release", lambda: release(*a, **k))  # type: ignore[method-assign]
+    connection._commit = lambda: timed("SQL COMMIT", commit)
+    psycopg.Connection.execute = lambda self, q, *a, **k: timed(sql_label(q), lambda: raw_execute(self, q, *a, **k))  # type: ignore[method-assign]
+    redis.Redis.execute_command = lambda self, *a, **k: timed(f"Redis {a[0]}", lambda: raw_command(self, *a, **k))  # type: ignore[method-assign]
+    samples: dict[str, list[float]] = {}
+    order: list[str] = []
+
+    def add(phase: str, seconds: float) -> None:
+        if phase not in samples:
+            order.append(phase)
+            samples[phase] = []
+        samples[phase].append(seconds)
+
+    try:
+        with connection.execute_wrapper(django_sql):
+            for _ in range(calls):
+                obj = load()
+                marks.clear()
+                t0 = clock()
+                call(obj)
+                t1 = clock()
+                previous, last = "the call", t0
+                seen: dict[str, int] = {}
+                for label, start, end in marks:
+                    seen[label] = seen.get(label, 0) + 1
+                    name = label if seen[label] == 1 else f"{label} ({seen[label]})"
+                    add(f"Python: after {previous}, before {name}", start - last)
+                    add(name, end - start)
+                    previous, last = name, end
+                add(f"Python: after {previous}, until the return", t1 - last)
+    finally:
+        for name in ("acquire", "release"):
+            vars(backend).pop(name, None)
+        del connection._commit
+        psycopg.Connection.execute = raw_execute  # type: ignore[method-assign]
+        redis.Redis.execute_command = raw_command  # type: ignore[method-assign]
+    return [(phase, statistics.median(samples[phase])) for phase in order if len(samples[phase]) * 2 >= calls]

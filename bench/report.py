@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from bench.contenders import CONTENDERS, DSM, LOGIC_BACKOFF, PEERS
+from bench.contenders import CONTENDERS, DSM, FLOOR, LOGIC_BACKOFF, PEERS
 
 
 def _median(xs: list[float]) -> float:
@@ -66,11 +66,26 @@ def race_stats(results: dict[str, Any], scenario: str, name: str) -> dict[str, A
     }
 
 
+def lease_wait_stats(results: dict[str, Any], scenario: str, name: str) -> dict[str, float] | None:
+    """p50/p99/max of the lease waits (call to grant) over every call of every repeat, if measured."""
+    runs = _runs(results, scenario, name)
+    waits = [x for r in runs for x in r.get("lease_waits", [])]
+    if waits:
+        return {"calls": len(waits), "p50": _pct(waits, 0.5), "p99": _pct(waits, 0.99), "max": max(waits)}
+    return results.get("lease_waits_pooled", {}).get(f"{scenario}|{name}")
+
+
 def _stack(run: dict[str, Any]) -> float | None:
     """CPU seconds of the racing clients, their PostgreSQL backends and Redis during one race."""
     if run.get("postgres_cpu") is None or run.get("redis_cpu") is None:
         return None
     return run["client_cpu"] + run["postgres_cpu"] + run["redis_cpu"]
+
+
+def _fall(results: dict[str, Any], crowd: str, hot: str, name: str) -> float:
+    """Median over repeats of goodput(name, crowd) / goodput(name, hot) in the same repeat."""
+    by_rep = {r["repeat"]: r["goodput"] for r in _runs(results, hot, name)}
+    return _median([r["goodput"] / by_rep[r["repeat"]] for r in _runs(results, crowd, name) if by_rep.get(r["repeat"])])
 
 
 def goodput_ratio(results: dict[str, Any], scenario: str, a: str, b: str) -> float:
@@ -115,6 +130,9 @@ def targets(results: dict[str, Any], name: str = "dsm_redis") -> list[dict[str, 
     out = []
     r = latency_ratio(results, name, "seed")
     out.append({"target": "uncontended latency ≤ 1.0× seed", "measured": f"{r:.2f}× seed", "met": r <= 1.0})
+    if FLOOR in results["latency"]:
+        f = latency_ratio(results, name, FLOOR)
+        out.append({"target": "uncontended latency ≤ 1.25× floor", "measured": f"{f:.2f}× floor", "met": f <= 1.25})
     hot = f"hot-{max(int(s.split('-')[1]) for s in scenario_ids(results) if s.startswith('hot'))}"
     worst = min(goodput_ratio(results, hot, name, p) for p in PEERS)
     detail = ", ".join(f"{goodput_ratio(results, hot, name, p):.2f}× {p}" for p in PEERS)
@@ -126,6 +144,14 @@ def targets(results: dict[str, Any], name: str = "dsm_redis") -> list[dict[str, 
     out.append(
         {"target": f"goodput over {objects} objects ≥ 0.8× cowboy", "measured": f"{sr:.2f}× cowboy", "met": sr >= 0.8}
     )
+    crowd = [s for s in scenario_ids(results) if s.startswith("crowd")]
+    if crowd:
+        # Goodput at 16/32 processes against the same contender's at 8, within each repeat.
+        falls = {c: (_fall(results, c, hot, name), _fall(results, c, hot, "seed")) for c in crowd}
+        detail = ", ".join(f"{c.split('-')[1]} proc {d:.2f}× (seed {sd:.2f}×)" for c, (d, sd) in falls.items())
+        out.append({"target": f"goodput at {'/'.join(c.split('-')[1] for c in crowd)} processes ÷ goodput at "
+                              f"{hot.split('-')[1]} ≥ seed's", "measured": detail,
+                    "met": all(d >= sd for d, sd in falls.values())})  # fmt: skip
     lost = sum(r["lost"] for r in results["races"] if r["contender"] == name)
     calls = sum(r["ok"] for r in results["races"] if r["contender"] == name)
     out.append({"target": "zero lost updates", "measured": f"{lost} lost of {calls:,} committed", "met": lost == 0})
@@ -156,7 +182,7 @@ def _ms(x: float) -> str:
 def _s_label(results: dict[str, Any], sid: str) -> str:
     kind, n = sid.split("-")
     objects = results["args"]["objects"]
-    return f"{n} proc, 1 object" if kind == "hot" else f"{n} proc, {objects:,} objects"
+    return f"{n} proc, {objects:,} objects" if kind == "spread" else f"{n} proc, 1 object"
 
 
 def markdown(results: dict[str, Any], chart: str) -> str:
@@ -179,7 +205,9 @@ def markdown(results: dict[str, Any], chart: str) -> str:
     w(results["command"])
     w("```")
     w("")
-    w(f"`python -m bench --quick` is a ~1 minute smoke run. `--redis-url` / `--database-url` use existing "
+    w(f"`python -m bench --quick` is a ~2 minute smoke run (1 repeat, 1 s races, Redis memory at 20,000 "
+      f"objects); `--crowd ''` leaves out the 16/32-process figure and `--memory-objects 0` the memory one. "
+      f"`--redis-url` / `--database-url` use existing "
       f"servers (a database is created on the PostgreSQL server for the run and dropped after it); without "
       f"them the run starts its own, like the test suite. This run: {a['repeats']} repeat{'s' if a['repeats'] != 1 else ''}, "
       f"{a['duration']:g} s per race, {a['latency_rounds']} latency rounds × {a['latency_calls']} calls, "
@@ -259,6 +287,13 @@ def markdown(results: dict[str, Any], chart: str) -> str:
     )
     if "dsm_redis+column" in CONTENDERS:
         w("| `dsm_redis+column` | the same, on a model with `fencing_token = FencingTokenField()` |")
+    if FLOOR in CONTENDERS:
+        w("| `floor` | a reference, not a peer: dsm_redis's protocol with no library around it (`bench/floor.py`). "
+          "redis-py calls of dsm_redis's acquire script (read from the installed package) and of "
+          "python-redis-lock's UNLOCK script, waiting on the signal list with `BLPOP` like dsm_redis; then "
+          "on a psycopg connection of its own (autocommit, default server-side binding, so statements are "
+          "prepared after a few runs): `BEGIN`, `SELECT … FOR UPDATE` with `dsm_redis_fence(…)` in its select "
+          "list, `UPDATE`, `COMMIT`; then the release. Its lost updates are counted like everyone's |")  # fmt: skip
     w("")
     w("Goodput = deposits that survived (the final balance) per second of race; throughput counts every call "
       "that returned success. Lost updates = successful calls − final balance. A call that retries more "
@@ -271,13 +306,16 @@ def markdown(results: dict[str, Any], chart: str) -> str:
       "script runs inside Redis are listed apart: no round trip). SQL: `CaptureQueriesContext` around the "
       "call (the caller's `get` not included).")  # fmt: skip
     w("")
-    w("| contender | latency ms | vs seed | vs cowboy | Redis round trips | inside Lua | SQL statements |")
-    w("|---|---:|---:|---:|---:|---:|---|")
+    has_floor = FLOOR in results["latency"]
+    w("| contender | latency ms | vs seed | vs cowboy | vs floor | Redis round trips | inside Lua | SQL statements |")
+    w("|---|---:|---:|---:|---:|---:|---:|---|")
     for name in CONTENDERS:
         c = results["counts"][name]
         verbs = [_verb(s) for s in c["sql"]]
         w(f"| {name} | {_ms(_median(results['latency'][name]))} | {latency_ratio(results, name, 'seed'):.2f}× | "
-          f"{latency_ratio(results, name, 'cowboy'):.2f}× | {len(c['redis_client'])} | {len(c['redis_lua'])} | "
+          f"{latency_ratio(results, name, 'cowboy'):.2f}× | "
+          f"{f'{latency_ratio(results, name, FLOOR):.2f}×' if has_floor else '–'} | "
+          f"{len(c['redis_client'])} | {len(c['redis_lua'])} | "
           f"{len(verbs)}: {', '.join(verbs)} |")  # fmt: skip
     w("")
     w("## Goodput")
@@ -289,12 +327,13 @@ def markdown(results: dict[str, Any], chart: str) -> str:
     for name in CONTENDERS:
         w(f"| {name} | " + " | ".join(f"{race_stats(results, s, name)['goodput']:,.0f}" for s in sids) + " |")
     w("")
-    w("Ratios: median over repeats of the ratio within a repeat; for dsm_redis, (lowest–highest) of those ratios:")
+    w("Ratios: median over repeats of the ratio within a repeat; for dsm_redis, (lowest–highest) of those ratios. "
+      "`floor` is dsm_redis's protocol by hand (a reference, not a peer):")  # fmt: skip
     w("")
     w("| ratio | " + " | ".join(_s_label(results, s) for s in sids) + " |")
     w("|---|" + "---:|" * len(sids))
     for name in DSM:
-        for peer in PEERS:
+        for peer in [*PEERS, *([FLOOR] if FLOOR in CONTENDERS else [])]:
             w(f"| **{name} / {peer}** | " + " | ".join(ratio_range(results, s, name, peer) for s in sids) + " |")
     for name in PEERS:
         if name != "seed":
@@ -357,6 +396,26 @@ def markdown(results: dict[str, Any], chart: str) -> str:
             extra += f" ({st['gave_up']} gave up)"
         w(f"| {name} | " + " | ".join(cells) + f" | {extra} |")
     w("")
+    leased = [n for n in CONTENDERS if any(lease_wait_stats(results, s, n) for s in sids)]
+    if leased:
+        w("### Lease waits on one hot object")
+        w("")
+        w("Time from asking for the lease to holding it, measured in the racing processes (dsm_redis: a timer "
+          "around its backend's `acquire`, installed by the bench worker; floor: its own acquire loop), over "
+          "every call of every repeat: p50 / p99 / max in ms, and max ÷ p99 (starvation shows as a max far "
+          "beyond the p99). The acquire round trip itself is included.")  # fmt: skip
+        w("")
+        lease_sids = [s for s in sids if not s.startswith("spread")]
+        w("| contender | " + " | ".join(_s_label(results, s) for s in lease_sids) + " |")
+        w("|---|" + "---:|" * len(lease_sids))
+        for name in leased:
+            cells = []
+            for s in lease_sids:
+                st = lease_wait_stats(results, s, name)
+                cells.append("–" if not st else f"{_ms(st['p50'])} / {_ms(st['p99'])} / {_ms(st['max'])} "
+                                                f"({st['max'] / st['p99'] if st['p99'] else float('nan'):.1f}×)")  # fmt: skip
+            w(f"| {name} | " + " | ".join(cells) + " |")
+        w("")
     errors = [(s, n, race_stats(results, s, n)) for s in sids for n in CONTENDERS]
     errors = [(s, n, st) for s, n, st in errors if st["errors"]]
     if errors:
@@ -365,6 +424,22 @@ def markdown(results: dict[str, Any], chart: str) -> str:
         for s, n, st in errors:
             first = (st["first_error"] or "").strip().splitlines()[-1:] or ["?"]
             w(f"- {n}, {_s_label(results, s)}: {st['errors']} — `{first[0]}`")
+        w("")
+    mem = results.get("memory")
+    if mem:
+        w("## Redis memory per object")
+        w("")
+        w(f"What Redis keeps for every object that ever transitioned: a lease taken and released through "
+          f"dsm_redis's own backend (its acquire and release scripts, the run's key prefix) on "
+          f"{mem['objects']:,} distinct objects, then `INFO memory` `used_memory` and `DBSIZE` compared with "
+          f"before, once the release's signal lists (1 s expiry) are gone; `MEMORY USAGE` of a sample of "
+          f"the keys that stay, by kind (Redis {mem['redis']}).")  # fmt: skip
+        w("")
+        w("| objects | used_memory delta | bytes per object | keys left per object | MEMORY USAGE per key |")
+        w("|---:|---:|---:|---:|---|")
+        kinds = ", ".join(f"{k}: {v:.0f} B" for k, v in sorted(mem["memory_usage_by_kind"].items())) or "none left"
+        w(f"| {mem['objects']:,} | {mem['used_memory_delta'] / 1024 / 1024:.1f} MiB | {mem['bytes_per_object']:.0f} | "
+          f"{mem['keys_per_object']:.2f} | {kinds} |")  # fmt: skip
         w("")
     w("## CPU per transition")
     w("")
@@ -418,13 +493,34 @@ def markdown(results: dict[str, Any], chart: str) -> str:
     for name, v in b.items():
         w(f"| {name} | {_ms(v['total'])} | {_ms(v['sql'])} | {_ms(v['redis'])} | {_ms(v['rest'])} |")
     w("")
+    phased = results.get("phases")
+    if phased:
+        w("Per phase, median µs over uncontended calls (`bench/probes.py` `phases`): the round trips (lease "
+          "acquire and release, each SQL statement, Redis commands of the floor and COMMIT), timed at the "
+          "lease backend, Django's `execute_wrapper` and `_commit`, and psycopg/redis-py for the floor; the "
+          "gaps between them are Python. In a Django transaction psycopg sends `BEGIN` as a round trip of "
+          "its own just before the first statement, so Django's `SQL SELECT` phase holds two round trips; "
+          "the floor sends `BEGIN` itself.")  # fmt: skip
+        w("")
+        for name, rows in phased.items():
+            total = sum(v for _, v in rows)
+            python = sum(v for k, v in rows if k.startswith("Python"))
+            w(f"**{name}**: {total * 1e6:.0f} µs in all, of which {python * 1e6:.0f} µs Python between round trips")
+            w("")
+            w("| phase | µs |")
+            w("|---|---:|")
+            for phase, v in rows:
+                w(f"| {phase} | {v * 1e6:.0f} |")
+            w("")
     p = results["profiles"]
-    w(f"cProfile of {p['dsm_redis']['calls']} uncontended dsm_redis calls (the profiler inflates Python time), "
-      f"top functions by own time:")  # fmt: skip
-    w("")
-    w("```")
-    w("\n".join(p["dsm_redis"]["top"].splitlines()[:16]))
-    w("```")
+    for name in [n for n in ("dsm_redis", FLOOR) if n in p]:
+        w(f"cProfile of {p[name]['calls']} uncontended {name} calls (the profiler inflates Python time), "
+          f"top functions by own time:")  # fmt: skip
+        w("")
+        w("```")
+        w("\n".join(p[name]["top"].splitlines()[:16]))
+        w("```")
+        w("")
     w("")
     w(analysis(results))
     w("")
@@ -454,6 +550,20 @@ def analysis(results: dict[str, Any]) -> str:
     def measured(target: str) -> str:
         return "; ".join(f"{name} {next(x['measured'] for x in t[name] if x['target'] == target)}" for name in DSM)
 
+    floor = b.get(FLOOR)
+    if floor is not None:
+        fr = latency_ratio(results, "dsm_redis", FLOOR)
+        out += [
+            f"**Against the floor (dsm_redis {fr:.2f}× floor).** Per call (timers above): floor {_ms(floor['total'])} ms "
+            f"= SQL {_ms(floor['sql'])} + Redis {_ms(floor['redis'])} + Python {_ms(floor['rest'])}; dsm_redis "
+            f"{_ms(dsm['total'])} ms = SQL {_ms(dsm['sql'])} + Redis {_ms(dsm['redis'])} + Python {_ms(dsm['rest'])}. "
+            f"Both send the same four statements and two Redis commands, so the difference is time spent in "
+            f"Python around them: building each statement with the ORM (query cloning and compiling before the "
+            f"SELECT, `Model.save` with its signals before the UPDATE, model instantiation of the locked row), "
+            f"Django's cursor wrappers and client-side parameter binding, and the library's own bookkeeping "
+            f"(lease registry, renewer, on-commit hooks, snapshots), which is the smallest part.",
+            "",
+        ]
     lat = next((m for m in missed if m.startswith("uncontended")), None)
     if lat:
         text = (
@@ -570,7 +680,7 @@ FINDINGS = """
 # -- chart -----------------------------------------------------------------------------------------
 
 COLOURS = {"cowboy": "#999999", "seed": "#1f77b4", "django-fsm-2": "#ff7f0e", "django-logic": "#9467bd",
-           "dsm_redis": "#d62728", "dsm_redis+column": "#8c1515"}  # fmt: skip
+           "dsm_redis": "#d62728", "dsm_redis+column": "#8c1515", "floor": "#2ca02c"}  # fmt: skip
 
 
 def chart(results: dict[str, Any], path: Path) -> None:
@@ -580,7 +690,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sids = scenario_ids(results)
-    hot = [s for s in sids if s.startswith("hot")]
+    hot = [s for s in sids if not s.startswith("spread")]  # 1..8 and the crowd, on one axis
     spread = next(s for s in sids if s.startswith("spread"))
     xs = [int(s.split("-")[1]) for s in hot]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), gridspec_kw={"width_ratios": [1.5, 1, 1]})
@@ -650,7 +760,7 @@ def slim(results: dict[str, Any]) -> dict[str, Any]:
     races = []
     for r in results["races"]:
         lat = r.get("latencies", [])
-        r = {k: v for k, v in r.items() if k != "latencies"}
+        r = {k: v for k, v in r.items() if k not in ("latencies", "lease_waits")}
         if r.get("first_error"):  # the exception line only: tracebacks carry file paths
             r["first_error"] = r["first_error"].strip().splitlines()[-1]
         r["latency_summary"] = {
@@ -661,4 +771,11 @@ def slim(results: dict[str, Any]) -> dict[str, Any]:
         }
         races.append(r)
     out["races"] = races
+    out["lease_waits_pooled"] = {}
+    for r in results["races"]:
+        key = f"{r['scenario']}|{r['contender']}"
+        if key not in out["lease_waits_pooled"]:
+            lw = lease_wait_stats(results, r["scenario"], r["contender"])
+            if lw:
+                out["lease_waits_pooled"][key] = lw
     return out

@@ -1,15 +1,18 @@
 """``python -m bench``: every contender, every scenario, one run, interleaved; then the report.
 
 Order of a run:
-1. servers: Redis and PostgreSQL started here (``dsm_redis._servers``) unless ``--redis-url`` /
+1. servers: Redis and PostgreSQL started here (the library's test servers) unless ``--redis-url`` /
    ``--database-url`` are given; a fresh database is created for the run and dropped after it;
 2. counts for one uncontended transition per contender: Redis commands (``MONITOR``) and SQL
    statements (``CaptureQueriesContext``);
 3. uncontended latency: rounds of batches, contenders in a rotated order each round;
 4. races: for each repeat, for each scenario (1, 2, 4, 8 processes on one hot object; 8 processes
-   over 1,000 objects), every contender in a rotated order, so machine noise hits all alike;
-5. a cProfile of uncontended dsm_redis and seed calls (where the time goes);
-6. ``BENCHMARKS.md``, the chart and the raw results (``--json``).
+   over 1,000 objects; the crowd: 16 and 32 processes on one hot object), every contender in a
+   rotated order, so machine noise hits all alike; the racing workers also time every lease acquire
+   (from the call to the grant) of the contenders that take leases;
+5. Redis memory per object that ever transitioned (``--memory-objects``, 100,000 by default);
+6. where an uncontended call's time goes (timers), and a cProfile of dsm_redis, floor and seed;
+7. ``BENCHMARKS.md``, the chart and the raw results (``--json``).
 """
 
 from __future__ import annotations
@@ -30,15 +33,35 @@ from bench.contenders import CALLS, CONTENDERS, model_for
 
 ROOT = Path(__file__).resolve().parent.parent
 HOT_PROCESSES = (1, 2, 4, 8)
+CROWD_PROCESSES = (16, 32)  # one hot object, reported as a figure of its own
 SPREAD_PROCESSES = 8
+
+
+def servers_module() -> Any:
+    """The library's throwaway Redis and PostgreSQL servers (the only import of them in the bench)."""
+    from dsm_redis import _servers
+
+    return _servers
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run (~1 minute): 1 repeat, 1 s races")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run (~2 minutes): 1 repeat, 1 s races, memory at 20,000 objects"
+    )
     p.add_argument("--repeats", type=int, help="repeats of every race (default 8; --quick: 1)")
     p.add_argument("--duration", type=float, help="seconds per race (default 1.5; --quick: 1)")
     p.add_argument("--objects", type=int, default=1000, help="objects in the spread scenario")
+    p.add_argument(
+        "--crowd",
+        default=",".join(map(str, CROWD_PROCESSES)),
+        help="processes on one hot object for the crowd figure, comma-separated ('' to skip)",
+    )
+    p.add_argument(
+        "--memory-objects",
+        type=int,
+        help="objects for the Redis memory figure (default 100,000; --quick: 20,000; 0 to skip)",
+    )
     p.add_argument("--latency-rounds", type=int, help="rounds of the uncontended latency batches")
     p.add_argument("--latency-calls", type=int, help="calls per contender per latency round")
     p.add_argument("--redis-url", help="use this Redis instead of starting one")
@@ -52,6 +75,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.duration = args.duration or (1.0 if args.quick else 1.5)
     args.latency_rounds = args.latency_rounds or (3 if args.quick else 7)
     args.latency_calls = args.latency_calls or (60 if args.quick else 200)
+    args.crowd = [int(x) for x in str(args.crowd).split(",") if x.strip()]
+    if args.memory_objects is None:
+        args.memory_objects = 20_000 if args.quick else 100_000
     return args
 
 
@@ -87,8 +113,7 @@ def log(message: str) -> None:
 
 class Servers:
     def __init__(self, redis_url: str | None, database_url: str | None) -> None:
-        from dsm_redis import _servers
-
+        _servers = servers_module()
         self._started: list[Any] = []
         if redis_url is None:
             server = _servers.RedisServer().start()
@@ -313,13 +338,18 @@ def diagnostics(layout: dict[str, Any], calls: int) -> dict[str, Any]:
     return probes.breakdown(entries, calls)
 
 
-def scenarios(objects: int) -> list[dict[str, Any]]:
+def scenarios(objects: int, crowd: list[int]) -> list[dict[str, Any]]:
     out = [
         {"id": f"hot-{n}", "label": f"{n} proc, 1 hot object", "processes": n, "spread": False} for n in HOT_PROCESSES
     ]
     out.append({"id": f"spread-{SPREAD_PROCESSES}", "label": f"{SPREAD_PROCESSES} proc, {objects:,} objects",
                 "processes": SPREAD_PROCESSES, "spread": True})  # fmt: skip
+    out += [{"id": f"crowd-{n}", "label": f"{n} proc, 1 hot object", "processes": n, "spread": False} for n in crowd]
     return out
+
+
+def pool_size(args: argparse.Namespace) -> int:
+    return max(s["processes"] for s in scenarios(args.objects, args.crowd))
 
 
 def races(pool: Any, layout: dict[str, Any], args: argparse.Namespace, redis_url: str) -> list[dict[str, Any]]:
@@ -337,7 +367,7 @@ def races(pool: Any, layout: dict[str, Any], args: argparse.Namespace, redis_url
             return None
 
     records = []
-    plan = scenarios(args.objects)
+    plan = scenarios(args.objects, args.crowd)
     total = args.repeats * len(plan) * len(CONTENDERS)
     done = 0
     for rep in range(args.repeats):
@@ -363,6 +393,7 @@ def races(pool: Any, layout: dict[str, Any], args: argparse.Namespace, redis_url
                     "postgres_cpu": None if any(r["server_cpu"] is None for r in results) else sum(r["server_cpu"] for r in results),
                     "redis_cpu": cpu["redis"],
                     "latencies": [x for r in results for x in r["latencies"]],
+                    "lease_waits": [x for r in results for x in r["lease_waits"]],
                 })  # fmt: skip
                 done += 1
                 log(f"[{done}/{total}] {scenario['id']:>9} {name:<13} goodput {final / elapsed:7.0f}/s "
@@ -370,11 +401,26 @@ def races(pool: Any, layout: dict[str, Any], args: argparse.Namespace, redis_url
     return records
 
 
+def phase_times(layout: dict[str, Any], calls: int) -> dict[str, list[tuple[str, float]]]:
+    """Per-phase wall time of uncontended dsm_redis, floor and seed calls (``probes.phases``)."""
+    from bench import probes
+
+    out = {}
+    for name in ("dsm_redis", "floor", "seed"):
+        model, pk, call = model_for(name), layout[name]["probe"], CALLS[name]
+        out[name] = probes.phases(
+            lambda model=model, pk=pk: model.objects.get(pk=pk),
+            lambda obj, pk=pk, call=call: call(obj, pk, time.monotonic() + 60),
+            calls,
+        )
+    return out
+
+
 def profiles(layout: dict[str, Any], calls: int) -> dict[str, Any]:
     from bench import probes
 
     out = {}
-    for name in ("dsm_redis",):
+    for name in ("dsm_redis", "floor", "seed"):
         model, pk, call = model_for(name), layout[name]["probe"], CALLS[name]
         obj = model.objects.get(pk=pk)
 
@@ -413,27 +459,34 @@ def main(argv: list[str] | None = None) -> int:
         call_command("migrate", run_syncdb=True, verbosity=0)
         layout = create_rows(args.objects)
         machine = machine_info(servers.redis_url)
-        log(f"database {servers.db_name} ready; starting {max(HOT_PROCESSES)} worker processes")
+        log(f"database {servers.db_name} ready; starting {pool_size(args)} worker processes")
         from bench.pool import Pool
 
-        pool = Pool(max(max(HOT_PROCESSES), SPREAD_PROCESSES), setup)
+        pool = Pool(pool_size(args), setup)
         pool.warm({name: layout[name]["spread"] for name in CONTENDERS})
         log("counting Redis commands and SQL statements per transition")
         counted = counts(layout, servers.redis_url)
         log(f"uncontended latency: {args.latency_rounds} rounds x {args.latency_calls} calls per contender")
         lat = latency(layout, args.latency_rounds, args.latency_calls)
         log(
-            f"races: {args.repeats} repeats x {len(scenarios(args.objects))} scenarios x {len(CONTENDERS)} contenders, {args.duration:g} s each"
+            f"races: {args.repeats} repeats x {len(scenarios(args.objects, args.crowd))} scenarios x {len(CONTENDERS)} contenders, {args.duration:g} s each"
         )
         records = races(pool, layout, args, servers.redis_url)
+        memory = None
+        if args.memory_objects:
+            from bench import probes
+
+            log(f"Redis memory per object: a lease taken and released on {args.memory_objects:,} objects")
+            memory = probes.redis_memory(servers.redis_url, args.memory_objects)
         log("timing the parts of an uncontended call; profiling")
         diag = diagnostics(layout, 300 if args.quick else 1500)
         profiled = profiles(layout, 300 if args.quick else 1000)
+        phased = phase_times(layout, 300 if args.quick else 1500)
         results = {
             "command": command_line(argv),
             "args": {k: v for k, v in vars(args).items() if k not in ("out", "chart", "json", "redis_url", "database_url")},
             "machine": machine, "counts": counted, "latency": lat, "races": records, "profiles": profiled,
-            "breakdown": diag, "load": {"start": load_start, "end": os.getloadavg()},
+            "breakdown": diag, "memory": memory, "phases": phased, "load": {"start": load_start, "end": os.getloadavg()},
             "wall_seconds": time.time() - t_start, "date": time.strftime("%Y-%m-%d"),
         }  # fmt: skip
     finally:

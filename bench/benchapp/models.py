@@ -102,6 +102,14 @@ class DsmAccount(models.Model):
     machine = StateMachineField(DepositMachine, "state")
 
 
+class FloorAccount(models.Model):
+    """Driven by ``bench.floor`` (dsm_redis's protocol by hand: raw redis-py and psycopg)."""
+
+    state = models.CharField(max_length=10, default="open")
+    balance = models.IntegerField(default=0)
+    deposits = models.IntegerField(default=0)
+
+
 if FencingTokenField is not None:
 
     class DsmColumnAccount(models.Model):
