@@ -30,7 +30,8 @@ Shape: the fence judges a ``Token`` value (``token.py``) and knows nothing of le
 is kept and how a database judges against it is one strategy per database (``marks.py``), chosen
 once per alias. Re-anchoring is the holder's business: at a lease's first judgement it passes a
 ``reanchor`` callable (the mark that refused it -> a newer token Redis minted, or ``None``), and
-every judgement returns the token it accepted, which the holder adopts.
+every judgement returns the token it accepted, which the holder adopts. Kept whole: the row lock,
+the bound on its wait and the judgement are one sequence of statements, read best in one place.
 
 Limits: only writes made through dsm_redis (or after ``Lease.fence()``) are judged; a side effect
 that writes to systems outside this database must pass ``transition.fencing_token`` on itself.
@@ -203,7 +204,8 @@ def _lock_and_judge(
         return fresh, accepted
     in_scan = table.judge_in_scan(token, timeout)
     if in_scan is not None:
-        # One round trip: the row's own SELECT ... FOR UPDATE judges the mark (marks.py).
+        # One round trip: the function bounds the row-lock wait (SET LOCAL lock_timeout) and
+        # judges the mark; it runs in the scan, before FOR UPDATE waits for the row (marks.py).
         fresh = rows.annotate(**{MARK: in_scan}).get()
         verdict = table.scan_verdict(getattr(fresh, MARK))
         return fresh, _accepted(verdict, token, reanchor, _table_judge(table, using, None))

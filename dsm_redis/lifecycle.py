@@ -320,7 +320,7 @@ class Lease:
         """
         with self._lock:  # its tick must not release it while we decide
             if self._released:
-                return "released"
+                return "released"  # released by its tick after its caller's transaction rolled back
             if self.record.depth > 0:
                 return "reenter"  # held by an enclosing block of this thread
             if self.record.parked and not self._parked_transactions_ended():

@@ -103,7 +103,8 @@ class Renewer:
                     if self._entries.get(lease) is entry:
                         del self._entries[lease]
                     entry.active = False
-                elif entry.active:
+                elif entry.active:  # not discarded meanwhile
+                    # On the renewer's own thread, which recomputes its wake-up before it sleeps again.
                     heapq.heappush(self._heap, (time.monotonic() + delay, next(self._sequence), entry))
 
     def _next_due(self) -> _Entry:
