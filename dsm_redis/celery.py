@@ -7,7 +7,7 @@ Safety contract:
   running contends for the lease like any other task; it never runs beside the live holder.
 - The lease is renewed while the body runs (``AUTO_RENEW``). With ``atomic=True`` (the default) the
   body runs in ``transaction.atomic(using=db)``: the lease's fencing token is judged first (the
-  fencing barrier, ``lease.enter_barrier``), ``Lease.check()`` runs before the commit, and the lease
+  fencing barrier, ``Lease.enter_barrier``), ``Lease.check()`` runs before the commit, and the lease
   is released only after the commit. A body whose lease ran out (or was overtaken by a newer holder)
   commits nothing.
 - With ``atomic=False`` the body's lease passes the same barrier, in a transaction of its own, before
@@ -63,12 +63,13 @@ from django.apps import apps
 from django.db import router, transaction
 from django.db.models import Model
 
+from .commit_hooks import on_commit_first
 from .conf import get_config
 from .exceptions import LockError, LockTimeout
 from .keys import object_key
-from .lease import Lease, enter_barrier, hold, on_commit_first, require_managed_transactions
+from .lease import Lease, hold, require_managed_transactions
 
-__all__ = ["locked_task", "run_locked", "CONTENTION_HEADER"]
+__all__ = ["locked_task"]
 
 logger = logging.getLogger("dsm_redis")
 CONTENTION_HEADER = "dsm_redis_contention"  # message header: contention retries so far
@@ -205,7 +206,7 @@ def run_locked(
                     # The body reads before it fences: an older holder still inside a judged
                     # transaction (its lease ran out) could commit after that read and be
                     # overwritten by the body's fenced write. The barrier waits for it or refuses it.
-                    enter_barrier(lease, using)
+                    lease.enter_barrier(using)
                 return body(lease)
             with transaction.atomic(using=using):
                 # Run first at the commit (on_commit_first): a hook of the body's that raises a
@@ -214,7 +215,7 @@ def run_locked(
                 if acquired:
                     # Nothing read yet: the barrier may re-anchor a counter Redis lost (fence() never
                     # does), and judges the token before the body writes anything.
-                    enter_barrier(lease, using)
+                    lease.enter_barrier(using)
                 else:
                     lease.fence(using)  # a stale holder is refused before the body writes anything
                 result = body(lease)

@@ -26,6 +26,13 @@ Safety contract:
   (PostgreSQL's ``lock_timeout``; on SQLite the connection's busy timeout bounds it, and the
   "database is locked" error it ends in is raised as ``LockTimeout`` too).
 
+Shape: the fence judges a ``Token`` value (``token.py``) and knows nothing of leases. Where the mark
+is kept and how a database judges against it is one strategy per database (``marks.py``), chosen
+once per alias. Re-anchoring is the holder's business: at a lease's first judgement it passes a
+``reanchor`` callable (the mark that refused it -> a newer token Redis minted, or ``None``), and
+every judgement returns the token it accepted, which the holder adopts. Kept whole: the row lock,
+the bound on its wait and the judgement are one sequence of statements, read best in one place.
+
 Limits: only writes made through dsm_redis (or after ``Lease.fence()``) are judged; a side effect
 that writes to systems outside this database must pass ``transition.fencing_token`` on itself.
 """
@@ -38,25 +45,28 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from django.db import DatabaseError, OperationalError, connections, models, transaction
 from django.db.models import F, Model
 from django.db.models.expressions import RawSQL
 
 from .exceptions import LockTimeout, StaleFencingToken
-from .keys import object_of, root_model, stored_key
+from .keys import object_of, root_model
+from .marks import MarkTable, column_value, column_verdict, execute, mark_table
+from .token import Token
 
-if TYPE_CHECKING:
-    from .lease import Lease
-
-__all__ = ["FencingTokenField", "fencing_column", "lock_row", "save_judged", "fence", "barrier"]
+__all__ = ["FencingTokenField"]
 
 logger = logging.getLogger("dsm_redis")
 MARK = "dsm_redis_fence_mark"
 _LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL: lock_timeout expired
 # SQLite: the busy timeout expired (or, with a shared cache, another connection holds the table).
 _SQLITE_BUSY = ("database is locked", "database table is locked")
+
+# Given the mark that refused a token: the newer token Redis minted once it confirmed the holder
+# still owns the lease, or None. Passed only at a lease's first judgement (module docstring).
+Reanchor = Callable[[int], "Token | None"]
 
 
 class FencingTokenField(models.CharField):
@@ -103,11 +113,18 @@ def fencing_column(model: type[Model]) -> str | None:
 
 
 def lock_row(
-    instance: Model, using: str, lease: Lease, row_lock_timeout: float | None, *, in_caller_transaction: bool
-) -> Model:
-    """Lock the row, judge the lease's token, and return the row as it is now (a new instance)."""
-    with _bounded_wait(using, lease.key, row_lock_timeout, in_caller_transaction) as timeout:
-        return _lock_and_judge(instance, using, lease, timeout)
+    instance: Model,
+    using: str,
+    token: Token,
+    row_lock_timeout: float | None,
+    *,
+    in_caller_transaction: bool,
+    reanchor: Reanchor | None = None,
+) -> tuple[Model, Token]:
+    """Lock the row, judge ``token``, and return the row as it is now (a new instance) with the
+    token accepted (``token``, or the re-anchored one)."""
+    with _bounded_wait(using, token.key, row_lock_timeout, in_caller_transaction) as timeout:
+        return _lock_and_judge(instance, using, token, timeout, reanchor)
 
 
 @contextmanager
@@ -116,13 +133,12 @@ def _bounded_wait(
 ) -> Iterator[str | None]:
     """Yield PostgreSQL's ``lock_timeout`` value for the statements inside; a lock wait that ends
     at the bound (PostgreSQL's lock_timeout, SQLite's busy timeout) is ``LockTimeout``."""
-    postgres = connections[using].vendor == "postgresql"
-    timeout = None if row_lock_timeout is None or not postgres else f"{max(1, int(row_lock_timeout * 1000))}ms"
+    timeout = mark_table(using).lock_timeout(row_lock_timeout)
     previous_timeout = None
     if timeout is not None and in_caller_transaction:
         # set_config(..., true) lasts until the end of the *transaction*, not of our savepoint:
         # put the caller's own lock_timeout back afterwards (a rollback to our savepoint undoes it).
-        previous_timeout = _execute(using, "SELECT current_setting('lock_timeout')", [])
+        previous_timeout = execute(using, "SELECT current_setting('lock_timeout')", [])
     try:
         yield timeout
     except DatabaseError as exc:
@@ -146,7 +162,7 @@ def _bounded_wait(
 
 def _restore_lock_timeout(using: str, previous_timeout: str | None) -> None:
     if previous_timeout is not None:
-        _execute(using, "SELECT set_config('lock_timeout', %s, true)", [previous_timeout])
+        execute(using, "SELECT set_config('lock_timeout', %s, true)", [previous_timeout])
 
 
 @contextmanager
@@ -155,13 +171,15 @@ def bounded_row_locks(using: str, key: str, row_lock_timeout: float | None) -> I
     ``row_lock_timeout``, raising ``LockTimeout``; the transaction's own setting is put back."""
     with _bounded_wait(using, key, row_lock_timeout, in_caller_transaction=True) as timeout:
         if timeout is not None:
-            _execute(using, "SELECT set_config('lock_timeout', %s, true)", [timeout])
+            execute(using, "SELECT set_config('lock_timeout', %s, true)", [timeout])
         yield
 
 
-def _lock_and_judge(instance: Model, using: str, lease: Lease, timeout: str | None) -> Model:
+def _lock_and_judge(
+    instance: Model, using: str, token: Token, timeout: str | None, reanchor: Reanchor | None
+) -> tuple[Model, Token]:
     model = type(instance)
-    postgres = connections[using].vendor == "postgresql"
+    table = mark_table(using)
     column = fencing_column(model)
     rows = model._base_manager.db_manager(using).select_for_update().filter(pk=instance.pk)
     root = root_model(model)
@@ -169,41 +187,39 @@ def _lock_and_judge(instance: Model, using: str, lease: Lease, timeout: str | No
         # Multi-table inheritance: lock the parent row first, the order a plain save() of the
         # child writes in, so a transition and a save() cannot deadlock.
         root_rows = root._base_manager.db_manager(using).select_for_update().filter(pk=instance.pk)
-        if column is None and postgres:
-            result = root_rows.annotate(**{MARK: _pg_fence(lease, timeout)}).values_list(MARK, flat=True).get()
-            _judge(_pg_verdict(result), lease, lambda: _table_verdict(lease, using, None))
-            return rows.get()  # judged; the parent row is locked, the child's lock cannot wait long
-        _take_write_lock(root_rows, root._meta.pk.attname, using)
+        in_scan = table.judge_in_scan(token, timeout) if column is None else None
+        if in_scan is not None:
+            result = root_rows.annotate(**{MARK: in_scan}).values_list(MARK, flat=True).get()
+            accepted = _accepted(table.scan_verdict(result), token, reanchor, _table_judge(table, using, None))
+            return rows.get(), accepted  # judged; the parent row is locked, the child's lock cannot wait long
+        _take_write_lock(root_rows, root._meta.pk.attname, table)
         _lock_bounded(root_rows, timeout)
         timeout = None
     if column is not None:
-        _take_write_lock(rows, column, using)
+        _take_write_lock(rows, column, table)
         fresh = _bounded(rows, timeout).get()
-        prev = _parse(getattr(fresh, column))
-        _judge(_column_verdict(prev, lease), lease, lambda: _column_verdict(prev, lease))
-        setattr(fresh, column, column_mark(lease))  # written by the transition's UPDATE (save_judged)
-        return fresh
-    if postgres:
+        stored = getattr(fresh, column)
+        accepted = _accepted(column_verdict(stored, token), token, reanchor, functools.partial(column_verdict, stored))
+        setattr(fresh, column, column_value(accepted))  # written by the transition's UPDATE (save_judged)
+        return fresh, accepted
+    in_scan = table.judge_in_scan(token, timeout)
+    if in_scan is not None:
         # One round trip: the function bounds the row-lock wait (SET LOCAL lock_timeout) and
-        # judges the mark; it runs in the scan, before FOR UPDATE waits for the row.
-        fresh = rows.annotate(**{MARK: _pg_fence(lease, timeout)}).get()
-        _judge(_pg_verdict(getattr(fresh, MARK)), lease, lambda: _table_verdict(lease, using, None))
-        return fresh
+        # judges the mark; it runs in the scan, before FOR UPDATE waits for the row (marks.py).
+        fresh = rows.annotate(**{MARK: in_scan}).get()
+        verdict = table.scan_verdict(getattr(fresh, MARK))
+        return fresh, _accepted(verdict, token, reanchor, _table_judge(table, using, None))
     # Elsewhere the mark goes first: on SQLite it is the write that takes the database's write
     # lock at the start, which avoids a read-to-write lock upgrade deadlock.
-    _judge(_table_verdict(lease, using, timeout), lease, lambda: _table_verdict(lease, using, timeout))
-    return rows.get()
+    judge = _table_judge(table, using, timeout)
+    accepted = _accepted(judge(token), token, reanchor, judge)
+    return rows.get(), accepted
 
 
-def column_mark(lease: Lease) -> str:
-    """The value of a ``FencingTokenField`` that a write under ``lease`` leaves behind."""
-    return f"{lease.fencing_token}:{lease.owner}"
+def save_judged(instance: Model, token: Token, using: str, update_fields: set[str]) -> None:
+    """The transition's own UPDATE, after ``lock_row`` accepted ``token`` in this transaction.
 
-
-def save_judged(instance: Model, lease: Lease, using: str, update_fields: set[str]) -> None:
-    """The transition's own UPDATE, after ``lock_row`` judged ``lease`` in this transaction.
-
-    With a ``FencingTokenField`` it always carries the lease's mark, whatever the side effect did
+    With a ``FencingTokenField`` it always carries the token's mark, whatever the side effect did
     to the instance (``refresh_from_db()``, its own ``save()``, a rolled-back savepoint): a
     committed transition that left the old mark would let a holder older than it through.
     """
@@ -211,7 +227,7 @@ def save_judged(instance: Model, lease: Lease, using: str, update_fields: set[st
     if column is None:
         instance.save(using=using, update_fields=sorted(update_fields))
         return
-    mark = column_mark(lease)
+    mark = column_value(token)
     setattr(instance, column, mark)
     scope = _JUDGED_WRITE.set((id(instance), mark))
     try:
@@ -220,149 +236,105 @@ def save_judged(instance: Model, lease: Lease, using: str, update_fields: set[st
         _JUDGED_WRITE.reset(scope)
 
 
-def fence(lease: Lease, using: str, row_lock_timeout: float | None) -> None:
-    """Judge ``lease``'s token in the current transaction of ``using`` before hand-written writes.
+def fence(token: Token, using: str, row_lock_timeout: float | None) -> Token | None:
+    """Judge ``token`` in the current transaction of ``using`` before hand-written writes.
 
     Raises the mark, or refuses with ``StaleFencingToken`` — without re-anchoring (module
     docstring): whatever the holder read before this call may predate a newer holder's commit.
+    Returns ``token`` once accepted; ``None`` when nothing was judged (a ``FencingTokenField``
+    object with no row).
     """
-    _fence(lease, using, row_lock_timeout, reanchor=False, in_caller_transaction=True)
+    return _fence(token, using, row_lock_timeout, reanchor=None, in_caller_transaction=True)
 
 
-def barrier(lease: Lease, using: str, row_lock_timeout: float | None) -> None:
-    """Judge a freshly taken lease before its holder reads anything (``object_lock``'s entry).
+def barrier(token: Token, using: str, row_lock_timeout: float | None, reanchor: Reanchor | None = None) -> Token | None:
+    """Judge a freshly taken lease's token before its holder reads anything (``object_lock``'s entry).
 
     In a transaction of its own that commits at once (a savepoint inside a caller's transaction,
     whose commit then publishes it): the judgement waits for an older holder still inside a
     judged transaction, so that holder's commit is visible to every read after this call, and a
     holder older still is refused from now on. Nothing has been read under the lease yet, so a
-    refused token may be re-anchored when Redis confirms ownership. With a ``FencingTokenField``,
-    an object with no row has nothing to protect and the door writes nothing; with the mark table
-    the object's mark row is written either way.
+    refused token may be re-anchored (``reanchor``) when Redis confirms ownership. With a
+    ``FencingTokenField``, an object with no row has nothing to protect and the door writes nothing
+    (returns ``None``: nothing was judged); with the mark table the object's mark row is written
+    either way. Returns the token accepted.
     """
     # Outside a caller's transaction the bound ends with our own: nothing of the caller's to put back.
     in_caller_transaction = connections[using].in_atomic_block
     with transaction.atomic(using=using):
-        _fence(lease, using, row_lock_timeout, reanchor=True, in_caller_transaction=in_caller_transaction)
+        return _fence(token, using, row_lock_timeout, reanchor=reanchor, in_caller_transaction=in_caller_transaction)
 
 
 def _fence(
-    lease: Lease, using: str, row_lock_timeout: float | None, *, reanchor: bool, in_caller_transaction: bool
-) -> None:
-    model, pk = object_of(lease.key)
+    token: Token, using: str, row_lock_timeout: float | None, *, reanchor: Reanchor | None, in_caller_transaction: bool
+) -> Token | None:
+    model, pk = object_of(token.key)
     column = fencing_column(model) if model is not None else None
-    with _bounded_wait(using, lease.key, row_lock_timeout, in_caller_transaction) as timeout:
+    table = mark_table(using)
+    with _bounded_wait(using, token.key, row_lock_timeout, in_caller_transaction) as timeout:
         if column is None:
-            rejudge = (lambda: _table_verdict(lease, using, timeout)) if reanchor else None
-            _judge(_table_verdict(lease, using, timeout), lease, rejudge)
-            return
+            judge = _table_judge(table, using, timeout)
+            return _accepted(judge(token), token, reanchor, judge)
         assert model is not None
         rows = model._base_manager.db_manager(using).filter(pk=pk)
-        _take_write_lock(rows, column, using)
+        _take_write_lock(rows, column, table)
         found = (
             _bounded(rows.select_for_update(), timeout)
             .values_list(column, *_BOUND_ALIAS[: timeout is not None])
             .first()
         )
         if found is None:
-            return  # no row: nothing to write, nothing to protect
-        prev = _parse(found[0])
-        _judge(_column_verdict(prev, lease), lease, (lambda: _column_verdict(prev, lease)) if reanchor else None)
-        rows.update(**{column: column_mark(lease)})
+            return None  # no row: nothing to write, nothing to protect
+        stored = found[0]
+        accepted = _accepted(column_verdict(stored, token), token, reanchor, functools.partial(column_verdict, stored))
+        rows.update(**{column: column_value(accepted)})
+        return accepted
 
 
-# -- verdicts: None when the token is accepted, else the mark that refused it --------------------
-#
-# A token is accepted when it is higher than the mark, or equal to it *and from the same lease*
-# (a lease writing in several transactions). An equal token from another lease is refused: after
-# Redis loses its counter, a re-anchored lease can be minted a token that a lease from before the
-# loss still holds, and the two must not both be accepted.
+# -- the judgement: a verdict (None: accepted, else the mark that refused it; marks.py) ----------
 
 
-def _judge(verdict: int | None, lease: Lease, rejudge: Callable[[], int | None] | None) -> None:
+def _accepted(
+    verdict: int | None, token: Token, reanchor: Reanchor | None, verdict_of: Callable[[Token], int | None]
+) -> Token:
+    """The token accepted: ``token``, or at a first judgement the re-anchored one; else refused."""
+    again = None if reanchor is None else functools.partial(_reanchored, reanchor, verdict_of)
+    return _judge(verdict, token, again) or token
+
+
+def _reanchored(reanchor: Reanchor, verdict_of: Callable[[Token], int | None], mark: int) -> Token | None:
+    token = reanchor(mark)
+    return token if token is not None and verdict_of(token) is None else None
+
+
+def _judge(verdict: int | None, token: Token, again: Callable[[int], Token | None] | None, /) -> Token | None:
+    """Accept (``None``: ``token`` as it is, or the re-anchored token) or raise ``StaleFencingToken``."""
     if verdict is None:
-        lease.judged = True
-        return
-    stale = lease.fencing_token
+        return None
     # The database has seen this token or a newer one from another lease. Either our lease ran out
     # and another holder committed (we must not write), or Redis lost its counter and minted us a
     # low token while we really do hold the lease: Redis alone can tell which, atomically with
     # minting the replacement token — and only at the lease's first judgement, where nothing was
-    # read under it before (rejudge is None otherwise: module docstring). A lease already accepted
+    # read under it before (again is None otherwise: module docstring). A lease already accepted
     # once had its token anchored then; refused later, another holder wrote in between, and what
     # this holder read (an enclosing object_lock's reads, a walk's earlier steps) predates it.
-    if rejudge is not None and not lease.judged and lease.reanchor(verdict) and rejudge() is None:
-        lease.judged = True
-        return
-    logger.warning("stale fencing token %s for %s refused: the database holds %s", stale, lease.key, verdict)
+    if again is not None and (reanchored := again(verdict)) is not None:
+        return reanchored
+    stale = token.number
+    logger.warning("stale fencing token %s for %s refused: the database holds %s", stale, token.key, verdict)
     raise StaleFencingToken(
-        f"fencing token {stale} for {lease.key} is not newer than the committed mark {verdict}: "
+        f"fencing token {stale} for {token.key} is not newer than the committed mark {verdict}: "
         f"another holder has written since this lease was granted",
         token=stale,
         mark=verdict,
     )
 
 
-def _column_verdict(prev: tuple[int, str], lease: Lease) -> int | None:
-    token, owner = prev
-    if lease.fencing_token > token or (lease.fencing_token == token and lease.owner == owner):
-        return None
-    return token
-
-
-def _pg_fence(lease: Lease, timeout: str | None) -> RawSQL:
-    return RawSQL("dsm_redis_fence(%s, %s, %s, %s)", (stored_key(lease.key), lease.fencing_token, lease.owner, timeout))
-
-
-def _pg_verdict(result: int) -> int | None:
-    # dsm_redis_fence returns the token when it accepts it, minus the mark when it refuses.
-    return None if result > 0 else -result
-
-
-def _table_verdict(lease: Lease, using: str, timeout: str | None) -> int | None:
-    connection = connections[using]
-    key, token, owner = stored_key(lease.key), lease.fencing_token, lease.owner
-    if connection.vendor == "postgresql":
-        return _pg_verdict(_execute(using, "SELECT dsm_redis_fence(%s, %s, %s, %s)", [key, token, owner, timeout]))
-    if connection.vendor == "sqlite":
-        accepted = _execute(
-            using,
-            "INSERT INTO dsm_redis_fencing_mark (object_key, token, owner) VALUES (%s, %s, %s) "
-            "ON CONFLICT (object_key) DO UPDATE SET token = excluded.token, owner = excluded.owner "
-            "WHERE dsm_redis_fencing_mark.token < excluded.token "
-            "OR (dsm_redis_fencing_mark.token = excluded.token AND dsm_redis_fencing_mark.owner = excluded.owner) "
-            "RETURNING token",
-            [key, token, owner],
-        )
-        if accepted is not None:
-            return None
-        return int(_execute(using, "SELECT token FROM dsm_redis_fencing_mark WHERE object_key = %s", [key]))
-    return _portable_verdict(lease, using)
-
-
-def _portable_verdict(lease: Lease, using: str) -> int | None:
-    from .models import FencingMark
-
-    marks = FencingMark.objects.using(using)
-    key = stored_key(lease.key)
-    mark: Any = marks.select_for_update().filter(pk=key).first()
-    if mark is None:
-        marks.create(object_key=key, token=lease.fencing_token, owner=lease.owner)
-        return None
-    verdict = _column_verdict((mark.token, mark.owner), lease)
-    if verdict is None:
-        marks.filter(pk=key).update(token=lease.fencing_token, owner=lease.owner)
-    return verdict
+def _table_judge(table: MarkTable, using: str, timeout: str | None) -> Callable[[Token], int | None]:
+    return lambda token: table.verdict(token, using, timeout)
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-
-
-def _execute(using: str, sql: str, params: list[Any]) -> Any:
-    with connections[using].cursor() as cursor:
-        cursor.execute(sql, params)
-        row = cursor.fetchone()
-    return None if row is None else row[0]
 
 
 def _bounded(rows: Any, timeout: str | None) -> Any:
@@ -376,19 +348,14 @@ def _bounded(rows: Any, timeout: str | None) -> Any:
 _BOUND_ALIAS = (MARK,)
 
 
-def _take_write_lock(rows: Any, column: str, using: str) -> None:
+def _take_write_lock(rows: Any, column: str, table: MarkTable) -> None:
     """A no-op UPDATE of ``column`` first, where the database has no row locks (SQLite)."""
     # SQLite has no row locks: a transaction that reads first and writes later deadlocks with
     # another that does the same (each holds a read lock the other's commit needs), and one of them
     # fails. Writing first takes the database's write lock up front, as the mark table's INSERT does.
-    if connections[using].vendor != "postgresql":
+    if not table.row_locks:
         rows.update(**{column: F(column)})
 
 
 def _lock_bounded(rows: Any, timeout: str | None) -> None:
     _bounded(rows, timeout).values_list("pk", *_BOUND_ALIAS[: timeout is not None]).get()
-
-
-def _parse(value: str | None) -> tuple[int, str]:
-    token, _, owner = (value or "0:").partition(":")
-    return int(token or 0), owner

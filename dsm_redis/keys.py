@@ -15,6 +15,8 @@ from typing import Any
 
 from django.db.models import Model
 
+__all__ = ["object_key"]
+
 
 def root_model(model: type[Model]) -> type[Model]:
     """The concrete model at the top of ``model``'s multi-table inheritance chain."""

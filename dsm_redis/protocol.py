@@ -7,7 +7,8 @@ For a saved object, one transition (or the outermost of nested ones):
 2. transaction open a transaction (a savepoint inside a caller's ``atomic``);
    row lock    ``SELECT ... FOR UPDATE`` the row, bounded by the row-lock timeout, judging the
                lease's fencing token in the same statement where the database allows
-               (``fence.lock_row``); the row read here *is* the current state — no refresh query;
+               (``Lease.lock_row``, ``fence.lock_row``); the row read here *is* the current
+               state — no refresh query;
 3. check       resolve the request (edge name, target state, next step of a path) against that
                fresh row, run the precondition, validate the side effect's arguments, then run
                the side effect;
@@ -38,15 +39,17 @@ from django.db import connections, router, transaction
 from django.db.models import Model
 from django.db.models.fields.mixins import FieldCacheMixin
 
-from .conf import get_config
+from .commit_hooks import commit_hook, on_commit_first
 from .exceptions import LockLost, TransitionException, TransitionFailed
-from .fence import lock_row, save_judged
+from .fence import save_judged
 from .keys import object_key
-from .lease import Lease, after_release, commit_hook, hold, on_commit_first, require_managed_transactions
+from .lease import Lease, after_release, hold, require_managed_transactions
 from .signals import deliver, state_changed
 
 if TYPE_CHECKING:
     from .machine import StateMachine, Transition
+
+__all__: list[str] = []  # internal: machines call run() and run_through()
 
 logger = logging.getLogger("dsm_redis")
 
@@ -119,12 +122,12 @@ def _step(
     # A nested call on the instance this lease is already transitioning, inside the same open
     # transaction: the row is locked and the instance is current; a second SELECT would only
     # overwrite the outer side effect's unsaved changes.
-    nested = lease is not None and id(instance) in lease.in_transaction
+    nested = lease is not None and lease.record.changing(instance)
     in_caller_transaction = connections[using].in_atomic_block
     original = _snapshot(instance)
     committed: list[bool] = []
     if lease is not None:
-        lease.databases.add(using)  # if this is a caller's transaction, its commit releases the lease
+        lease.record.wrote(using)  # if this is a caller's transaction, its commit releases the lease
     try:
         with transaction.atomic(using=using):  # 2. transaction
             # First of our on-commit hooks: if a later one raises out of the COMMIT, the transition
@@ -132,13 +135,7 @@ def _step(
             transaction.on_commit(partial(committed.append, True), using=using)
             row = instance
             if lease is not None and not nested:
-                row = lock_row(
-                    instance,
-                    using,
-                    lease,
-                    get_config().effective_row_lock_timeout,
-                    in_caller_transaction=in_caller_transaction,
-                )
+                row = lease.lock_row(instance, using, in_caller_transaction=in_caller_transaction)
             if lease is not None:
                 lease.check()  # a lease lost while waiting for the row must not start a side effect
             transition = resolve(row)  # 3. check against the row read under the lock
@@ -192,14 +189,14 @@ def _run_side_effect(
 ) -> None:
     assert transition.side_effect is not None
     if lease is not None:
-        lease.in_transaction.add(id(instance))
+        lease.record.start_changing(instance)
     running = _RUNNING.set(_RUNNING.get() | {(i, machine.field_name) for i in _identities(instance, lease)})
     try:
         transition.side_effect(machine, instance, transition.under(lease), *args, **kwargs)
     finally:
         _RUNNING.reset(running)
         if lease is not None and not nested:
-            lease.in_transaction.discard(id(instance))
+            lease.record.done_changing(instance)
 
 
 def _identities(instance: Model, lease: Lease | None) -> set[Any]:
@@ -258,13 +255,13 @@ def _write(instance: Model, before: dict[str, Any], state_field: str, using: str
         # auto_now fields change in pre_save, as they would for a plain save().
         if getattr(f, "auto_now", False) or instance.__dict__.get(f.attname) != before.get(f.attname):
             names.add(f.name)
-    save_judged(instance, lease, using, names)  # with the lease's mark, judged by lock_row
+    save_judged(instance, lease.token, using, names)  # with the lease's mark, judged by lock_row
 
 
 @commit_hook("signal")
 def _signal(instance: Model, state: Any, machine: StateMachine, key: str | None, token: int | None) -> None:
     # Runs among dsm_redis's first on-commit hooks, before any lease of the commit is released
-    # (lease.on_commit_first); receivers run once the lease is released.
+    # (commit_hooks.on_commit_first); receivers run once the lease is released.
     send = partial(_send, instance, state, machine, token)
     if key is None:
         deliver(send)

@@ -47,10 +47,10 @@ def test_parked_lease_survives_a_rolled_back_savepoint_that_re_entered_it(settin
     1. caller's transaction T; a service's nested ``atomic()`` (savepoint s1) transitions the cat:
        the lease parks, its release hook H1 registered with sids {s1}; s1 is released into T;
     2. a second nested ``atomic()`` (s2) transitions it again: re-enters the parked lease; at the
-       block's end ``_watches_this_level(H1)`` is False ({s1} is not within {s2}) so a new hook H2
-       is registered and *replaces* H1 in ``lease.parked``;
+       block's end ``watches_this_level(H1)`` is False ({s1} is not within {s2}) so a new hook H2
+       is registered and *replaces* H1 in ``lease.record.parked``;
     3. s2 rolls back: H2 is dropped; H1 is still pending (T is open, holding the survive write and
-       the row lock), but ``parked`` only knows H2: ``parked_transaction_ended()`` is True;
+       the row lock), but ``parked`` only knows H2: ``_parked_transactions_ended()`` is True;
     4. the renewer releases the lease while T is still open.
     """
     short_ttl(settings, 0.6)
@@ -105,20 +105,20 @@ def test_renewer_during_the_commit_hooks_does_not_reorder_an_objects_signals(set
     """Signals of one object in commit order (contract 4), with the renewer running (contract 2).
 
     Django's ``run_and_clear_commit_hooks`` first empties ``connection.run_on_commit``, then runs
-    the hooks it took. From that moment ``parked_transaction_ended()`` is True for every lease of
+    the hooks it took. From that moment ``_parked_transactions_ended()`` is True for every lease of
     the commit, so a renewer round landing between the COMMIT and the commit's signal hooks (a
     thread switch, a GC pause: simulated here by a first dsm hook that lets the renewer run)
     "releases a rolled-back lease":
 
     1. T transitions x then y (both parked); COMMIT; the drain starts;
-    2. the renewer releases x (``release_if_rolled_back``): its hook is no longer in the list;
+    2. the renewer releases x (``Lease._release_if_rolled_back``): its hook is no longer in the list;
     3. x's signal hook: ``after_release`` finds x released and delivers *now*, inside the hook,
        before y's signal hook has queued y's ALIVE;
     4. x's receiver transitions y to DEAD: takes over y's parked lease (ended, valid), commits,
        its DEAD signal is delivered;
     5. y's signal hook then delivers y's ALIVE: y's receivers see DEAD, then ALIVE.
     """
-    from dsm_redis.lease import commit_hook, on_commit_first
+    from dsm_redis.commit_hooks import commit_hook, on_commit_first
 
     short_ttl(settings, 0.3)
     x, y = Cat.objects.create(), Cat.objects.create()
