@@ -496,3 +496,36 @@ def test_redis_restarted_with_a_queue_in_it_leaves_no_waiter_hanging(lock_redis)
     client = redis_py.Redis.from_url(server.url)
     assert sorted(x.decode() for x in client.lrange(order_key(key), 0, -1)) == [str(i) for i in range(n)]
     client.close()
+
+
+# -- Redis Cluster -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["cl.hand:1", "cl.hand:we{ird}pk"])
+def test_the_hand_over_on_redis_cluster(key):
+    """Every key the scripts touch (the waiter's wake-up list too, named inside the release script)
+    carries the object's hash tag: one slot, one node, even for a primary key with braces."""
+    import threading
+
+    from redis.cluster import key_slot
+
+    from tests.cluster import RedisCluster
+
+    with RedisCluster() as cluster:
+        backend = RedisLockBackend(parse({"LOCATION": cluster.url, "OPTIONS": {"KEY_PREFIX": "hand"}}))
+        lock_key, signal_key, counter = backend._keys(key)
+        queue, waiters, grant_prefix = backend._queue_keys(key)
+        slots = {key_slot(k.encode()) for k in (lock_key, signal_key, counter, queue, waiters, grant_prefix + "x")}
+        assert len(slots) == 1
+        holder = backend.acquire(key, ttl=30, timeout=0)
+        got: list[Any] = []
+        thread = threading.Thread(target=lambda: got.append(backend.acquire(key, ttl=30, timeout=60)))
+        thread.start()
+        wait_until(lambda: len(queued(backend, key)) == 1, "the waiter to queue")
+        (waiter_owner,) = queued(backend, key)
+        assert backend.release(key, holder.owner)
+        assert backend.describe(key)["owner"] == waiter_owner  # handed over inside the release
+        thread.join(60)
+        assert got and (got[0].owner, got[0].fencing_token) == (waiter_owner, holder.fencing_token + 1)
+        assert backend.release(key, waiter_owner)
+        backend.close()
