@@ -10,6 +10,15 @@
 -- ourselves), or {0, pttl} with the holder's remaining TTL in ms (queued unless ARGV[3] is 0).
 local owner, ttl_ms, stay_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local grace_ms, idle_ms, grant_prefix = ARGV[4], tonumber(ARGV[5]), ARGV[6]
+-- Uncontended: nobody queued and the lease free, three commands. A counter created here (token 1:
+-- new, or back after expiring) gets its idle expiry now; every release pushes it back.
+if redis.call('EXISTS', KEYS[3]) == 0 and redis.call('SET', KEYS[1], owner, 'NX', 'PX', ttl_ms) then
+    local token = redis.call('INCR', KEYS[2])
+    if token == 1 and idle_ms > 0 then
+        redis.call('PEXPIRE', KEYS[2], idle_ms)
+    end
+    return {1, token}
+end
 local holder = redis.call('GET', KEYS[1])
 if holder == owner then
     redis.call('PEXPIRE', KEYS[1], ttl_ms)
@@ -20,14 +29,14 @@ if holder == owner then
     end
     return {1, tonumber(token or '0')}
 end
-local now, now_us = now_ms()
 if not holder then
-    local first = oldest(now)
+    local first = oldest()
     if not first or first == owner then
-        -- Free, and nobody queued ahead of us: one round trip, as without a queue.
+        -- Free, and nobody live queued ahead of us (only entries past their deadline, now dropped).
         redis.call('SET', KEYS[1], owner, 'PX', ttl_ms)
-        leave(owner)
-        redis.call('DEL', KEYS[5])
+        if first then
+            leave(owner)
+        end
         return {1, mint(idle_ms)}
     end
     -- Free with an older waiter queued (a holder died, a grant lapsed): it is that waiter's turn,
@@ -35,6 +44,7 @@ if not holder then
     hand_over(first, grace_ms, idle_ms, grant_prefix)
 end
 if stay_ms > 0 then
+    local now, now_us = now_ms()
     -- Queued once (a retry keeps its place), and present until the deadline it renews each call.
     if not redis.call('ZSCORE', KEYS[3], owner) then
         redis.call('ZADD', KEYS[3], now_us, owner)

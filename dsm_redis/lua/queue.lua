@@ -8,8 +8,8 @@
 -- waiter's wake-up list (grant_prefix .. owner id): on Redis Cluster all of them share the slot.
 
 -- Deadlines are judged by the clock of the Redis that stores them: waiters' clocks never compare.
--- TIME before writes needs effects replication (the default from Redis 5, the only mode from 7).
-redis.replicate_commands()
+-- TIME before writes needs scripts replicated by their effects: the default from Redis 5, the only
+-- mode from Redis 7 (Redis 3.2/4 would refuse the write after TIME).
 
 -- Now, in ms (a number, for deadlines) and in microseconds (a string: an arrival score, exact).
 local function now_ms()
@@ -28,13 +28,16 @@ local function mint(idle_ms)
 end
 
 -- The oldest waiter still before its deadline; those past theirs (dead, or gone after a timeout
--- without leaving) are dropped on the way. false when nobody is waiting.
-local function oldest(now)
+-- without leaving) are dropped on the way. false when nobody is waiting. Reads the clock only
+-- when someone is queued: the uncontended path stays a handful of commands.
+local function oldest()
+    local now
     while true do
         local first = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
         if not first then
             return false
         end
+        now = now or now_ms()
         if tonumber(redis.call('HGET', KEYS[4], first) or '0') > now then
             return first
         end

@@ -7,14 +7,20 @@
 -- ARGV[4] grant_prefix   ARGV[5] lifetime of the python-redis-lock signal in ms
 -- Returns 1 when the caller held the lease (now released or handed over), 0 otherwise.
 local owner = ARGV[1]
-leave(owner)
-redis.call('DEL', ARGV[4] .. owner)
 if redis.call('GET', KEYS[1]) ~= owner then
+    -- Not (or no longer) the holder: a waiter giving up, or a retried release. Leave the queue.
+    leave(owner)
+    redis.call('DEL', ARGV[4] .. owner)
     return 0
 end
+-- The holder is never queued: hand_over and a direct take both took it out of the queue. (A
+-- grant given back by a waiter that gave up leaves its wake-up list to expire with the grace.)
 redis.call('DEL', KEYS[1])
-local now = now_ms()
-local first = oldest(now)
+-- The counter was just used: its idle expiry starts again (after the work, off the acquire path).
+if tonumber(ARGV[3]) > 0 then
+    redis.call('PEXPIRE', KEYS[2], ARGV[3])
+end
+local first = oldest()
 if first then
     hand_over(first, ARGV[2], tonumber(ARGV[3]), ARGV[4])
     return 1
