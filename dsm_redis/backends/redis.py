@@ -3,8 +3,9 @@
 Key layout (every key of one object carries its ``{key}`` hash tag: one Redis Cluster slot, so one
 script may touch them all): ``lock:<prefix>:{key}`` holds the owner id (python-redis-lock's
 layout), ``<prefix>:{key}:fence`` the fencing counter, ``<prefix>:{key}:queue`` (a sorted set by
-arrival) and ``<prefix>:{key}:waiters`` (each waiter's deadline) the waiters, ``<prefix>:{key}:grant:<owner>``
-one waiter's wake-up list, and ``lock-signal:<prefix>:{key}`` python-redis-lock's wake-up list.
+arrival) and ``<prefix>:{key}:waiters`` (each waiter's deadline) the waiters,
+``<prefix>:{key}:grant:<owner>`` one waiter's wake-up list, and ``lock-signal:<prefix>:{key}``
+python-redis-lock's wake-up list. The scripts read Redis ``TIME`` before writing: Redis 5 or later.
 
 Safety contract: at most one owner per key at any instant *according to Redis*. Redis can lose a
 key (restart without persistence, failover, eviction, an idle counter's expiry), so the lease
@@ -42,11 +43,19 @@ Acquire and hand-over (``lua/acquire.lua``, ``lua/release.lua``, ``lua/queue.lua
   behind. The queue and deadline keys expire after the latest deadline in them.
 
 Fencing counters: minted by INCR, so strictly increasing per object while the counter lives. With
-``COUNTER_IDLE_TTL`` every mint, renewal and re-anchor pushes its expiry; an object unused that long
-loses its counter (Redis memory stays bounded by the objects in use). The next lease then mints a
+``COUNTER_IDLE_TTL`` a counter gets its expiry when created (token 1) and each release, renewal,
+hand-over and re-anchor pushes it back (the uncontended acquire does not: one command fewer on the
+path before the work; the release after it does); an object unused that long loses its counter, so
+Redis memory stays bounded by the objects in use. The next lease then mints a
 low token, which the database's mark refuses at the lease's first judgement; Redis confirms the
 owner and re-anchors the counter above the mark (``fence.py``): the same path as a Redis restart,
-one extra round trip to each of Redis and the database, once per idle period.
+one extra round trip to each of Redis and the database, once per idle period. Tokens are not
+seeded from Redis's clock (which would skip that re-anchor): a token would no longer count the
+leases of an object, and a failover to a host whose clock is behind would re-anchor anyway.
+
+During a rolling upgrade, a process of the previous version neither queues nor hands over: it can
+overtake waiters, and a waiter may wait up to ``_max_wait`` for a release that did not wake it.
+At most one owner per key still holds: every version sets the lock only where it is free.
 
 Kept from python-redis-lock: its lock key layout, and the signal on release when no waiter of ours
 takes the lease (a ``redis_lock.Lock`` client on the same name is woken as its UNLOCK would).
