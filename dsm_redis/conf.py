@@ -191,6 +191,12 @@ class Config:
     key_prefix: str = option("KEY_PREFIX", "dsm", _prefix)
     socket_timeout: float = option("SOCKET_TIMEOUT", 5.0, _positive, convert=_seconds)
     socket_connect_timeout: float = option("SOCKET_CONNECT_TIMEOUT", 2.0, _positive, convert=_seconds)
+    # How long a lease handed over to a waiter is held for it until its next call extends it.
+    handover_grace: float = option("HANDOVER_GRACE", 2.0, _positive, convert=_seconds)
+    # An object's fencing counter expires from Redis after this long unused; None: never.
+    counter_idle_ttl: float | None = option(
+        "COUNTER_IDLE_TTL", 7 * 24 * 3600.0, _positive_or_none, convert=_seconds_or_none
+    )
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

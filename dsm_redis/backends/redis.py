@@ -1,18 +1,69 @@
-"""Redis lease backend, built on python-redis-lock.
+"""Redis lease backend: leases, their FIFO hand-over, and fencing counters, in Lua.
 
-Kept from python-redis-lock: its key layout (``lock:<name>`` holds the owner id,
-``lock-signal:<name>`` is the wake-up list), its owner-checked UNLOCK script that pushes a signal on
-release, and waiting with BLPOP on that list instead of polling.
+Key layout (every key of one object carries its ``{key}`` hash tag: one Redis Cluster slot, so one
+script may touch them all): ``lock:<prefix>:{key}`` holds the owner id (python-redis-lock's
+layout), ``<prefix>:{key}:fence`` the fencing counter, ``<prefix>:{key}:queue`` (a sorted set by
+arrival) and ``<prefix>:{key}:waiters`` (each waiter's deadline) the waiters,
+``<prefix>:{key}:grant:<owner>`` one waiter's wake-up list, and ``lock-signal:<prefix>:{key}``
+python-redis-lock's wake-up list. The scripts read Redis ``TIME`` before writing: Redis 5 or later.
 
+Safety contract: at most one owner per key at any instant *according to Redis*. Redis can lose a
+key (restart without persistence, failover, eviction, an idle counter's expiry), so the lease
+alone is not a safety guarantee; the fencing token, judged by the database, is (see ``fence.py``).
+
+Acquire and hand-over (``lua/acquire.lua``, ``lua/release.lua``, ``lua/queue.lua``):
+
+- A free lease with nobody queued is taken, and its token minted, in one round trip. A newcomer
+  that finds the lease held, *or free with a live waiter queued*, joins the queue: it never
+  overtakes an older waiter (first come, first served). Free with a waiter queued means a grant
+  lapsed or a holder died; the caller's script grants it to the oldest waiter then.
+- Release hands the lease to the oldest waiter whose deadline has not passed, inside the release
+  script: the lock is set to that waiter's owner id, its token minted there, and the waiter woken
+  on its own list. Its grant lasts ``HANDOVER_GRACE`` only: the waiter's first act is its next
+  acquire call, which finds the lock already its own and extends it to its TTL. So a waiter that
+  died after its last call holds the object for the grace, never for a TTL; and its local
+  ``valid_until`` is measured from before *that* call, which set the TTL Redis holds.
+- Each waiter's entry carries a deadline in the Redis server's clock (never compared with a
+  client's), renewed by each of its calls: until its next call is due (it blocks at most
+  ``_max_wait``) plus the grace, and never past its own ``ACQUIRE_TIMEOUT``. Entries past their
+  deadline are skipped and dropped by whoever looks at the queue: a waiter SIGKILLed while queued
+  delays nobody past its deadline. ``ACQUIRE_TIMEOUT=None`` renews forever; ``0`` never queues.
+- A waiter that gives up (its timeout, an exception, an interrupt landing anywhere in the wait)
+  calls the release script for its owner id: it leaves the queue and, if a grant reached it too
+  late, hands the lease on at once. If that call cannot reach Redis, its entry lapses at its
+  deadline and a late grant after the grace: never a key held for a TTL by nobody.
+- A lost reply or a retried call: acquire is idempotent per owner id (a call that finds the lock
+  its own returns the current token and extends; a queued waiter keeps its place); release of a
+  lease already handed over finds the lock someone else's and does nothing. The wake-up lists are
+  only a doorbell: the lock's value is the truth, read by the waiter's next call, so a wake-up
+  lost or missed costs at most one wait (``_max_wait``, or the holder's TTL), never the grant.
+- Redis restarted with waiters queued: lost queue keys mean a waiter's next call (at most
+  ``_max_wait`` later) finds the lease free and takes it or queues again; stale ones (restored
+  from disk) carry deadlines in the past, or a bounded one on a failover target whose clock is
+  behind. The queue and deadline keys expire after the latest deadline in them.
+
+Fencing counters: minted by INCR, so strictly increasing per object while the counter lives. With
+``COUNTER_IDLE_TTL`` a counter gets its expiry when created (token 1) and each release, renewal,
+hand-over and re-anchor pushes it back (the uncontended acquire does not: one command fewer on the
+path before the work; the release after it does); an object unused that long loses its counter, so
+Redis memory stays bounded by the objects in use. The next lease then mints a
+low token, which the database's mark refuses at the lease's first judgement; Redis confirms the
+owner and re-anchors the counter above the mark (``fence.py``): the same path as a Redis restart,
+one extra round trip to each of Redis and the database, once per idle period. Tokens are not
+seeded from Redis's clock (which would skip that re-anchor): a token would no longer count the
+leases of an object, and a failover to a host whose clock is behind would re-anchor anyway.
+
+During a rolling upgrade, a process of the previous version neither queues nor hands over: it can
+overtake waiters, and a waiter may wait up to ``_max_wait`` for a release that did not wake it.
+At most one owner per key still holds: every version sets the lock only where it is free.
+
+Kept from python-redis-lock: its lock key layout, and the signal on release when no waiter of ours
+takes the lease (a ``redis_lock.Lock`` client on the same name is woken as its UNLOCK would).
 Not inherited (its traps): timeouts are milliseconds end to end (it truncates ``0.5`` to ``0`` and
 so to "no expiry"/"forever"); acquire and fencing-token minting are one Lua call (it first spends a
 round trip on a GET); renewal is done by ``renewer.py``, which marks a lease lost when it
 cannot renew (its thread dies silently); release returns False instead of raising ``NotAcquired``
 (which would mask the body's exception).
-
-Safety contract: at most one owner per key at any instant *according to Redis*. Redis can lose a
-key (restart without persistence, failover, eviction), so the lease alone is not a safety
-guarantee; the fencing token, judged by the database, is (see ``fence.py``).
 """
 
 from __future__ import annotations
@@ -27,7 +78,6 @@ from os import urandom
 from typing import Any, TypeVar
 
 import redis
-import redis_lock
 from django.core.exceptions import ImproperlyConfigured
 from redis.backoff import NoBackoff
 from redis.exceptions import ClusterDownError, RedisClusterException
@@ -50,7 +100,8 @@ def _lua(name: str) -> str:
 
 
 def _new_owner() -> str:
-    # python-redis-lock's owner id: 18 random bytes, base64.
+    # python-redis-lock's owner id: 18 random bytes, base64 (no braces: a waiter's wake-up list,
+    # named after it, keeps the object's hash tag).
     return b64encode(urandom(18)).decode("ascii")
 
 
@@ -113,10 +164,10 @@ class RedisLockBackend(LockBackend):
 
     @cached_property
     def _scripts(self) -> dict[str, Any]:
-        scripts = {
-            name: self.client.register_script(_lua(name)) for name in ("acquire", "renew", "reanchor", "holders")
-        }
-        scripts["unlock"] = self.client.register_script(redis_lock.UNLOCK_SCRIPT)
+        scripts = {name: self.client.register_script(_lua(name)) for name in ("renew", "reanchor", "holders")}
+        # The queue's functions run inside each script that uses them: one atomic call each.
+        for name in ("acquire", "release"):
+            scripts[name] = self.client.register_script(_lua("queue") + "\n" + _lua(name))
         return scripts
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
@@ -141,62 +192,116 @@ class RedisLockBackend(LockBackend):
         name = redis_name(self.config.key_prefix, key)
         return f"lock:{name}", f"lock-signal:{name}", counter_key(self.config.key_prefix, key)
 
+    def _queue_keys(self, key: str) -> tuple[str, str, str]:
+        """The waiters (by arrival), their deadlines, and the prefix of a waiter's wake-up list."""
+        name = redis_name(self.config.key_prefix, key)
+        return f"{name}:queue", f"{name}:waiters", f"{name}:grant:"
+
+    @cached_property
+    def _grace_ms(self) -> int:
+        return max(1, int(self.config.handover_grace * 1000))
+
+    @cached_property
+    def _idle_ms(self) -> int:
+        idle = self.config.counter_idle_ttl
+        return 0 if idle is None else max(1, int(idle * 1000))
+
     # -- LockBackend -----------------------------------------------------------------------------
 
     def acquire(self, key: str, *, ttl: float, timeout: float | None) -> Grant:
-        lock_key, signal_key, counter = self._keys(key)
+        lock_key, _, counter = self._keys(key)
+        queue, waiters, grant_prefix = self._queue_keys(key)
         owner = _new_owner()
+        wake = grant_prefix + owner
         ttl_ms = max(1, int(ttl * 1000))
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
-        waited = False
-        while True:
-            sent = time.monotonic()
-            try:
+        waited = queued = False
+        try:
+            while True:
+                sent = time.monotonic()
+                stay_ms = self._stay_ms(None if deadline is None else deadline - sent)
+                queued = queued or stay_ms > 0
                 ok, value = self._call(
                     "acquire a lease",
-                    lambda: self._scripts["acquire"](keys=[lock_key, counter], args=[owner, ttl_ms]),
+                    partial(
+                        self._scripts["acquire"],
+                        keys=[lock_key, counter, queue, waiters, wake],
+                        args=[owner, ttl_ms, stay_ms, self._grace_ms, self._idle_ms, grant_prefix],
+                    ),
                 )
-            except BaseException:
-                # The reply was lost (Redis unreachable) or never read (Celery's
-                # SoftTimeLimitExceeded, KeyboardInterrupt... landing while we waited for it), but
-                # the script may have run: give back a lease nobody would otherwise release before
-                # its TTL (owner-checked, so never someone else's), then let the exception go on.
-                try:
-                    self.release(key, owner)
-                except LockBackendUnavailable:
-                    pass
-                raise
-            if ok:
-                if waited:
-                    logger.debug("lease on %s acquired after waiting %.3fs (token %s)", key, sent - started, value)
-                return Grant(owner=owner, fencing_token=int(value), valid_until=sent + ttl)
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                raise LockTimeout(f"lease on {key} not acquired within {timeout}s")
-            waited = True
-            wait = _wait_time(int(value), self._max_wait, None if deadline is None else deadline - now)
-            self._call("wait for a lease", partial(self.client.blpop, [signal_key], timeout=wait))
+                if ok:
+                    if waited:
+                        logger.debug("lease on %s acquired after waiting %.3fs (token %s)", key, sent - started, value)
+                    # Measured from before this call: it set (or extended a hand-over to) the TTL.
+                    return Grant(owner=owner, fencing_token=int(value), valid_until=sent + ttl)
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    break
+                waited = True
+                wait = _wait_time(int(value), self._max_wait, None if deadline is None else deadline - now)
+                # Woken by a hand-over (the lease is ours already), or at the holder's TTL or our
+                # deadline; the next call tells which.
+                self._call("wait for a lease", partial(self.client.blpop, [wake], timeout=wait))
+        except BaseException:
+            # The reply was lost (Redis unreachable) or never read (Celery's
+            # SoftTimeLimitExceeded, KeyboardInterrupt... landing while we waited for it or for a
+            # wake-up), but the script may have run or a release may have handed us the lease:
+            # leave the queue and give back a lease nobody would otherwise release (owner-checked,
+            # so never someone else's), then let the exception go on.
+            self._leave(key, owner)
+            raise
+        # Timed out: leave the queue, and hand on a grant that reached us after our last call (a
+        # zero timeout never queued, so nothing can have been granted to it).
+        if queued:
+            self._leave(key, owner)
+        raise LockTimeout(f"lease on {key} not acquired within {timeout}s")
+
+    def _stay_ms(self, remaining: float | None) -> int:
+        """How long the waiter's queue entry lives without another call: 0 (never queued) for a
+        zero timeout; else until its next call is due plus the grace, never past its own deadline."""
+        if remaining is not None and remaining <= 0:
+            return 0
+        stay = self._max_wait + self.config.handover_grace
+        if remaining is not None and remaining < stay:
+            stay = remaining
+        return max(1, int(stay * 1000))
+
+    def _leave(self, key: str, owner: str) -> None:
+        try:
+            self.release(key, owner)
+        except LockBackendUnavailable:
+            pass  # the entry lapses at its deadline, a late grant after the grace
 
     def renew(self, key: str, owner: str, ttl: float) -> bool:
-        lock_key, _, _ = self._keys(key)
+        lock_key, _, counter = self._keys(key)
         ttl_ms = max(1, int(ttl * 1000))
-        return bool(self._call("renew a lease", lambda: self._scripts["renew"](keys=[lock_key], args=[owner, ttl_ms])))
+        return bool(
+            self._call(
+                "renew a lease",
+                lambda: self._scripts["renew"](keys=[lock_key, counter], args=[owner, ttl_ms, self._idle_ms]),
+            )
+        )
 
     def release(self, key: str, owner: str) -> bool:
-        lock_key, signal_key, _ = self._keys(key)
-        # python-redis-lock's UNLOCK: deletes only if we own it, and wakes one waiter.
-        error = self._call(
+        lock_key, signal_key, counter = self._keys(key)
+        queue, waiters, grant_prefix = self._queue_keys(key)
+        # Owner-checked; hands the lease to the oldest live waiter, and takes the caller out of the
+        # queue either way (a waiter giving up).
+        released = self._call(
             "release a lease",
-            lambda: self._scripts["unlock"](keys=(lock_key, signal_key), args=(owner, _SIGNAL_EXPIRE_MS)),
+            lambda: self._scripts["release"](
+                keys=[lock_key, counter, queue, waiters, signal_key],
+                args=[owner, self._grace_ms, self._idle_ms, grant_prefix, _SIGNAL_EXPIRE_MS],
+            ),
         )
-        return error == 0
+        return bool(released)
 
     def reanchor(self, key: str, owner: str, floor: int) -> int | None:
         lock_key, _, counter = self._keys(key)
         token = self._call(
             "re-anchor a fencing counter",
-            lambda: self._scripts["reanchor"](keys=[lock_key, counter], args=[owner, floor]),
+            lambda: self._scripts["reanchor"](keys=[lock_key, counter], args=[owner, floor, self._idle_ms]),
         )
         return None if int(token) < 0 else int(token)
 

@@ -1,7 +1,12 @@
--- Extend a lease we still own (python-redis-lock's EXTEND works in whole seconds; this in ms).
--- KEYS[1] lock key      ARGV[1] owner id      ARGV[2] lease TTL in milliseconds
+-- Extend a lease we still own (python-redis-lock's EXTEND works in whole seconds; this in ms), and
+-- keep the object's fencing counter from expiring while it is in use.
+-- KEYS[1] lock key      KEYS[2] fencing counter
+-- ARGV[1] owner id      ARGV[2] lease TTL in milliseconds   ARGV[3] counter idle TTL in ms (0: never)
 -- Returns 1 when extended, 0 when the lease is gone or held by someone else.
 if redis.call('GET', KEYS[1]) == ARGV[1] then
+    if tonumber(ARGV[3]) > 0 and redis.call('EXISTS', KEYS[2]) == 1 then
+        redis.call('PEXPIRE', KEYS[2], ARGV[3])
+    end
     return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
