@@ -131,10 +131,10 @@ def check_demo(base: Path) -> None:
 POSTGRES_SCRIPT = """
 import django, sys
 from django.conf import settings
-from dsm_redis._servers import database_settings_from_url
+from dsm_redis.tools.servers import database_settings_from_url
 
 settings.configure(
-    INSTALLED_APPS=["dsm_redis", "dsm_redis.demo"],
+    INSTALLED_APPS=["dsm_redis", "dsm_redis.tools.demo"],
     DATABASES={"default": database_settings_from_url(sys.argv[1])},
     DSM_REDIS={"LOCATION": sys.argv[2], "OPTIONS": {"KEY_PREFIX": "extras"}},
     USE_TZ=True,
@@ -143,7 +143,7 @@ django.setup()
 from django.core.management import call_command
 call_command("migrate", verbosity=0)
 call_command("check")
-from dsm_redis.demo.models import Subscription
+from dsm_redis.tools.demo.models import Subscription
 sub = Subscription.objects.create()
 with __import__("dsm_redis").object_lock(sub) as lease:
     print("postgres extra: lease", lease.fencing_token)
@@ -161,7 +161,7 @@ def check_postgres(base: Path, database_url: str, redis_url: str) -> None:
 
 
 def main() -> None:
-    from dsm_redis._servers import PostgresServer, RedisServer
+    from dsm_redis.tools.servers import PostgresServer, RedisServer
 
     with tempfile.TemporaryDirectory(prefix="dsm-extras-") as tmp:
         base = Path(tmp)
