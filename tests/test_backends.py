@@ -19,12 +19,13 @@ from django.conf import settings as django_settings
 from django.core.exceptions import ImproperlyConfigured
 
 from dsm_redis import LockBackendUnavailable, LockTimeout
-from dsm_redis._servers import RedisServer, _free_port
 from dsm_redis.backends import LeaseInfo, get_backend
 from dsm_redis.backends.local import LocalLockBackend
 from dsm_redis.backends.redis import RedisLockBackend
 from dsm_redis.conf import parse
 from dsm_redis.keys import counter_key, redis_name
+from dsm_redis.tools.servers import RedisServer, _free_port
+from tests.helpers import dsm_options
 
 
 def make(location: Any, prefix: str | None = None, **options: Any) -> RedisLockBackend:
@@ -33,7 +34,7 @@ def make(location: Any, prefix: str | None = None, **options: Any) -> RedisLockB
 
 
 @pytest.fixture
-def backend():
+def redis_backend():
     b = make(django_settings.REDIS_URL)
     yield b
     b.close()
@@ -42,69 +43,69 @@ def backend():
 # -- the Redis backend's protocol ------------------------------------------------------------------
 
 
-def test_tokens_increase_and_only_the_owner_renews_or_releases(backend, redis):
-    first = backend.acquire("app.m:1", ttl=10, timeout=0)
-    assert backend.renew("app.m:1", first.owner, 10)
-    assert not backend.renew("app.m:1", "someone-else", 10)
-    assert not backend.release("app.m:1", "someone-else")
+def test_tokens_increase_and_only_the_owner_renews_or_releases(redis_backend, redis):
+    first = redis_backend.acquire("app.m:1", ttl=10, timeout=0)
+    assert redis_backend.renew("app.m:1", first.owner, 10)
+    assert not redis_backend.renew("app.m:1", "someone-else", 10)
+    assert not redis_backend.release("app.m:1", "someone-else")
     with pytest.raises(LockTimeout):
-        backend.acquire("app.m:1", ttl=10, timeout=0)
-    assert backend.release("app.m:1", first.owner)
-    assert not backend.release("app.m:1", first.owner)  # already gone: False, never raises
-    second = backend.acquire("app.m:1", ttl=10, timeout=0)
+        redis_backend.acquire("app.m:1", ttl=10, timeout=0)
+    assert redis_backend.release("app.m:1", first.owner)
+    assert not redis_backend.release("app.m:1", first.owner)  # already gone: False, never raises
+    second = redis_backend.acquire("app.m:1", ttl=10, timeout=0)
     assert second.fencing_token == first.fencing_token + 1
     assert second.owner != first.owner
-    backend.release("app.m:1", second.owner)
+    redis_backend.release("app.m:1", second.owner)
 
 
-def test_describe_reports_owner_ttl_and_counter(backend):
-    assert backend.describe("app.m:2") == {"owner": None, "ttl": None, "fencing_token": None}
-    grant = backend.acquire("app.m:2", ttl=10, timeout=0)
-    info = backend.describe("app.m:2")
+def test_describe_reports_owner_ttl_and_counter(redis_backend):
+    assert redis_backend.describe("app.m:2") == {"owner": None, "ttl": None, "fencing_token": None}
+    grant = redis_backend.acquire("app.m:2", ttl=10, timeout=0)
+    info = redis_backend.describe("app.m:2")
     assert info["owner"] == grant.owner and info["fencing_token"] == grant.fencing_token
     assert 0 < info["ttl"] <= 10
-    backend.release("app.m:2", grant.owner)
-    assert backend.describe("app.m:2")["owner"] is None
+    redis_backend.release("app.m:2", grant.owner)
+    assert redis_backend.describe("app.m:2")["owner"] is None
 
 
-def test_reanchor_moves_a_lost_counter_above_the_floor_for_the_owner_only(backend, redis):
-    grant = backend.acquire("app.m:3", ttl=10, timeout=0)
-    redis.delete(counter_key(backend.config.key_prefix, "app.m:3"))  # Redis lost the counter
-    assert backend.reanchor("app.m:3", "not-the-owner", 41) is None
-    assert backend.reanchor("app.m:3", grant.owner, 41) == 42
-    backend.release("app.m:3", grant.owner)
-    assert backend.acquire("app.m:3", ttl=10, timeout=0).fencing_token == 43
+def test_reanchor_moves_a_lost_counter_above_the_floor_for_the_owner_only(redis_backend, redis):
+    grant = redis_backend.acquire("app.m:3", ttl=10, timeout=0)
+    redis.delete(counter_key(redis_backend.config.key_prefix, "app.m:3"))  # Redis lost the counter
+    assert redis_backend.reanchor("app.m:3", "not-the-owner", 41) is None
+    assert redis_backend.reanchor("app.m:3", grant.owner, 41) == 42
+    redis_backend.release("app.m:3", grant.owner)
+    assert redis_backend.acquire("app.m:3", ttl=10, timeout=0).fencing_token == 43
 
 
-def test_release_wakes_a_waiter_through_the_signal_list(backend):
-    grant = backend.acquire("app.m:4", ttl=30, timeout=0)
-    signal = f"lock-signal:{redis_name(backend.config.key_prefix, 'app.m:4')}"
+def test_release_wakes_a_waiter_through_the_signal_list(redis_backend):
+    grant = redis_backend.acquire("app.m:4", ttl=30, timeout=0)
+    signal = f"lock-signal:{redis_name(redis_backend.config.key_prefix, 'app.m:4')}"
     waiter = redis_py.Redis.from_url(django_settings.REDIS_URL)
     woken: list[Any] = []
     thread = threading.Thread(target=lambda: woken.append(waiter.blpop([signal], timeout=60)))
     thread.start()
-    assert backend.release("app.m:4", grant.owner)
+    assert redis_backend.release("app.m:4", grant.owner)
     thread.join(90)
     waiter.close()
     assert woken and woken[0] is not None  # the UNLOCK script pushed the wake-up signal
 
 
-def test_a_wait_for_a_lease_is_logged_at_debug(backend, redis, caplog):
+def test_a_wait_for_a_lease_is_logged_at_debug(redis_backend, redis, caplog):
     caplog.set_level("DEBUG", logger="dsm_redis")
-    first = backend.acquire("app.m:6", ttl=60, timeout=0)
+    first = redis_backend.acquire("app.m:6", ttl=60, timeout=0)
     got: list[Any] = []
-    thread = threading.Thread(target=lambda: got.append(backend.acquire("app.m:6", ttl=10, timeout=60)))
+    thread = threading.Thread(target=lambda: got.append(redis_backend.acquire("app.m:6", ttl=10, timeout=60)))
     thread.start()
     for _ in range(6000):  # until the waiter blocks on the wake-up list (bounded, not timed)
         if any(c.get("cmd") == "blpop" for c in redis.client_list()) or not thread.is_alive():
             break
         time.sleep(0.01)
-    backend.release("app.m:6", first.owner)
+    redis_backend.release("app.m:6", first.owner)
     thread.join(90)
     waited = [r for r in caplog.records if r.name == "dsm_redis" and "acquired after waiting" in r.getMessage()]
     assert got and waited and {r.levelname for r in waited} == {"DEBUG"}
     assert "app.m:6" in waited[0].getMessage()
-    backend.release("app.m:6", got[0].owner)
+    redis_backend.release("app.m:6", got[0].owner)
 
 
 def test_iter_leases_lists_this_prefix_only_with_glob_characters_taken_literally(redis):
@@ -128,16 +129,16 @@ def test_iter_leases_lists_this_prefix_only_with_glob_characters_taken_literally
             b.close()
 
 
-def test_a_pk_with_braces_keeps_every_key_of_the_object_in_one_hash_slot(backend, redis):
+def test_a_pk_with_braces_keeps_every_key_of_the_object_in_one_hash_slot(redis_backend, redis):
     from redis.cluster import key_slot
 
     key = "app.m:we{ird}pk"
-    grant = backend.acquire(key, ttl=10, timeout=0)
-    lock, signal = (f"{kind}:{redis_name(backend.config.key_prefix, key)}" for kind in ("lock", "lock-signal"))
-    counter = counter_key(backend.config.key_prefix, key)
+    grant = redis_backend.acquire(key, ttl=10, timeout=0)
+    lock, signal = (f"{kind}:{redis_name(redis_backend.config.key_prefix, key)}" for kind in ("lock", "lock-signal"))
+    counter = counter_key(redis_backend.config.key_prefix, key)
     assert len({key_slot(k.encode()) for k in (lock, signal, counter)}) == 1
-    assert [lease.key for lease in backend.iter_leases()] == [key]
-    backend.release(key, grant.owner)
+    assert [lease.key for lease in redis_backend.iter_leases()] == [key]
+    redis_backend.release(key, grant.owner)
 
 
 def test_release_uses_the_backends_own_client_and_leaves_python_redis_lock_usable(redis):
@@ -327,7 +328,7 @@ def test_a_settings_change_keeps_leases_held_in_the_process_exclusive(settings):
     first = get_backend()
     grant = first.acquire("app.m:1", ttl=60, timeout=0)
     # Any change to DSM_REDIS (a test's override_settings, a reload) builds a new backend instance.
-    settings.DSM_REDIS = dict(settings.DSM_REDIS, OPTIONS=dict(settings.DSM_REDIS["OPTIONS"], TTL=20))
+    dsm_options(settings, TTL=20)
     second = get_backend()
     assert second is not first
     with pytest.raises(LockTimeout):
@@ -372,30 +373,30 @@ def test_a_fork_while_another_thread_builds_the_backend_leaves_the_child_a_worki
 
 
 @pytest.mark.parametrize("pttl", [0, -2], ids=["expiring-now", "vanished"])
-def test_a_waiter_told_the_lease_is_expiring_retries_at_once(backend, pttl):
+def test_a_waiter_told_the_lease_is_expiring_retries_at_once(redis_backend, pttl):
     """PTTL 0 (expiring this millisecond) or -2 (released between our SET and our PTTL): the lease
     is free now, so the waiter must not sleep on the signal list for half the socket timeout."""
     from dsm_redis.backends.redis import _MIN_WAIT
 
-    real = backend._scripts["acquire"]
+    real = redis_backend._scripts["acquire"]
     replies = iter([[0, pttl]])
 
     def acquire_script(**kwargs: Any) -> Any:
         return next(replies, None) or real(**kwargs)  # the first reply as if the lease were expiring
 
-    backend._scripts["acquire"] = acquire_script
+    redis_backend._scripts["acquire"] = acquire_script
     waits: list[float] = []
-    real_blpop = backend.client.blpop
+    real_blpop = redis_backend.client.blpop
 
     def blpop(keys: Any, timeout: float = 0) -> Any:
         waits.append(timeout)
         return real_blpop(keys, timeout=timeout)
 
-    backend.client.blpop = blpop
-    grant = backend.acquire("app.m:7", ttl=10, timeout=30)
+    redis_backend.client.blpop = blpop
+    grant = redis_backend.acquire("app.m:7", ttl=10, timeout=30)
     assert waits == [_MIN_WAIT]
-    assert backend._max_wait > _MIN_WAIT  # (what it slept before)
-    backend.release("app.m:7", grant.owner)
+    assert redis_backend._max_wait > _MIN_WAIT  # (what it slept before)
+    redis_backend.release("app.m:7", grant.owner)
 
 
 def test_the_wait_follows_the_holders_ttl_and_the_deadline():
@@ -414,16 +415,16 @@ class Interrupted(BaseException):
     """Like Celery's SoftTimeLimitExceeded: raised into the worker wherever it happens to be."""
 
 
-def test_an_interruption_while_reading_the_acquire_reply_gives_the_lease_back(backend):
-    real = backend._scripts["acquire"]
+def test_an_interruption_while_reading_the_acquire_reply_gives_the_lease_back(redis_backend):
+    real = redis_backend._scripts["acquire"]
 
     def acquire_then_interrupted(**kwargs: Any) -> Any:
         real(**kwargs)  # the script ran: the lease is set in Redis, with our owner id
         raise Interrupted()  # ... and the reply never reaches us
 
-    backend._scripts["acquire"] = acquire_then_interrupted
+    redis_backend._scripts["acquire"] = acquire_then_interrupted
     with pytest.raises(Interrupted):
-        backend.acquire("app.m:8", ttl=60, timeout=0)
-    assert backend.describe("app.m:8")["owner"] is None  # not left to its 60 s TTL
-    backend._scripts["acquire"] = real
-    backend.release("app.m:8", backend.acquire("app.m:8", ttl=60, timeout=0).owner)
+        redis_backend.acquire("app.m:8", ttl=60, timeout=0)
+    assert redis_backend.describe("app.m:8")["owner"] is None  # not left to its 60 s TTL
+    redis_backend._scripts["acquire"] = real
+    redis_backend.release("app.m:8", redis_backend.acquire("app.m:8", ttl=60, timeout=0).owner)

@@ -13,13 +13,10 @@ import hashlib
 import itertools
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +28,16 @@ from django.test import override_settings
 
 from dsm_redis import LockError, LockLost, LockTimeout, TransitionException, fence, object_lock
 from dsm_redis import tasks as dsm_tasks
-from dsm_redis._servers import RedisServer
 from dsm_redis.backends import get_backend
 from dsm_redis.celery import locked_task
 from dsm_redis.checks import celery_timeout_warnings
 from dsm_redis.keys import counter_key, object_key, redis_name
 from dsm_redis.models import FencingMark
+from dsm_redis.tools.servers import RedisServer
 from tests.celery_app import QUEUE, app
+from tests.celery_worker import Worker, run_transition
+from tests.helpers import WAIT, dsm_options, fresh, key_prefix, pg_connect, wait_for
 from tests.procs import in_background
-from tests.test_faults import pg_connect
 from tests.testapp import tasks
 from tests.testapp.models import (
     Account,
@@ -54,80 +52,9 @@ from tests.testapp.models import (
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ROOT = Path(__file__).resolve().parent.parent
-WAIT = 60  # seconds: generous bounds on polls, never asserted as durations
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-
-
-def wait_for(check: Callable[[], Any], what: str, logs: list[Path] = (), timeout: float = WAIT) -> Any:
-    for _ in range(int(timeout / 0.05)):  # a guard against a hung test, not a speed test
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    tails = "\n".join(f"--- {log}\n{log.read_text()[-4000:]}" for log in logs if log.exists())
-    raise AssertionError(f"timed out waiting for {what}\n{tails}")
-
-
-class Worker:
-    """``celery -A tests.celery_app worker --pool=prefork`` in its own session (killable as a group)."""
-
-    def __init__(
-        self,
-        log: Path,
-        name: str,
-        queue: str,
-        concurrency: int = 3,
-        env: dict[str, str] | None = None,
-        include: tuple[str, ...] = (),
-    ) -> None:
-        self.log, self.queue = log, queue
-        env = {
-            **os.environ,
-            **(env or {}),
-            "DJANGO_SETTINGS_MODULE": "tests.settings",
-            "DSM_TEST_DB_NAME": connections["default"].settings_dict["NAME"],
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        }
-        command = [
-            sys.executable, "-m", "celery", "-A", "tests.celery_app", "worker", "--pool=prefork",
-            f"--concurrency={concurrency}", "--loglevel=INFO", f"--hostname={name}-{uuid.uuid4().hex[:6]}@%h",
-            "-Q", queue, "--without-gossip", "--without-mingle", "--without-heartbeat",
-            *(f"--include={module}" for module in include),
-        ]  # fmt: skip
-        connections.close_all()  # nothing of ours stays open in the database the worker uses
-        with open(log, "wb") as out:
-            self.process = subprocess.Popen(
-                command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        try:
-            tasks.ping.apply_async(queue=queue).get(timeout=WAIT)
-        except Exception:
-            self.stop()
-            raise AssertionError(f"worker did not start:\n{log.read_text()[-4000:]}") from None
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def kill(self) -> None:
-        """SIGKILL the whole worker (main process and pool children), as a crashed host would."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()  # warm shutdown (main process only): it stops its pool children
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        try:  # pool children left behind (there should be none)
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.fixture(scope="module")
@@ -163,25 +90,6 @@ def records(redis: Any, name: str) -> list[Any]:
 
 def overlapping(intervals: list[list[Any]]) -> list[tuple[Any, Any]]:
     return [(a, b) for a, b in itertools.pairwise(sorted(intervals)) if b[0] < a[1]]
-
-
-def fresh(obj: Any) -> Any:
-    return type(obj)._base_manager.using(obj._state.db).get(pk=obj.pk)
-
-
-def dsm_options(settings: Any, **options: Any) -> None:
-    settings.DSM_REDIS = {**settings.DSM_REDIS, "OPTIONS": {**settings.DSM_REDIS["OPTIONS"], **options}}
-
-
-def prefix() -> str:
-    from django.conf import settings
-
-    return str(settings.DSM_REDIS["OPTIONS"]["KEY_PREFIX"])
-
-
-def run_transition(payload: dict[str, Any], task_id: str | None = None) -> Any:
-    """What a worker does with a message (eagerly, in this thread)."""
-    return dsm_tasks.transition._get_current_object().apply(kwargs=payload, task_id=task_id, throw=True).get()
 
 
 # -- packaging -------------------------------------------------------------------------------------
@@ -505,7 +413,7 @@ def test_celery_timeout_checks(settings):
         assert [m.id for m in celery_timeout_warnings(app)] == ["dsm_redis.W102"]  # 6 s visibility < 20 s
         conf.broker_transport_options = {**saved[1], "visibility_timeout": 3600}
         assert celery_timeout_warnings(app) == []  # renewed leases cover any time limit
-        settings.DSM_REDIS = {**settings.DSM_REDIS, "OPTIONS": {**settings.DSM_REDIS["OPTIONS"], "AUTO_RENEW": False}}
+        dsm_options(settings, AUTO_RENEW=False)
         assert [m.id for m in celery_timeout_warnings(app)] == ["dsm_redis.W101"]  # 20 s > TTL 10 s
         conf.task_time_limit = 5
         assert celery_timeout_warnings(app) == []
@@ -607,7 +515,7 @@ REFUSED = (LockError, OperationalError)
 
 def expire_key(key: str) -> None:
     """What a TTL running out does: the lease key disappears from Redis."""
-    get_backend().client.delete(f"lock:{redis_name(prefix(), key)}")
+    get_backend().client.delete(f"lock:{redis_name(key_prefix(), key)}")
 
 
 @pytest.mark.django_db(databases=["default", "sqlite"], transaction=True)
@@ -676,7 +584,7 @@ def test_a_locked_task_reanchors_a_fencing_counter_redis_lost():
     for _ in range(3):
         account.machine.deposit()
     mark = FencingMark.objects.get(pk=object_key(account)).token
-    get_backend().client.delete(counter_key(prefix(), object_key(account)))  # Redis restarted empty
+    get_backend().client.delete(counter_key(key_prefix(), object_key(account)))  # Redis restarted empty
     # The next token is 1, below the mark. Nothing has been read under the lease yet: the body's
     # transaction re-anchors it instead of refusing every task for this object from now on.
     token = locked_task(Account, pk_arg="pk")(lambda pk, lease: lease.fencing_token)(pk=account.pk)
@@ -690,7 +598,7 @@ def test_a_locked_task_reanchors_a_fencing_counter_redis_lost():
 def lease_redis(settings: Any) -> Any:
     """A Redis for leases only (as in test_faults.py); the env points a worker at it too."""
     server = RedisServer().start()
-    settings.DSM_REDIS = {**settings.DSM_REDIS, "LOCATION": server.url}
+    dsm_options(settings, server.url)
     try:
         yield server, {"DSM_TEST_LOCK_REDIS_URL": server.url}
     finally:
@@ -747,7 +655,7 @@ def test_the_worker_checks_every_payload_field_before_taking_a_lease(captured):
             run_transition(payload)
             pytest.fail(f"{what} was accepted")
     client = get_backend().client
-    assert not client.exists(counter_key(prefix(), object_key(order)))  # no lease was ever taken
+    assert not client.exists(counter_key(key_prefix(), object_key(order)))  # no lease was ever taken
     row = fresh(order)
     assert (row.status, row.paid) == (OrderStatus.NEW, 0)
     assert not AuditLog.objects.filter(order_id=order.pk).exists()
@@ -755,5 +663,5 @@ def test_the_worker_checks_every_payload_field_before_taking_a_lease(captured):
     # A primary key with no row: nothing to do, and no fencing counter left behind in Redis.
     missing = order.pk + 10_000
     assert run_transition({**good, "pk": missing}) is None
-    assert not client.exists(counter_key(prefix(), object_key(Order, missing)))
+    assert not client.exists(counter_key(key_prefix(), object_key(Order, missing)))
     assert run_transition(good) == OrderStatus.PAID  # the payload as sent is accepted

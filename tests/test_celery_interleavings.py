@@ -2,7 +2,7 @@
 malformed payloads, reused task ids, a worker killed mid-walk.
 
 Each test states the interleaving it drives and the contract item it checks. The worker-based tests
-run a real prefork worker (``tests.test_celery.Worker`` that also loads
+run a real prefork worker (``tests.celery_worker.Worker`` that also loads
 ``tests/interleaving_tasks.py``); the payload checks run the transition task in this process
 (``run_transition``, the same code a worker runs on a message).
 """
@@ -24,7 +24,8 @@ from dsm_redis.keys import counter_key, object_key
 from dsm_redis.models import AppliedTask
 from tests import interleaving_tasks
 from tests.celery_app import QUEUE
-from tests.test_celery import WAIT, Worker, fresh, prefix, run_transition, wait_for
+from tests.celery_worker import Worker, run_transition
+from tests.helpers import WAIT, fresh, key_prefix, wait_for
 from tests.testapp.models import Account, Order, SeedModel, Switch, TestStates
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -147,7 +148,7 @@ def test_a_malformed_expected_state_is_refused_before_the_lease(captured):
     # TypeError("'int' object is not iterable") from inside the body, after the lease and the door.
     with pytest.raises(TransitionException):
         run_transition({**payload, "expected": 5})
-    assert not get_backend().client.exists(counter_key(prefix(), object_key(switch)))
+    assert not get_backend().client.exists(counter_key(key_prefix(), object_key(switch)))
 
 
 @pytest.mark.parametrize("kind,target", [("to", ["on"]), ("through", {"state": "on"})])

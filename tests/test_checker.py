@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from dsm_redis.nemesis.checker import check, linearizable, main
-from dsm_redis.nemesis.history import assemble, write_history
+from dsm_redis.tools.nemesis.checker import check, linearizable, main
+from dsm_redis.tools.nemesis.history import assemble, write_history
 
 EDGES = [["a", "b"], ["b", "c"], ["c", "a"], ["a", "a"], ["b", "b"], ["c", "c"]]
 

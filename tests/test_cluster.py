@@ -20,8 +20,8 @@ from dsm_redis.backends.redis import RedisLockBackend
 from dsm_redis.conf import parse
 from dsm_redis.keys import counter_key, object_key, redis_name
 from tests.cluster import RedisCluster
+from tests.helpers import dsm_options, effects
 from tests.procs import committed_per_account, run_workers
-from tests.test_races import effects
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def client(cluster):
 @pytest.fixture
 def on_cluster(settings, cluster):
     """Point DSM_REDIS at the cluster (by URL) for one test."""
-    settings.DSM_REDIS = {**settings.DSM_REDIS, "LOCATION": cluster.url}
+    dsm_options(settings, cluster.url)
     backend = get_backend()
     assert isinstance(backend.client, ClusterClient)
     return backend

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import threading
-import uuid
 from typing import Any
 
 import pytest
@@ -14,9 +13,9 @@ from django.conf import settings as django_settings
 from django.core.management import CommandError, call_command
 
 from dsm_redis import StaleFencingToken, object_lock
-from dsm_redis._servers import _free_port
 from dsm_redis.backends import get_backend
 from dsm_redis.keys import object_key, redis_name
+from dsm_redis.tools.servers import _free_port
 from tests.procs import in_background
 
 
@@ -103,21 +102,14 @@ def lock_keys(key: str) -> tuple[str, str]:
     return f"lock:{name}", f"lock-signal:{name}"
 
 
-@pytest.fixture
-def backend(settings, redis):
-    """The configured Redis backend, under a key prefix of this test's own (other tests' leases,
-    e.g. of a holder killed on purpose, may still be running out their TTL)."""
-    prefix = f"cmd-{uuid.uuid4().hex[:8]}"
-    settings.DSM_REDIS = {**settings.DSM_REDIS, "OPTIONS": {**settings.DSM_REDIS["OPTIONS"], "KEY_PREFIX": prefix}}
-    b = get_backend()
-    yield b
-    for key in redis.scan_iter(match=f"*{prefix}*"):
-        redis.delete(key)
+# The leases here are taken through the pytest plugin's ``dsm_redis_backend``: under a key prefix of
+# the test's own, since other tests' leases (a holder killed on purpose) may still be running out
+# their TTL.
 
 
-def test_locks_lists_held_leases_with_owner_ttl_and_token(backend):
+def test_locks_lists_held_leases_with_owner_ttl_and_token(dsm_redis_backend):
     assert "No leases held" in run("dsm_locks")
-    grants = {pk: backend.acquire(f"cmd.test:{pk}", ttl=30, timeout=0) for pk in (1, 2)}
+    grants = {pk: dsm_redis_backend.acquire(f"cmd.test:{pk}", ttl=30, timeout=0) for pk in (1, 2)}
     out = run("dsm_locks").splitlines()
     assert out[0].split() == ["OBJECT", "OWNER", "TTL", "LEFT", "FENCING", "TOKEN"]
     for pk, grant in grants.items():
@@ -131,11 +123,11 @@ def test_locks_lists_held_leases_with_owner_ttl_and_token(backend):
     assert all(0 < r["ttl"] <= 30 for r in rows)
 
 
-def test_release_of_a_running_lease_needs_force_and_wakes_a_waiter(backend, caplog):
-    grant = backend.acquire("cmd.test:3", ttl=60, timeout=0)
+def test_release_of_a_running_lease_needs_force_and_wakes_a_waiter(dsm_redis_backend, caplog):
+    grant = dsm_redis_backend.acquire("cmd.test:3", ttl=60, timeout=0)
     with pytest.raises(CommandError, match="--force"):
         run("dsm_locks", "--release", "cmd.test:3")
-    assert backend.describe("cmd.test:3")["owner"] == grant.owner  # refused: nothing released
+    assert dsm_redis_backend.describe("cmd.test:3")["owner"] == grant.owner  # refused: nothing released
     lock, signal = lock_keys("cmd.test:3")
     waiter = redis_py.Redis.from_url(django_settings.REDIS_URL)
     woken: list[Any] = []
@@ -145,30 +137,30 @@ def test_release_of_a_running_lease_needs_force_and_wakes_a_waiter(backend, capl
     thread.join(90)
     waiter.close()
     assert f"Released the lease on cmd.test:3 held by {grant.owner}" in out
-    assert backend.describe("cmd.test:3")["owner"] is None
+    assert dsm_redis_backend.describe("cmd.test:3")["owner"] is None
     assert woken and woken[0] is not None  # the release pushed the wake-up signal
     (logged,) = [r for r in caplog.records if "released by an operator" in r.getMessage()]
     assert logged.name == "dsm_redis" and logged.levelname == "WARNING" and grant.owner in logged.getMessage()
     assert "nothing to release" in run("dsm_locks", "--release", "cmd.test:3")
 
 
-def test_release_is_owner_safe(backend, monkeypatch):
-    grant = backend.acquire("cmd.test:4", ttl=60, timeout=0)
+def test_release_is_owner_safe(dsm_redis_backend, monkeypatch):
+    grant = dsm_redis_backend.acquire("cmd.test:4", ttl=60, timeout=0)
     with pytest.raises(CommandError, match="not someone-else: nothing released"):
         run("dsm_locks", "--release", "cmd.test:4", "--owner", "someone-else", "--force")
     # The lease changes hands between the command's read and its release: nothing is deleted.
-    describe = type(backend).describe
+    describe = type(dsm_redis_backend).describe
     monkeypatch.setattr(
-        type(backend), "describe", lambda self, key: {**describe(self, key), "owner": "the-previous-holder"}
+        type(dsm_redis_backend), "describe", lambda self, key: {**describe(self, key), "owner": "the-previous-holder"}
     )
     with pytest.raises(CommandError, match="changed hands"):
         run("dsm_locks", "--release", "cmd.test:4", "--force")
     monkeypatch.undo()
-    assert backend.describe("cmd.test:4")["owner"] == grant.owner
+    assert dsm_redis_backend.describe("cmd.test:4")["owner"] == grant.owner
     assert "Released" in run("dsm_locks", "--release", "cmd.test:4", "--owner", grant.owner, "--force")
 
 
-def test_a_lease_without_expiry_is_released_without_force(backend, redis):
+def test_a_lease_without_expiry_is_released_without_force(dsm_redis_backend, redis):
     lock, _ = lock_keys("cmd.test:5")
     redis.set(lock, "legacy-holder")  # e.g. python-redis-lock with expire=None: it never expires
     assert "no expiry" in run("dsm_locks")
@@ -177,7 +169,7 @@ def test_a_lease_without_expiry_is_released_without_force(backend, redis):
 
 
 @pytest.mark.parametrize("key", ["nope", "cmd.test", "lock:other-prefix:{cmd.test:1}", "cmd:1"])
-def test_release_rejects_what_is_not_an_object_key(backend, key):
+def test_release_rejects_what_is_not_an_object_key(dsm_redis_backend, key):
     with pytest.raises(CommandError, match="not"):
         run("dsm_locks", "--release", key)
 
@@ -205,7 +197,7 @@ def test_locks_with_the_local_backend_lists_this_process(settings):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_forced_release_cannot_let_the_old_holder_overwrite_a_newer_one(backend):
+def test_a_forced_release_cannot_let_the_old_holder_overwrite_a_newer_one(dsm_redis_backend):
     """The operator frees a lease whose holder is alive; another holder commits; the old holder's
     next write is refused by the database (fencing), not committed over the newer one."""
     from tests.testapp.models import Account

@@ -11,6 +11,7 @@ from django.db import connection, transaction
 
 from dsm_redis import Lease, LockTimeout, TransitionException, object_lock
 from tests.celery_app import app
+from tests.helpers import dsm_options
 from tests.procs import contend_from_another_thread
 from tests.testapp.models import ALIVE, DEAD, UNKNOWN, Cat, Order, OrderStatus
 
@@ -116,7 +117,7 @@ def test_the_machine_behind_the_bound_field_is_protected(settings):
     thread.start()
     try:
         assert holding.wait(30)
-        settings.DSM_REDIS = {**settings.DSM_REDIS, "OPTIONS": {**settings.DSM_REDIS["OPTIONS"], "ACQUIRE_TIMEOUT": 0}}
+        dsm_options(settings, ACQUIRE_TIMEOUT=0)
         with pytest.warns(DeprecationWarning), pytest.raises(LockTimeout):
             cat.state_machine.state_machine.transition_to(cat, ALIVE)
     finally:

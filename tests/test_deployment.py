@@ -45,7 +45,7 @@ from typing import Any
 
 import pytest
 
-from dsm_redis._servers import RedisServer, _free_port, database_settings_from_url
+from dsm_redis.tools.servers import RedisServer, _free_port, database_settings_from_url
 
 ROOT = Path(__file__).resolve().parent.parent
 WEB_WORKERS = 4  # gunicorn workers, as compose.yaml
@@ -269,7 +269,7 @@ class Namespaces:
 def _postgres_bindir() -> Path:
     with contextlib.suppress(Exception):  # the pgserver wheel's binaries, as the suite's server
         return Path(importlib.import_module("pgserver._commands").POSTGRES_BIN_PATH)
-    from dsm_redis._servers.postgres import _find_pg_bindir
+    from dsm_redis.tools.servers.postgres import _find_pg_bindir
 
     bindir = _find_pg_bindir()
     if bindir is None:

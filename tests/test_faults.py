@@ -9,21 +9,19 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
-import psycopg
 import pytest
 from django.db import connection
 
 from dsm_redis import LockBackendUnavailable, LockTimeout, object_lock
-from dsm_redis._servers import RedisServer
 from dsm_redis.backends import get_backend
 from dsm_redis.keys import object_key
 from dsm_redis.models import FencingMark
+from dsm_redis.tools.servers import RedisServer
+from tests.helpers import dsm_options, effects, pg_connect, wait_for
 from tests.procs import committed_per_account, run_workers, start_worker
-from tests.test_races import effects
 from tests.testapp.models import Account, FencedAccount, Order
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -35,8 +33,7 @@ TTL = 1.0
 def lock_redis(settings: Any) -> Iterator[tuple[RedisServer, dict[str, str]]]:
     """A Redis for leases only, with a short TTL; the env carries both to worker processes."""
     server = RedisServer().start()
-    options = dict(settings.DSM_REDIS["OPTIONS"], TTL=TTL, ACQUIRE_TIMEOUT=30)
-    settings.DSM_REDIS = {"LOCATION": server.url, "OPTIONS": options}
+    dsm_options(settings, server.url, TTL=TTL, ACQUIRE_TIMEOUT=30)
     try:
         yield server, {"DSM_TEST_LOCK_REDIS_URL": server.url, "DSM_TEST_TTL": str(TTL)}
     finally:
@@ -47,27 +44,6 @@ def holder(obj: Any) -> Any:
     return get_backend().describe(object_key(obj))["owner"]
 
 
-def wait_until(condition: Any, what: str, limit: float = 60) -> None:
-    """Poll a condition; the limit only guards against a hung test, it asserts nothing about speed."""
-    for _ in range(int(limit / 0.02)):
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"gave up waiting for {what}")
-
-
-def pg_connect() -> psycopg.Connection[Any]:
-    s = connection.settings_dict
-    return psycopg.connect(
-        dbname=s["NAME"],
-        user=s["USER"],
-        password=s["PASSWORD"] or None,
-        host=s["HOST"] or None,
-        port=s["PORT"] or None,
-        autocommit=True,
-    )
-
-
 @pytest.mark.parametrize("model", [Account, FencedAccount], ids=["mark-table", "own-column"])
 def test_paused_holder_cannot_commit_after_its_lease_ran_out(lock_redis, model):
     _, env = lock_redis
@@ -76,7 +52,7 @@ def test_paused_holder_cannot_commit_after_its_lease_ran_out(lock_redis, model):
     try:
         first_token = worker.expect()
         os.kill(worker.pid, signal.SIGSTOP)  # a GC pause, a stopped VM: the renewer stops too
-        wait_until(lambda: holder(account) is None, "the paused holder's lease to expire")
+        wait_for(lambda: holder(account) is None, "the paused holder's lease to expire")
         account.machine.deposit(amount=10)  # a new holder, a newer token, committed
         worker.send("go")
         os.kill(worker.pid, signal.SIGCONT)
@@ -99,7 +75,7 @@ def test_expired_lease_is_refused_before_commit_even_without_a_rival(lock_redis)
     try:
         worker.expect()
         os.kill(worker.pid, signal.SIGSTOP)
-        wait_until(lambda: holder(account) is None, "the paused holder's lease to expire")
+        wait_for(lambda: holder(account) is None, "the paused holder's lease to expire")
         worker.send("go")
         os.kill(worker.pid, signal.SIGCONT)
         assert worker.expect() == "LockLost"  # nobody else wrote, but the lease is gone
@@ -117,7 +93,7 @@ def test_killed_holder_frees_the_object_within_its_ttl(lock_redis, settings):
     os.kill(worker.pid, signal.SIGKILL)
     worker.stop()
     # Nobody releases a killed holder's lease; its TTL does. Waiting up to TTL + margin must do.
-    settings.DSM_REDIS = dict(settings.DSM_REDIS, OPTIONS=dict(settings.DSM_REDIS["OPTIONS"], ACQUIRE_TIMEOUT=TTL + 5))
+    dsm_options(settings, ACQUIRE_TIMEOUT=TTL + 5)
     account.machine.deposit()
     account.refresh_from_db()
     assert account.balance == 1
@@ -138,7 +114,7 @@ def test_redis_restarted_empty_mid_race_loses_and_duplicates_nothing(lock_redis,
     racer = threading.Thread(target=race)
     racer.start()
     marks = FencingMark.objects.filter(pk__in=[object_key(a) for a in accounts])
-    wait_until(lambda: sum(m.token for m in marks.all()) >= 40, "the race to get going")
+    wait_for(lambda: sum(m.token for m in marks.all()) >= 40, "the race to get going")
     server.restart()  # every lease and fencing counter is gone
     racer.join(timeout=300)
     assert "error" not in done, done.get("error")
@@ -203,7 +179,7 @@ def test_crashing_side_effect_releases_the_lease_at_once(lock_redis):
 
 @pytest.mark.parametrize("model", [Account, FencedAccount], ids=["mark-table", "own-column"])
 def test_row_lock_wait_is_bounded(lock_redis, settings, model):
-    settings.DSM_REDIS = dict(settings.DSM_REDIS, OPTIONS=dict(settings.DSM_REDIS["OPTIONS"], ROW_LOCK_TIMEOUT=0.2))
+    dsm_options(settings, ROW_LOCK_TIMEOUT=0.2)
     account = model.objects.create()
     with connection.cursor() as cursor:
         # Without dsm_redis's bound the wait would never end: make that a failure, not a hang.
@@ -222,7 +198,7 @@ def test_row_lock_wait_is_bounded(lock_redis, settings, model):
 
 def test_lease_wait_is_bounded(lock_redis, settings):
     _, env = lock_redis
-    settings.DSM_REDIS = dict(settings.DSM_REDIS, OPTIONS=dict(settings.DSM_REDIS["OPTIONS"], ACQUIRE_TIMEOUT=0.2))
+    dsm_options(settings, ACQUIRE_TIMEOUT=0.2)
     account = Account.objects.create()
     worker = start_worker("tests.workers:hold_forever", account.pk, env=dict(env, DSM_TEST_TTL="60"))
     try:
@@ -243,7 +219,7 @@ def test_a_replica_after_failover_is_unavailable_not_a_crash(settings):
     with RedisServer() as primary, RedisServer() as replica:
         # After a failover the app may still point at a node that is now a replica: it refuses writes.
         redis_py.Redis.from_url(replica.url).replicaof("127.0.0.1", primary.port)
-        settings.DSM_REDIS = {"LOCATION": replica.url, "OPTIONS": settings.DSM_REDIS["OPTIONS"]}
+        dsm_options(settings, replica.url)
         account = Account.objects.create()
         with pytest.raises(LockBackendUnavailable, match="READONLY"):
             account.machine.deposit()

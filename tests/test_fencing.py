@@ -19,6 +19,7 @@ from dsm_redis.fence import fencing_column
 from dsm_redis.keys import counter_key, object_key, redis_name
 from dsm_redis.lease import hold
 from dsm_redis.models import FencingMark
+from tests.helpers import dsm_options, pg_connect
 from tests.procs import in_background
 from tests.testapp.models import Account, FencedAccount
 
@@ -354,9 +355,8 @@ def test_fence_waits_for_a_row_lock_no_longer_than_the_bound(model, settings):
     from django.db import connection
 
     from dsm_redis import LockTimeout
-    from tests.test_faults import pg_connect
 
-    settings.DSM_REDIS = dict(settings.DSM_REDIS, OPTIONS=dict(settings.DSM_REDIS["OPTIONS"], ROW_LOCK_TIMEOUT=0.2))
+    dsm_options(settings, ROW_LOCK_TIMEOUT=0.2)
     obj = model.objects.create()
     obj.machine.deposit()
     with connection.cursor() as cursor:
@@ -497,7 +497,7 @@ def test_a_refused_fence_puts_back_the_callers_lock_timeout(model, settings):
     so the rest of the caller's transaction runs with lock_timeout = ROW_LOCK_TIMEOUT. A caller that
     catches the refusal and carries on (logs it, writes an audit row, locks another row) gets
     LockNotAvailable errors after 200 ms where it had asked to wait 5 s."""
-    settings.DSM_REDIS = dict(settings.DSM_REDIS, OPTIONS=dict(settings.DSM_REDIS["OPTIONS"], ROW_LOCK_TIMEOUT=0.2))
+    dsm_options(settings, ROW_LOCK_TIMEOUT=0.2)
     obj = model.objects.create()
     with object_lock(obj, ttl=60) as lease:
         expire(lease)

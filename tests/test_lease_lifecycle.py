@@ -16,14 +16,10 @@ from dsm_redis import state_changed
 from dsm_redis.backends import get_backend
 from dsm_redis.keys import object_key
 from dsm_redis.lease import held_lease
-from tests.test_transactions import killing_when_alive
+from tests.helpers import dsm_options, killing_when_alive
 from tests.testapp.models import ALIVE, DEAD, Cat
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def short_ttl(settings: Any, ttl: float, **options: Any) -> None:
-    settings.DSM_REDIS = dict(settings.DSM_REDIS, OPTIONS=dict(settings.DSM_REDIS["OPTIONS"], TTL=ttl, **options))
 
 
 def record_signals(seen: list[Any]) -> Any:
@@ -53,7 +49,7 @@ def test_parked_lease_survives_a_rolled_back_savepoint_that_re_entered_it(settin
        the row lock), but ``parked`` only knows H2: ``_parked_transactions_ended()`` is True;
     4. the renewer releases the lease while T is still open.
     """
-    short_ttl(settings, 0.6)
+    dsm_options(settings, TTL=0.6)
     cat = Cat.objects.create()
     with transaction.atomic():  # ATOMIC_REQUESTS, say
         with transaction.atomic():  # a service function
@@ -120,7 +116,7 @@ def test_renewer_during_the_commit_hooks_does_not_reorder_an_objects_signals(set
     """
     from dsm_redis.commit_hooks import commit_hook, on_commit_first
 
-    short_ttl(settings, 0.3)
+    dsm_options(settings, TTL=0.3)
     x, y = Cat.objects.create(), Cat.objects.create()
     seen: list[Any] = []
     receiver = record_signals(seen)
@@ -329,7 +325,7 @@ def test_a_forked_child_neither_re_enters_nor_releases_a_parked_lease():
 def test_hooks_moved_to_the_front_keep_their_savepoint_ids(settings):
     """Contract 3: a transition in a rolled-back savepoint signals nothing though the outer
     transaction commits; the lease parked there is released once that savepoint is gone."""
-    short_ttl(settings, 0.6)
+    dsm_options(settings, TTL=0.6)
     x, y = Cat.objects.create(), Cat.objects.create()
     seen: list[Any] = []
     receiver = record_signals(seen)

@@ -11,14 +11,11 @@ import pytest
 from dsm_redis import LockLost, LockTimeout, object_lock
 from dsm_redis.backends import get_backend
 from dsm_redis.keys import object_key
+from tests.helpers import dsm_options
 from tests.procs import contend_from_another_thread
 from tests.testapp.models import Account
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def short_ttl(settings, ttl: float, **options) -> None:
-    settings.DSM_REDIS = dict(settings.DSM_REDIS, OPTIONS=dict(settings.DSM_REDIS["OPTIONS"], TTL=ttl, **options))
 
 
 def test_another_thread_contends_for_a_held_lease():
@@ -28,7 +25,7 @@ def test_another_thread_contends_for_a_held_lease():
 
 
 def test_renewal_keeps_a_long_holder_alive(settings):
-    short_ttl(settings, 0.3)
+    dsm_options(settings, TTL=0.3)
     account = Account.objects.create()
     with object_lock(account) as lease:
         time.sleep(1.0)  # several TTLs of work; the renewer extends the lease meanwhile
@@ -38,7 +35,7 @@ def test_renewal_keeps_a_long_holder_alive(settings):
 
 
 def test_without_renewal_a_long_holder_cannot_commit(settings, caplog):
-    short_ttl(settings, 0.3, AUTO_RENEW=False)
+    dsm_options(settings, TTL=0.3, AUTO_RENEW=False)
     account = Account.objects.create()
     with caplog.at_level(logging.ERROR, logger="dsm_redis"):
         with pytest.raises(LockLost, match="expired"):
@@ -49,7 +46,7 @@ def test_without_renewal_a_long_holder_cannot_commit(settings, caplog):
 
 
 def test_a_lease_taken_by_someone_else_is_lost_not_renewed(settings, caplog):
-    short_ttl(settings, 0.6)
+    dsm_options(settings, TTL=0.6)
     account = Account.objects.create()
     backend = get_backend()
     with caplog.at_level(logging.ERROR, logger="dsm_redis"):

@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 
 from dsm_redis.__main__ import main
-from dsm_redis.nemesis.checker import check
-from dsm_redis.nemesis.faults import KINDS, fault_schedule, parse_kinds
-from dsm_redis.nemesis.history import load
-from dsm_redis.nemesis.workers import UNFENCED_ENV, schedule
+from dsm_redis.tools.nemesis.checker import check
+from dsm_redis.tools.nemesis.faults import KINDS, fault_schedule, parse_kinds
+from dsm_redis.tools.nemesis.history import load
+from dsm_redis.tools.nemesis.workers import UNFENCED_ENV, schedule
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = 7

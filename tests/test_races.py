@@ -8,8 +8,8 @@ which must lose none and run each side effect exactly once per committed transit
 from __future__ import annotations
 
 import pytest
-from django.conf import settings
 
+from tests.helpers import effects
 from tests.procs import committed_per_account, run_workers
 from tests.testapp.models import Account
 
@@ -19,10 +19,6 @@ PROCESSES = 8
 ROUNDS = 15
 WORK = 0.003  # seconds between read and write: an external call in the side effect
 MANY = 5  # objects the many-object races spread over
-
-
-def effects(redis, account_id: int) -> int:
-    return int(redis.get(f"effects:{settings.DSM_REDIS['OPTIONS']['KEY_PREFIX']}:{account_id}") or 0)
 
 
 def test_cowboy_code_loses_updates_under_this_load():

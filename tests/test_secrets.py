@@ -15,6 +15,7 @@ from django.core.exceptions import ImproperlyConfigured
 from dsm_redis import LockBackendUnavailable, LockTimeout, object_lock
 from dsm_redis.backends import get_backend
 from dsm_redis.conf import get_config, parse, redact
+from tests.helpers import dsm_options
 from tests.procs import in_background
 from tests.testapp.models import ALIVE, Cat
 
@@ -37,7 +38,7 @@ def secret_location(redis: Any, settings: Any) -> Iterator[str]:
     """The suite's Redis through an ACL user with a password; DSM_REDIS points at it."""
     redis.execute_command("ACL", "SETUSER", USER, "on", f">{PASSWORD}", "~*", "&*", "+@all")
     url = with_credentials(settings.REDIS_URL)
-    settings.DSM_REDIS = {**settings.DSM_REDIS, "LOCATION": url}
+    dsm_options(settings, url)
     yield url
     redis.execute_command("ACL", "DELUSER", USER)
 
@@ -85,7 +86,7 @@ def test_a_lock_timeout_traceback_with_locals_holds_no_password(secret_location)
 
 @pytest.mark.django_db(transaction=True)
 def test_an_unreachable_redis_traceback_with_locals_holds_no_password(settings):
-    settings.DSM_REDIS = {**settings.DSM_REDIS, "LOCATION": f"redis://{USER}:{PASSWORD}@127.0.0.1:1/0"}
+    dsm_options(settings, f"redis://{USER}:{PASSWORD}@127.0.0.1:1/0")
     cat = Cat.objects.create()
     with pytest.raises(LockBackendUnavailable) as info:
         cat.state_machine.survive()

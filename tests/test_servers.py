@@ -1,4 +1,4 @@
-"""Tests for ``dsm_redis._servers``: real throwaway Redis and PostgreSQL servers.
+"""Tests for ``dsm_redis.tools.servers``: real throwaway Redis and PostgreSQL servers.
 
 Plain pytest: no Django settings are needed (``-p no:django`` works), only the module's API.
 A test skips when its server's binaries are not installed (``ServerUnavailable``).
@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from dsm_redis._servers import (
+from dsm_redis.tools.servers import (
     PostgresServer,
     RedisServer,
     ServerUnavailable,

@@ -18,6 +18,7 @@ from dsm_redis import TransitionException, object_lock, state_changed
 from dsm_redis.backends import get_backend
 from dsm_redis.keys import object_key
 from dsm_redis.lease import after_release, held_lease
+from tests.helpers import dsm_options, killing_when_alive
 from tests.procs import contend_from_another_thread
 from tests.testapp.models import ALIVE, DEAD, Cat
 
@@ -38,7 +39,7 @@ def survive_in_a_rolled_back_transaction(cat: Cat) -> None:
 
 
 def test_two_transitions_in_one_request_transaction_keep_the_lease(settings):
-    settings.DSM_REDIS = dict(settings.DSM_REDIS, OPTIONS=dict(settings.DSM_REDIS["OPTIONS"], ACQUIRE_TIMEOUT=20))
+    dsm_options(settings, ACQUIRE_TIMEOUT=20)
     cat = Cat.objects.create()
     rival: dict[str, Any] = {}
 
@@ -85,7 +86,7 @@ def test_signals_fire_at_the_callers_commit_after_release():
 
 
 def test_a_rolled_back_callers_transaction_releases_the_parked_lease(settings):
-    settings.DSM_REDIS = dict(settings.DSM_REDIS, OPTIONS=dict(settings.DSM_REDIS["OPTIONS"], TTL=0.6))
+    dsm_options(settings, TTL=0.6)
     cat = Cat.objects.create()
     with pytest.raises(ZeroDivisionError):
         with transaction.atomic():
@@ -129,9 +130,7 @@ def test_after_a_rollback_the_next_transaction_takes_the_lease_over_and_releases
 
 
 def test_a_parked_lease_that_was_lost_is_dropped_not_reused(settings):
-    settings.DSM_REDIS = dict(
-        settings.DSM_REDIS, OPTIONS=dict(settings.DSM_REDIS["OPTIONS"], TTL=0.3, AUTO_RENEW=False)
-    )
+    dsm_options(settings, TTL=0.3, AUTO_RENEW=False)
     cat = Cat.objects.create()
     survive_in_a_rolled_back_transaction(cat)  # parked; nothing renews it
     time.sleep(0.4)  # its TTL runs out while parked
@@ -161,16 +160,6 @@ def record_signals(seen: list[Any]) -> Any:
 
     state_changed.connect(receiver, weak=False)
     return receiver
-
-
-def killing_when_alive(x: Cat, y: Cat) -> Any:
-    """A state_changed receiver that moves ``y`` to Dead when ``x`` becomes Alive."""
-
-    def kill_y(sender: Any, instance: Any, state: Any, **kwargs: Any) -> None:
-        if instance.pk == x.pk and state == ALIVE:
-            Cat.objects.get(pk=y.pk).state_machine.transition_to(DEAD)
-
-    return kill_y
 
 
 def test_a_failing_user_hook_registered_first_does_not_keep_the_lease_nor_drop_the_signal():
@@ -252,7 +241,7 @@ def test_a_lease_written_under_on_two_databases_is_held_until_both_transactions_
 
 @pytest.mark.django_db(databases=["default", "sqlite"], transaction=True)
 def test_a_committed_signal_waiting_on_a_lease_whose_other_transaction_rolled_back_is_delivered(settings):
-    settings.DSM_REDIS = dict(settings.DSM_REDIS, OPTIONS=dict(settings.DSM_REDIS["OPTIONS"], TTL=0.6))
+    dsm_options(settings, TTL=0.6)
     cat = Cat.objects.create()
     seen: list[Any] = []
     receiver = record_signals(seen)
@@ -278,9 +267,7 @@ def test_a_committed_signal_waiting_on_a_lease_whose_other_transaction_rolled_ba
 
 
 def test_a_stale_parked_lease_dropped_by_a_take_over_delivers_its_committed_signals(settings):
-    settings.DSM_REDIS = dict(
-        settings.DSM_REDIS, OPTIONS=dict(settings.DSM_REDIS["OPTIONS"], TTL=0.3, AUTO_RENEW=False)
-    )
+    dsm_options(settings, TTL=0.3, AUTO_RENEW=False)
     cat = Cat.objects.create()
     ran: list[str] = []
     with pytest.raises(ZeroDivisionError):

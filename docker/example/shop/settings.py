@@ -19,7 +19,7 @@ ALLOWED_HOSTS = env("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,web").split(","
 INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "dsm_redis",
-    "dsm_redis.demo",  # the demo's Subscription model and its state machine
+    "dsm_redis.tools.demo",  # the demo's Subscription model and its state machine
     "shop",
 ]
 MIDDLEWARE = ["django.middleware.common.CommonMiddleware"]

@@ -9,7 +9,7 @@ from dsm_redis.celery import locked_task
 @shared_task(bind=True, acks_late=True)
 @locked_task("dsm_redis_demo.Subscription", pk_arg="subscription_id", on_contention="retry")
 def deposit(self, subscription_id, *, lease):
-    from dsm_redis.demo.models import Subscription
+    from dsm_redis.tools.demo.models import Subscription
 
     sub = Subscription.objects.get(pk=subscription_id)
     sub.machine.deposit()  # fenced with lease.fencing_token, committed before the lease is released

@@ -22,7 +22,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
 from dsm_redis import LockError, TransitionException
-from dsm_redis.demo.models import Bill, Charge, Subscription, create_subscriptions
+from dsm_redis.tools.demo.models import Bill, Charge, Subscription, create_subscriptions
 
 from . import tasks
 

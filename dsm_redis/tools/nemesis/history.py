@@ -3,7 +3,7 @@
 Owns the event format (JSON lines, one object per line), the writer a worker appends with, and
 ``load``/``assemble``, which turn a saved history into per-object register operations for the
 checker. A saved history is self-contained: header, worker events, faults, the journal and the
-final rows, so ``python -m dsm_redis.nemesis.checker HISTORY`` can judge it later, anywhere.
+final rows, so ``python -m dsm_redis.tools.nemesis.checker HISTORY`` can judge it later, anywhere.
 
 Events (``t`` is ``time.monotonic_ns()``: one clock for every process of the machine):
 

@@ -1,6 +1,6 @@
 """Runs the demo end to end: servers, a fresh database, worker processes, both races, the report.
 
-1. Use the Redis and PostgreSQL the caller names, or start embedded ones (``_servers``).
+1. Use the Redis and PostgreSQL the caller names, or start embedded ones (``dsm_redis.tools.servers``).
 2. Configure Django programmatically against a database created for this run, migrate, create the
    shared subscriptions.
 3. Spawn the worker processes once (``workers.main``); for each contender, reset the subscriptions, meet
@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from .._servers.process import ignoring_signals
+from ..servers.process import ignoring_signals
 from . import workers
 from .environment import DemoError, check_redis, demo_settings, forget_redis_keys, prepare_database
 from .report import Progress, Result, status
@@ -70,7 +70,7 @@ def _run(options: Options, resources: contextlib.ExitStack, err: TextIO) -> list
 
 def _servers(options: Options, resources: contextlib.ExitStack, err: TextIO) -> tuple[str, str]:
     """The URLs to use: the caller's, or those of servers started here (stopped on exit)."""
-    from dsm_redis._servers import PostgresServer, RedisServer, ServerUnavailable
+    from dsm_redis.tools.servers import PostgresServer, RedisServer, ServerUnavailable
 
     redis_url, database_url = options.redis_url, options.database_url
     try:

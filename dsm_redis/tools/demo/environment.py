@@ -19,7 +19,7 @@ class DemoError(Exception):
 
 def demo_settings(database_url: str, redis_url: str, run_id: str) -> dict[str, Any]:
     """Django settings for the parent and every worker (passed to them as a plain dict)."""
-    from dsm_redis._servers import database_settings_from_url
+    from dsm_redis.tools.servers import database_settings_from_url
 
     try:
         server = database_settings_from_url(database_url)
@@ -30,7 +30,7 @@ def demo_settings(database_url: str, redis_url: str, run_id: str) -> dict[str, A
             f"the demo needs PostgreSQL (processes racing on row locks); got {database_url.split(':')[0]}://"
         )
     return {
-        "INSTALLED_APPS": ["django.contrib.contenttypes", "dsm_redis", "dsm_redis.demo"],
+        "INSTALLED_APPS": ["django.contrib.contenttypes", "dsm_redis", "dsm_redis.tools.demo"],
         "DATABASES": {"default": {**server, "NAME": f"dsm_redis_demo_{run_id}"}, SERVER_ALIAS: server},
         "DSM_REDIS": {"LOCATION": redis_url, "OPTIONS": {"KEY_PREFIX": f"dsm-demo-{run_id}"}},
         "USE_TZ": True,

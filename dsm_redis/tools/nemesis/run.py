@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from .._servers.process import ignoring_signals
+from ..servers.process import ignoring_signals
 from . import faults as fault_kinds
 from .checker import Verdict, check
 from .faults import Fault, RedisControl, fault_schedule
@@ -195,8 +195,8 @@ class _Run:
         return host_list
 
     def _servers(self, hosts: list[Host]) -> tuple[str, str]:
-        from dsm_redis._servers import PostgresServer, ServerUnavailable
-        from dsm_redis.demo.environment import DemoError, check_redis
+        from dsm_redis.tools.demo.environment import DemoError, check_redis
+        from dsm_redis.tools.servers import PostgresServer, ServerUnavailable
 
         redis_url, database_url = self.o.redis_url, self.o.database_url
         try:
@@ -222,8 +222,8 @@ class _Run:
         return redis_url, database_url
 
     def _settings(self, database_url: str, redis_url: str) -> dict[str, Any]:
-        from dsm_redis._servers import database_settings_from_url
-        from dsm_redis.demo.environment import SERVER_ALIAS
+        from dsm_redis.tools.demo.environment import SERVER_ALIAS
+        from dsm_redis.tools.servers import database_settings_from_url
 
         try:
             server = database_settings_from_url(database_url)
@@ -233,7 +233,7 @@ class _Run:
             raise NemesisError("the nemesis needs PostgreSQL (pg_terminate_backend, row locks across processes)")
         self.key_prefix = f"dsm-nemesis-{self.run_id}"
         return {
-            "INSTALLED_APPS": ["django.contrib.contenttypes", "dsm_redis", "dsm_redis.nemesis"],
+            "INSTALLED_APPS": ["django.contrib.contenttypes", "dsm_redis", "dsm_redis.tools.nemesis"],
             "DATABASES": {"default": {**server, "NAME": f"dsm_redis_nemesis_{self.run_id}"}, SERVER_ALIAS: server},
             "DSM_REDIS": {
                 "LOCATION": redis_url,
@@ -262,7 +262,7 @@ class _Run:
         from django.conf import settings
         from django.core.management import call_command
 
-        from dsm_redis.demo.environment import DemoError, _create_database, _drop_database, forget_redis_keys
+        from dsm_redis.tools.demo.environment import DemoError, _create_database, _drop_database, forget_redis_keys
 
         if settings.configured:
             raise NemesisError("the nemesis configures Django itself: run it in a fresh process")
@@ -323,7 +323,7 @@ class _Run:
     # -- workers ------------------------------------------------------------------------------------
 
     def _start(self, worker: _Worker) -> None:
-        argv = [sys.executable, "-m", "dsm_redis.nemesis.workers", str(self.configs[worker.host]), str(worker.slot)]
+        argv = [sys.executable, "-m", "dsm_redis.tools.nemesis.workers", str(self.configs[worker.host]), str(worker.slot)]
         if worker.host is not None:
             assert self.hosts is not None
             argv = self.hosts.command(worker.host, argv)
@@ -569,7 +569,7 @@ def format_report(report: Report, limit: int = 20) -> str:
         lines.append(f"  VIOLATION {v}")
     if len(report.verdict.violations) > limit:
         lines.append(
-            f"  ... and {len(report.verdict.violations) - limit} more (python -m dsm_redis.nemesis.checker HISTORY)"
+            f"  ... and {len(report.verdict.violations) - limit} more (python -m dsm_redis.tools.nemesis.checker HISTORY)"
         )
     lines.append(f"verdict: {report.verdict.summary()}")
     return "\n".join(lines)

@@ -90,7 +90,7 @@ class RedisControl:
     own, so that it can be restarted empty, from its AOF, or from an older copy of it."""
 
     def __init__(self, directory: Path, binds: list[str]) -> None:
-        from dsm_redis._servers import RedisServer
+        from dsm_redis.tools.servers import RedisServer
 
         self.data = directory / "data"
         self.snapshots = directory / "snapshots"

@@ -6,7 +6,7 @@ from django.apps import AppConfig
 
 
 class NemesisConfig(AppConfig):
-    name = "dsm_redis.nemesis"
+    name = "dsm_redis.tools.nemesis"
     label = "dsm_redis_nemesis"
     verbose_name = "dsm_redis nemesis"
     default_auto_field = "django.db.models.BigAutoField"

@@ -88,7 +88,7 @@ def _pg_quote(value: str) -> str:
 
 
 def _append_conf(conf: Path, settings: dict[str, str]) -> None:
-    lines = ["", "# Added by dsm_redis._servers: a throwaway server, durability is not wanted."]
+    lines = ["", "# Added by dsm_redis.tools.servers: a throwaway server, durability is not wanted."]
     lines += [f"{name} = {value}" for name, value in settings.items()]
     with conf.open("a", encoding="utf-8") as fh:
         fh.write("\n".join(lines) + "\n")

@@ -17,7 +17,7 @@
     may be in or out, failed writes are out. The search is bounded in time: when the budget runs
     out the object is reported *undecided*, never hung on.
 
-Usable on any saved history: ``python -m dsm_redis.nemesis.checker HISTORY.jsonl``. Limits: rule
+Usable on any saved history: ``python -m dsm_redis.tools.nemesis.checker HISTORY.jsonl``. Limits: rule
 (d)'s search is exponential in the worst case (many concurrent info writes with equal values); the
 values of the nemesis (a balance that only grows) keep it near-linear in practice.
 """
@@ -321,7 +321,7 @@ def linearizable(ops: Sequence[RegisterOp], initial: Value, *, deadline: float |
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m dsm_redis.nemesis.checker", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dsm_redis.tools.nemesis.checker", description=__doc__.split("\n\n")[0])
     parser.add_argument("history", help="a history saved by the nemesis (JSON lines)")
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET, help="seconds for rule (d)'s search")
     args = parser.parse_args(argv)

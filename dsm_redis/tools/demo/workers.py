@@ -88,7 +88,7 @@ OPERATIONS: dict[str, dict[str, Operation]] = {
 def race(contender: str, plan: Plan, index: int, progress: Any) -> Counts:
     """``plan.rounds`` rounds on randomly picked shared subscriptions: pay if due, else bill;
     then deposit."""
-    from dsm_redis.demo.models import DUE, Subscription
+    from dsm_redis.tools.demo.models import DUE, Subscription
 
     run = OPERATIONS[contender]
     rng = random.Random(index)  # the same picks for both contenders: the same load

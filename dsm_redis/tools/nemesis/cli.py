@@ -67,8 +67,8 @@ def add_parser(commands: Any, positive_int: Callable[[str], int]) -> None:
 def handle(args: argparse.Namespace) -> int:
     from django.core.exceptions import ImproperlyConfigured
 
-    from dsm_redis.__main__ import _sigterm_as_interrupt
-    from dsm_redis._servers import ServerUnavailable
+    from dsm_redis.tools.servers import ServerUnavailable
+    from dsm_redis.tools.servers.process import sigterm_as_interrupt
 
     from .run import NemesisError, Options, format_report, run
 
@@ -83,7 +83,7 @@ def handle(args: argparse.Namespace) -> int:
         contender=args.contender, ttl=args.ttl,
     )  # fmt: skip
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             report = run(options, sys.stderr)
     except ServerUnavailable as exc:
         return _fail(f"{str(exc).split('. ')[0]}. Install the embedded servers with: {INSTALL_HINT}")

@@ -1,0 +1,37 @@
+"""The suite's PostgreSQL, started before pytest-django imports ``tests.settings``.
+
+Enabled with ``-p tests.postgres_plugin`` in setup.cfg's ``addopts`` (a conftest is loaded after the
+settings, too late). ``DSM_TEST_DATABASE_URL`` if set names a server you run; else PostgreSQL from
+the pgserver wheel (or ``initdb``/``pg_ctl`` on ``PATH``) is started once, its URL exported for
+the settings and for the processes the tests spawn, and stopped when the session ends. The
+suite's Redis comes the same way from ``dsm_redis.tools.pytest_plugin`` (``DSM_TEST_REDIS_URL``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+ENV_VAR = "DSM_TEST_DATABASE_URL"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Parser, args: list[str]) -> None:
+    # tryfirst: before pytest-django's implementation of this hook imports tests.settings.
+    if os.environ.get(ENV_VAR):
+        return
+    options = parser.parse_known_args(args)
+    if getattr(options, "help", False) or getattr(options, "version", False):
+        return
+    from dsm_redis.tools.servers import PostgresServer
+
+    server = PostgresServer().start()
+    os.environ[ENV_VAR] = server.url
+
+    def stop() -> None:
+        if os.environ.get(ENV_VAR) == server.url:
+            del os.environ[ENV_VAR]
+        server.stop()
+
+    early_config.add_cleanup(stop)
