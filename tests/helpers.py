@@ -8,12 +8,16 @@ setup.cfg); the Celery worker harness in ``tests/celery_worker.py``; real OS pro
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from django.conf import settings as django_settings
+
+from dsm_redis.backends.redis import RedisLockBackend
+from dsm_redis.conf import parse
 
 WAIT = 60  # seconds: generous bounds on polls, never asserted as durations
 
@@ -40,6 +44,12 @@ def dsm_options(settings: Any, location: str | None = None, **options: Any) -> d
         value["LOCATION"] = location
     settings.DSM_REDIS = value
     return value
+
+
+def redis_backend_for(location: Any, prefix: str | None = None, **options: Any) -> RedisLockBackend:
+    """A Redis lease backend of the test's own (a fresh ``KEY_PREFIX`` unless given), built directly."""
+    prefix = prefix or f"t-{uuid.uuid4().hex[:8]}"
+    return RedisLockBackend(parse({"LOCATION": location, "OPTIONS": {"KEY_PREFIX": prefix, **options}}))
 
 
 def key_prefix() -> str:

@@ -25,17 +25,12 @@ from dsm_redis.backends.redis import RedisLockBackend
 from dsm_redis.conf import parse
 from dsm_redis.keys import counter_key, redis_name
 from dsm_redis.tools.servers import RedisServer, _free_port
-from tests.helpers import dsm_options
-
-
-def make(location: Any, prefix: str | None = None, **options: Any) -> RedisLockBackend:
-    prefix = prefix or f"t-{uuid.uuid4().hex[:8]}"
-    return RedisLockBackend(parse({"LOCATION": location, "OPTIONS": {"KEY_PREFIX": prefix, **options}}))
+from tests.helpers import dsm_options, redis_backend_for
 
 
 @pytest.fixture
 def redis_backend():
-    b = make(django_settings.REDIS_URL)
+    b = redis_backend_for(django_settings.REDIS_URL)
     yield b
     b.close()
 
@@ -109,9 +104,9 @@ def test_a_wait_for_a_lease_is_logged_at_debug(redis_backend, redis, caplog):
 
 
 def test_iter_leases_lists_this_prefix_only_with_glob_characters_taken_literally(redis):
-    star = make(django_settings.REDIS_URL, prefix=f"g*{uuid.uuid4().hex[:6]}")
-    other = make(django_settings.REDIS_URL, prefix=star.config.key_prefix.replace("*", "x"))
-    nested = make(django_settings.REDIS_URL, prefix=star.config.key_prefix + ":deeper")
+    star = redis_backend_for(django_settings.REDIS_URL, prefix=f"g*{uuid.uuid4().hex[:6]}")
+    other = redis_backend_for(django_settings.REDIS_URL, prefix=star.config.key_prefix.replace("*", "x"))
+    nested = redis_backend_for(django_settings.REDIS_URL, prefix=star.config.key_prefix + ":deeper")
     try:
         mine = [star.acquire(f"app.m:{pk}", ttl=10, timeout=0) for pk in (1, 2)]
         other.acquire("app.m:1", ttl=10, timeout=0)
@@ -147,11 +142,11 @@ def test_release_uses_the_backends_own_client_and_leaves_python_redis_lock_usabl
     second Redis gets its own release, and a plain ``redis_lock.Lock`` in the same process works."""
     import redis_lock
 
-    first = make(django_settings.REDIS_URL)
+    first = redis_backend_for(django_settings.REDIS_URL)
     grant = first.acquire("app.m:1", ttl=30, timeout=0)
     assert first.release("app.m:1", grant.owner)
     with RedisServer() as server:
-        second = make(server.url)
+        second = redis_backend_for(server.url)
         grant = second.acquire("app.m:5", ttl=30, timeout=0)
         assert second.release("app.m:5", grant.owner)
         assert second.describe("app.m:5")["owner"] is None
@@ -172,7 +167,7 @@ def test_location_is_read_lazily_and_a_factory_is_called_once_per_backend():
         calls.append(1)
         return redis_py.Redis.from_url(django_settings.REDIS_URL)
 
-    b = make(factory)
+    b = redis_backend_for(factory)
     assert calls == []  # nothing connects at construction
     grant = b.acquire("app.m:1", ttl=5, timeout=0)
     b.release("app.m:1", grant.owner)
@@ -188,7 +183,7 @@ def test_a_django_redis_cache_alias_lends_its_client(settings):
     }
     from django.core.cache import caches
 
-    b = make("cache:locks")
+    b = redis_backend_for("cache:locks")
     grant = b.acquire("app.m:1", ttl=5, timeout=0)
     assert b.client.connection_pool is caches["locks"]._cache._get_connection_pool(write=True)
     assert b.release("app.m:1", grant.owner)
@@ -204,7 +199,7 @@ def test_a_django_redis_alias_lends_its_client(settings):
     }
     from django.core.cache import caches
 
-    b = make("cache:locks")
+    b = redis_backend_for("cache:locks")
     grant = b.acquire("app.m:1", ttl=5, timeout=0)
     assert b.client is caches["locks"].client.get_client(write=True)
     assert b.release("app.m:1", grant.owner)
@@ -227,7 +222,7 @@ def test_a_django_redis_alias_lends_its_client(settings):
 def test_a_cache_alias_that_cannot_lend_a_client_is_improperly_configured(settings, caches, match):
     settings.CACHES = caches
     with pytest.raises(ImproperlyConfigured, match=match):
-        make("cache:locks").acquire("app.m:1", ttl=5, timeout=0)
+        redis_backend_for("cache:locks").acquire("app.m:1", ttl=5, timeout=0)
 
 
 def _child_backend(queue: Any) -> None:
@@ -258,7 +253,7 @@ def test_a_forked_child_builds_its_own_backend_and_client():
 @pytest.mark.parametrize("scheme", ["redis", "redis+cluster"])
 def test_unreachable_redis_is_unavailable_and_no_message_carries_the_password(scheme, caplog):
     caplog.set_level("DEBUG")
-    b = make(f"{scheme}://user:s3cret-pw@127.0.0.1:{_free_port()}/0", SOCKET_CONNECT_TIMEOUT=0.5)
+    b = redis_backend_for(f"{scheme}://user:s3cret-pw@127.0.0.1:{_free_port()}/0", SOCKET_CONNECT_TIMEOUT=0.5)
     with pytest.raises(LockBackendUnavailable) as info:
         b.acquire("app.m:1", ttl=5, timeout=0)
     everything = "".join(traceback.format_exception(info.value)) + caplog.text

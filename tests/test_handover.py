@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,54 +21,39 @@ import redis as redis_py
 from django.conf import settings as django_settings
 
 from dsm_redis import LockTimeout
-from dsm_redis._servers import RedisServer
 from dsm_redis.backends import get_backend
 from dsm_redis.backends.redis import RedisLockBackend
 from dsm_redis.conf import parse, validate
 from dsm_redis.keys import counter_key
+from dsm_redis.tools.servers import RedisServer
+from tests.helpers import redis_backend_for, wait_for
 from tests.procs import Worker, run_workers, start_worker
 
 # -- helpers -----------------------------------------------------------------------------------------
 
 
-def make(prefix: str | None = None, **options: Any) -> RedisLockBackend:
-    prefix = prefix or f"h-{uuid.uuid4().hex[:8]}"
-    return RedisLockBackend(
-        parse({"LOCATION": django_settings.REDIS_URL, "OPTIONS": {"KEY_PREFIX": prefix, **options}})
-    )
-
-
 @pytest.fixture
-def backend() -> Iterator[RedisLockBackend]:
-    b = make(HANDOVER_GRACE=0.5)
+def queue_backend() -> Iterator[RedisLockBackend]:
+    b = redis_backend_for(django_settings.REDIS_URL, HANDOVER_GRACE=0.5)
     yield b
     b.close()
 
 
-def queued(backend: RedisLockBackend, key: str) -> list[str]:
+def queued(queue_backend: RedisLockBackend, key: str) -> list[str]:
     """The owner ids queued for ``key``, oldest first."""
-    return [o.decode() for o in backend.client.zrange(backend._queue_keys(key)[0], 0, -1)]
+    return [o.decode() for o in queue_backend.client.zrange(queue_backend._queue_keys(key)[0], 0, -1)]
 
 
-def enqueue(backend: RedisLockBackend, key: str, owner: str, stay_ms: int = 60_000) -> list[Any]:
+def enqueue(queue_backend: RedisLockBackend, key: str, owner: str, stay_ms: int = 60_000) -> list[Any]:
     """One acquire call for ``owner`` as a waiter makes it (the waiter then never calls again)."""
-    lock_key, _, counter = backend._keys(key)
-    queue, waiters, grant_prefix = backend._queue_keys(key)
+    lock_key, _, counter = queue_backend._keys(key)
+    queue, waiters, grant_prefix = queue_backend._queue_keys(key)
     return list(
-        backend._scripts["acquire"](
+        queue_backend._scripts["acquire"](
             keys=[lock_key, counter, queue, waiters, grant_prefix + owner],
-            args=[owner, 30_000, stay_ms, backend._grace_ms, backend._idle_ms, grant_prefix],
+            args=[owner, 30_000, stay_ms, queue_backend._grace_ms, queue_backend._idle_ms, grant_prefix],
         )
     )
-
-
-def wait_until(condition: Any, what: str, limit: float = 60) -> None:
-    """Poll a condition; the limit only guards against a hung test, it asserts nothing about speed."""
-    for _ in range(int(limit / 0.01)):
-        if condition():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"gave up waiting for {what}")
 
 
 def redis_ms(client: Any) -> int:
@@ -80,169 +64,169 @@ def redis_ms(client: Any) -> int:
 # -- the scripts, one call at a time ---------------------------------------------------------------
 
 
-def test_release_hands_the_lease_to_the_oldest_waiter_with_its_token_minted_there(backend):
+def test_release_hands_the_lease_to_the_oldest_waiter_with_its_token_minted_there(queue_backend):
     key = "app.m:1"
-    holder = backend.acquire(key, ttl=30, timeout=0)
-    assert enqueue(backend, key, "first")[0] == enqueue(backend, key, "second")[0] == 0
-    assert queued(backend, key) == ["first", "second"]
-    assert backend.release(key, holder.owner)
-    info = backend.describe(key)
+    holder = queue_backend.acquire(key, ttl=30, timeout=0)
+    assert enqueue(queue_backend, key, "first")[0] == enqueue(queue_backend, key, "second")[0] == 0
+    assert queued(queue_backend, key) == ["first", "second"]
+    assert queue_backend.release(key, holder.owner)
+    info = queue_backend.describe(key)
     # Inside the release: the oldest waiter holds it, for the grace only, with the next token.
     assert info["owner"] == "first" and info["fencing_token"] == holder.fencing_token + 1
     assert 0 < info["ttl"] <= 0.5
-    assert queued(backend, key) == ["second"]
-    _, _, grant_prefix = backend._queue_keys(key)
-    assert backend.client.lrange(grant_prefix + "first", 0, -1) == [str(holder.fencing_token + 1).encode()]
+    assert queued(queue_backend, key) == ["second"]
+    _, _, grant_prefix = queue_backend._queue_keys(key)
+    assert queue_backend.client.lrange(grant_prefix + "first", 0, -1) == [str(holder.fencing_token + 1).encode()]
     # Its next call finds the lease its own: extended to its TTL, the same token, the doorbell gone.
-    assert enqueue(backend, key, "first") == [1, holder.fencing_token + 1]
-    assert backend.describe(key)["ttl"] > 0.5
-    assert not backend.client.exists(grant_prefix + "first")
+    assert enqueue(queue_backend, key, "first") == [1, holder.fencing_token + 1]
+    assert queue_backend.describe(key)["ttl"] > 0.5
+    assert not queue_backend.client.exists(grant_prefix + "first")
 
 
-def test_a_newcomer_never_overtakes_a_queued_waiter_even_when_the_lease_is_free(backend):
+def test_a_newcomer_never_overtakes_a_queued_waiter_even_when_the_lease_is_free(queue_backend):
     key = "app.m:2"
-    enqueue(backend, key, "waiter")  # the lease is free (its holder died), a waiter is queued
+    enqueue(queue_backend, key, "waiter")  # the lease is free (its holder died), a waiter is queued
     with pytest.raises(LockTimeout):
-        backend.acquire(key, ttl=30, timeout=0)
+        queue_backend.acquire(key, ttl=30, timeout=0)
     # The newcomer's call granted the lease to the waiter, and did not queue itself (timeout 0).
-    assert backend.describe(key)["owner"] == "waiter"
-    assert queued(backend, key) == []
+    assert queue_backend.describe(key)["owner"] == "waiter"
+    assert queued(queue_backend, key) == []
 
 
-def test_a_free_lease_with_nobody_queued_is_taken_at_once(backend):
-    grant = backend.acquire("app.m:3", ttl=30, timeout=0)
-    assert backend.describe("app.m:3")["owner"] == grant.owner
-    assert queued(backend, "app.m:3") == []
-    assert backend.release("app.m:3", grant.owner)
+def test_a_free_lease_with_nobody_queued_is_taken_at_once(queue_backend):
+    grant = queue_backend.acquire("app.m:3", ttl=30, timeout=0)
+    assert queue_backend.describe("app.m:3")["owner"] == grant.owner
+    assert queued(queue_backend, "app.m:3") == []
+    assert queue_backend.release("app.m:3", grant.owner)
 
 
-def test_a_retried_call_keeps_the_waiters_place_and_a_retried_release_does_nothing(backend):
+def test_a_retried_call_keeps_the_waiters_place_and_a_retried_release_does_nothing(queue_backend):
     key = "app.m:4"
-    holder = backend.acquire(key, ttl=30, timeout=0)
-    enqueue(backend, key, "a")
-    enqueue(backend, key, "b")
-    enqueue(backend, key, "a")  # a's reply was lost; it calls again
-    assert queued(backend, key) == ["a", "b"]
-    assert backend.release(key, holder.owner)
-    assert not backend.release(key, holder.owner)  # the retry: handed over already, nothing happens
-    assert backend.describe(key)["owner"] == "a"
+    holder = queue_backend.acquire(key, ttl=30, timeout=0)
+    enqueue(queue_backend, key, "a")
+    enqueue(queue_backend, key, "b")
+    enqueue(queue_backend, key, "a")  # a's reply was lost; it calls again
+    assert queued(queue_backend, key) == ["a", "b"]
+    assert queue_backend.release(key, holder.owner)
+    assert not queue_backend.release(key, holder.owner)  # the retry: handed over already, nothing happens
+    assert queue_backend.describe(key)["owner"] == "a"
 
 
-def test_waiters_past_their_deadline_are_skipped(backend):
+def test_waiters_past_their_deadline_are_skipped(queue_backend):
     key = "app.m:5"
-    holder = backend.acquire(key, ttl=30, timeout=0)
-    enqueue(backend, key, "gone", stay_ms=1)
-    enqueue(backend, key, "alive")
-    _, waiters, _ = backend._queue_keys(key)
-    wait_until(lambda: redis_ms(backend.client) > int(backend.client.hget(waiters, "gone")), "the deadline")
-    assert backend.release(key, holder.owner)
-    assert backend.describe(key)["owner"] == "alive"
-    assert queued(backend, key) == []
+    holder = queue_backend.acquire(key, ttl=30, timeout=0)
+    enqueue(queue_backend, key, "gone", stay_ms=1)
+    enqueue(queue_backend, key, "alive")
+    _, waiters, _ = queue_backend._queue_keys(key)
+    wait_for(lambda: redis_ms(queue_backend.client) > int(queue_backend.client.hget(waiters, "gone")), "the deadline")
+    assert queue_backend.release(key, holder.owner)
+    assert queue_backend.describe(key)["owner"] == "alive"
+    assert queued(queue_backend, key) == []
 
 
-def test_a_grant_that_reaches_a_waiter_after_it_gave_up_is_handed_on(backend):
+def test_a_grant_that_reaches_a_waiter_after_it_gave_up_is_handed_on(queue_backend):
     key = "app.m:6"
-    holder = backend.acquire(key, ttl=30, timeout=0)
-    enqueue(backend, key, "late")
-    enqueue(backend, key, "next")
-    assert backend.release(key, holder.owner)  # granted to "late", which has just timed out
-    assert backend.release(key, "late")  # its give-up call finds the grant: handed on at once
-    assert backend.describe(key)["owner"] == "next"
-    assert backend.release(key, "next")
-    assert backend.describe(key)["owner"] is None
+    holder = queue_backend.acquire(key, ttl=30, timeout=0)
+    enqueue(queue_backend, key, "late")
+    enqueue(queue_backend, key, "next")
+    assert queue_backend.release(key, holder.owner)  # granted to "late", which has just timed out
+    assert queue_backend.release(key, "late")  # its give-up call finds the grant: handed on at once
+    assert queue_backend.describe(key)["owner"] == "next"
+    assert queue_backend.release(key, "next")
+    assert queue_backend.describe(key)["owner"] is None
 
 
-def test_a_waiter_that_times_out_leaves_the_queue_and_holds_nothing(backend):
+def test_a_waiter_that_times_out_leaves_the_queue_and_holds_nothing(queue_backend):
     key = "app.m:7"
-    holder = backend.acquire(key, ttl=30, timeout=0)
+    holder = queue_backend.acquire(key, ttl=30, timeout=0)
     with pytest.raises(LockTimeout):
-        backend.acquire(key, ttl=30, timeout=0.05)
-    assert queued(backend, key) == []
-    assert backend.release(key, holder.owner)
-    assert backend.describe(key)["owner"] is None  # nobody was left to hand it to
+        queue_backend.acquire(key, ttl=30, timeout=0.05)
+    assert queued(queue_backend, key) == []
+    assert queue_backend.release(key, holder.owner)
+    assert queue_backend.describe(key)["owner"] is None  # nobody was left to hand it to
 
 
-def test_the_queue_keys_expire_with_their_last_waiter(backend):
+def test_the_queue_keys_expire_with_their_last_waiter(queue_backend):
     key = "app.m:8"
-    holder = backend.acquire(key, ttl=30, timeout=0)
-    enqueue(backend, key, "w", stay_ms=5_000)
-    queue, waiters, _ = backend._queue_keys(key)
-    assert 0 < backend.client.pttl(queue) <= 5_000 and 0 < backend.client.pttl(waiters) <= 5_000
-    backend.release(key, holder.owner)
-    backend.release(key, "w")
-    assert not backend.client.exists(queue, waiters)  # emptied: Redis drops empty collections
+    holder = queue_backend.acquire(key, ttl=30, timeout=0)
+    enqueue(queue_backend, key, "w", stay_ms=5_000)
+    queue, waiters, _ = queue_backend._queue_keys(key)
+    assert 0 < queue_backend.client.pttl(queue) <= 5_000 and 0 < queue_backend.client.pttl(waiters) <= 5_000
+    queue_backend.release(key, holder.owner)
+    queue_backend.release(key, "w")
+    assert not queue_backend.client.exists(queue, waiters)  # emptied: Redis drops empty collections
 
 
 @pytest.mark.parametrize("deadline", ["past", "live"])
-def test_a_stale_queue_restored_into_redis_delays_a_waiter_at_most_its_deadline_or_the_grace(backend, deadline):
+def test_a_stale_queue_restored_into_redis_delays_a_waiter_at_most_its_deadline_or_the_grace(queue_backend, deadline):
     """Redis restored from disk, or a failover target whose clock is behind: queue entries of
     waiters that no longer exist. The waiter waits at most their deadline or a grace, then takes it."""
     key = f"app.m:9-{deadline}"
-    queue, waiters, _ = backend._queue_keys(key)
-    ghost_deadline = redis_ms(backend.client) + (-1_000 if deadline == "past" else 1_000)
-    backend.client.zadd(queue, {"ghost": 1})
-    backend.client.hset(waiters, "ghost", ghost_deadline)
-    grant = backend.acquire(key, ttl=30, timeout=30)
-    assert backend.describe(key)["owner"] == grant.owner
-    assert queued(backend, key) == []
-    backend.release(key, grant.owner)
+    queue, waiters, _ = queue_backend._queue_keys(key)
+    ghost_deadline = redis_ms(queue_backend.client) + (-1_000 if deadline == "past" else 1_000)
+    queue_backend.client.zadd(queue, {"ghost": 1})
+    queue_backend.client.hset(waiters, "ghost", ghost_deadline)
+    grant = queue_backend.acquire(key, ttl=30, timeout=30)
+    assert queue_backend.describe(key)["owner"] == grant.owner
+    assert queued(queue_backend, key) == []
+    queue_backend.release(key, grant.owner)
 
 
-def test_a_zero_timeout_never_queues(backend):
+def test_a_zero_timeout_never_queues(queue_backend):
     key = "app.m:10"
-    holder = backend.acquire(key, ttl=30, timeout=0)
+    holder = queue_backend.acquire(key, ttl=30, timeout=0)
     with pytest.raises(LockTimeout):
-        backend.acquire(key, ttl=30, timeout=0)
-    assert queued(backend, key) == []
-    backend.release(key, holder.owner)
+        queue_backend.acquire(key, ttl=30, timeout=0)
+    assert queued(queue_backend, key) == []
+    queue_backend.release(key, holder.owner)
 
 
-def test_no_timeout_waits_through_a_hand_over(backend):
+def test_no_timeout_waits_through_a_hand_over(queue_backend):
     import threading
 
     key = "app.m:11"
-    holder = backend.acquire(key, ttl=30, timeout=0)
+    holder = queue_backend.acquire(key, ttl=30, timeout=0)
     got: list[Any] = []
-    thread = threading.Thread(target=lambda: got.append(backend.acquire(key, ttl=30, timeout=None)))
+    thread = threading.Thread(target=lambda: got.append(queue_backend.acquire(key, ttl=30, timeout=None)))
     thread.start()
-    wait_until(lambda: len(queued(backend, key)) == 1, "the waiter to queue")
-    backend.release(key, holder.owner)
+    wait_for(lambda: len(queued(queue_backend, key)) == 1, "the waiter to queue")
+    queue_backend.release(key, holder.owner)
     thread.join(60)
     assert got and got[0].fencing_token == holder.fencing_token + 1
-    assert backend.describe(key)["owner"] == got[0].owner
-    backend.release(key, got[0].owner)
+    assert queue_backend.describe(key)["owner"] == got[0].owner
+    queue_backend.release(key, got[0].owner)
 
 
 # -- idle fencing counters -------------------------------------------------------------------------
 
 
 def test_the_counter_expires_when_idle_and_every_use_pushes_its_expiry_back():
-    backend = make(COUNTER_IDLE_TTL=60)
+    queue_backend = redis_backend_for(django_settings.REDIS_URL, COUNTER_IDLE_TTL=60)
     key, client = "app.c:1", None
     try:
-        client = backend.client
-        counter = counter_key(backend.config.key_prefix, key)
-        grant = backend.acquire(key, ttl=30, timeout=0)
+        client = queue_backend.client
+        counter = counter_key(queue_backend.config.key_prefix, key)
+        grant = queue_backend.acquire(key, ttl=30, timeout=0)
         assert 0 < client.pttl(counter) <= 60_000
         client.pexpire(counter, 10_000)
-        assert backend.renew(key, grant.owner, 30)
+        assert queue_backend.renew(key, grant.owner, 30)
         assert client.pttl(counter) > 10_000  # a renewal keeps a counter in use alive
         client.pexpire(counter, 10_000)
-        assert backend.reanchor(key, grant.owner, 100) == 101
+        assert queue_backend.reanchor(key, grant.owner, 100) == 101
         assert client.pttl(counter) > 10_000  # the re-anchor's SET did not make it immortal
-        backend.release(key, grant.owner)
+        queue_backend.release(key, grant.owner)
     finally:
-        backend.close()
+        queue_backend.close()
 
 
 def test_a_counter_without_idle_ttl_never_expires():
-    backend = make(COUNTER_IDLE_TTL=None)
+    queue_backend = redis_backend_for(django_settings.REDIS_URL, COUNTER_IDLE_TTL=None)
     try:
-        grant = backend.acquire("app.c:2", ttl=30, timeout=0)
-        assert backend.client.pttl(counter_key(backend.config.key_prefix, "app.c:2")) == -1
-        backend.release("app.c:2", grant.owner)
+        grant = queue_backend.acquire("app.c:2", ttl=30, timeout=0)
+        assert queue_backend.client.pttl(counter_key(queue_backend.config.key_prefix, "app.c:2")) == -1
+        queue_backend.release("app.c:2", grant.owner)
     finally:
-        backend.close()
+        queue_backend.close()
 
 
 @pytest.mark.django_db(transaction=True)
@@ -258,7 +242,7 @@ def test_a_transition_after_the_counter_expired_is_judged_by_the_mark_and_re_anc
     first_mark = FencingMark.objects.get(pk=object_key(account)).token
     counter = counter_key(settings.DSM_REDIS["OPTIONS"]["KEY_PREFIX"], object_key(account))
     client = get_backend().client
-    wait_until(lambda: not client.exists(counter), "the idle counter to expire")
+    wait_for(lambda: not client.exists(counter), "the idle counter to expire")
     account.machine.deposit()  # a low token, refused by the mark, re-anchored above it
     account.refresh_from_db()
     assert (account.balance, account.deposits) == (3, 3)
@@ -361,7 +345,7 @@ def queue_one_by_one(client: Any, workers: list[Worker]) -> None:
     """Let the waiters ask in a known order: each is waiting before the next one asks."""
     for n, w in enumerate(workers, 1):
         w.send("go")
-        wait_until(lambda n=n: blocked(client) == n, f"waiter {n} to wait")
+        wait_for(lambda n=n: blocked(client) == n, f"waiter {n} to wait")
 
 
 def stop_all(workers: list[Worker]) -> None:
@@ -379,15 +363,15 @@ def test_waiters_are_served_in_arrival_order_and_newcomers_do_not_overtake(lock_
     server, env = lock_redis
     key, n = "testapp.account:fifo", 4
     client = redis_py.Redis.from_url(server.url)
-    backend = get_backend()
-    holder = backend.acquire(key, ttl=30, timeout=0)
+    queue_backend = get_backend()
+    holder = queue_backend.acquire(key, ttl=30, timeout=0)
     workers = start_waiters(env, key, n, rounds=2, timeout=60, options={})
     try:
         queue_one_by_one(client, workers)
-        backend.release(key, holder.owner)
-        again = backend.acquire(key, ttl=30, timeout=60)  # the releaser, asking again at once
+        queue_backend.release(key, holder.owner)
+        again = queue_backend.acquire(key, ttl=30, timeout=60)  # the releaser, asking again at once
         client.rpush(order_key(key), "releaser")
-        backend.release(key, again.owner)
+        queue_backend.release(key, again.owner)
         assert [w.expect() for w in workers] == [["acquired", "acquired"]] * n
     finally:
         stop_all(workers)
@@ -424,19 +408,19 @@ def test_a_waiter_killed_while_queued_is_skipped_and_costs_at_most_the_grace(loc
     client = redis_py.Redis.from_url(server.url)
     options = {"HANDOVER_GRACE": 0.5}  # the releaser's setting grants; every process has the same
     settings.DSM_REDIS = dict(settings.DSM_REDIS, OPTIONS=dict(settings.DSM_REDIS["OPTIONS"], **options))
-    backend = get_backend()
-    holder = backend.acquire(key, ttl=30, timeout=0)
+    queue_backend = get_backend()
+    holder = queue_backend.acquire(key, ttl=30, timeout=0)
     doomed, survivor = workers = start_waiters(env, key, 2, rounds=1, timeout=60, options=options)
     try:
         queue_one_by_one(client, workers)
-        doomed_owner, survivor_owner = queued(backend, key)
+        doomed_owner, survivor_owner = queued(queue_backend, key)
         os.kill(doomed.pid, signal.SIGKILL)
         doomed.stop()
         if when == "after-its-deadline":
-            _, waiters, _ = backend._queue_keys(key)
-            wait_until(lambda: redis_ms(client) > int(client.hget(waiters, doomed_owner)), "its deadline to pass")
-        backend.release(key, holder.owner)
-        info = backend.describe(key)
+            _, waiters, _ = queue_backend._queue_keys(key)
+            wait_for(lambda: redis_ms(client) > int(client.hget(waiters, doomed_owner)), "its deadline to pass")
+        queue_backend.release(key, holder.owner)
+        info = queue_backend.describe(key)
         if when == "before-its-deadline":
             # Granted to the dead waiter (unless its deadline had passed), for the grace only ...
             assert info["owner"] != doomed_owner or info["ttl"] <= 0.5
@@ -454,21 +438,21 @@ def test_a_waiter_whose_timeout_passes_while_queued_gets_lock_timeout_and_holds_
     server, env = lock_redis
     key = "testapp.account:impatient"
     client = redis_py.Redis.from_url(server.url)
-    backend = get_backend()
-    holder = backend.acquire(key, ttl=60, timeout=0)
+    queue_backend = get_backend()
+    holder = queue_backend.acquire(key, ttl=60, timeout=0)
     impatient = start_worker("tests.test_handover:waiter", key, 0, 1, 5.0, {}, env=env)
     patient = start_worker("tests.test_handover:waiter", key, 1, 1, 60, {}, env=env)
     try:
         for w in (impatient, patient):
             assert w.expect() == "ready"
         queue_one_by_one(client, [impatient, patient])
-        patient_owner = queued(backend, key)[1]
+        patient_owner = queued(queue_backend, key)[1]
         assert impatient.expect() == ["timeout"]
         # It left the queue; it holds nothing; the lease is still the holder's.
-        assert queued(backend, key) == [patient_owner]
-        assert backend.describe(key)["owner"] == holder.owner
-        assert backend.release(key, holder.owner)
-        assert backend.describe(key)["owner"] == patient_owner  # skipped, in the release itself
+        assert queued(queue_backend, key) == [patient_owner]
+        assert queue_backend.describe(key)["owner"] == holder.owner
+        assert queue_backend.release(key, holder.owner)
+        assert queue_backend.describe(key)["owner"] == patient_owner  # skipped, in the release itself
         assert patient.expect() == ["acquired"]
     finally:
         stop_all([impatient, patient])
@@ -481,12 +465,12 @@ def test_redis_restarted_with_a_queue_in_it_leaves_no_waiter_hanging(lock_redis)
     server, env = lock_redis
     key, n = "testapp.account:restarted", 3
     client = redis_py.Redis.from_url(server.url)
-    backend = get_backend()
-    backend.acquire(key, ttl=60, timeout=0)
+    queue_backend = get_backend()
+    queue_backend.acquire(key, ttl=60, timeout=0)
     workers = start_waiters(env, key, n, rounds=1, timeout=60, options={})
     try:
         queue_one_by_one(client, workers)
-        assert len(queued(backend, key)) == n
+        assert len(queued(queue_backend, key)) == n
         server.restart()  # the lease, the queue, the deadlines and the wake-up lists are gone
         # Every waiter notices within its wait, takes the free lease or queues again, and is served.
         assert [w.expect() for w in workers] == [["acquired"]] * n
@@ -511,20 +495,20 @@ def test_the_hand_over_on_redis_cluster(key):
     from tests.cluster import RedisCluster
 
     with RedisCluster() as cluster:
-        backend = RedisLockBackend(parse({"LOCATION": cluster.url, "OPTIONS": {"KEY_PREFIX": "hand"}}))
-        lock_key, signal_key, counter = backend._keys(key)
-        queue, waiters, grant_prefix = backend._queue_keys(key)
+        queue_backend = RedisLockBackend(parse({"LOCATION": cluster.url, "OPTIONS": {"KEY_PREFIX": "hand"}}))
+        lock_key, signal_key, counter = queue_backend._keys(key)
+        queue, waiters, grant_prefix = queue_backend._queue_keys(key)
         slots = {key_slot(k.encode()) for k in (lock_key, signal_key, counter, queue, waiters, grant_prefix + "x")}
         assert len(slots) == 1
-        holder = backend.acquire(key, ttl=30, timeout=0)
+        holder = queue_backend.acquire(key, ttl=30, timeout=0)
         got: list[Any] = []
-        thread = threading.Thread(target=lambda: got.append(backend.acquire(key, ttl=30, timeout=60)))
+        thread = threading.Thread(target=lambda: got.append(queue_backend.acquire(key, ttl=30, timeout=60)))
         thread.start()
-        wait_until(lambda: len(queued(backend, key)) == 1, "the waiter to queue")
-        (waiter_owner,) = queued(backend, key)
-        assert backend.release(key, holder.owner)
-        assert backend.describe(key)["owner"] == waiter_owner  # handed over inside the release
+        wait_for(lambda: len(queued(queue_backend, key)) == 1, "the waiter to queue")
+        (waiter_owner,) = queued(queue_backend, key)
+        assert queue_backend.release(key, holder.owner)
+        assert queue_backend.describe(key)["owner"] == waiter_owner  # handed over inside the release
         thread.join(60)
         assert got and (got[0].owner, got[0].fencing_token) == (waiter_owner, holder.fencing_token + 1)
-        assert backend.release(key, waiter_owner)
-        backend.close()
+        assert queue_backend.release(key, waiter_owner)
+        queue_backend.close()
