@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls", type=int, default=300, help="calls per contender per round")
     p.add_argument("--race", type=int, default=0, help="processes racing on one hot object (0: no race)")
     p.add_argument("--duration", type=float, default=2.0)
+    p.add_argument("--profile", type=int, default=0, help="then cProfile this many dsm_redis calls")
     p.add_argument("--redis-url")
     p.add_argument("--database-url")
     args = p.parse_args(argv)
@@ -73,6 +74,18 @@ def main(argv: list[str] | None = None) -> int:
         med = {name: statistics.median(v) * 1e6 for name, v in medians.items()}
         print(" ".join(f"{name} {med[name]:.0f}us" for name in NAMES),
               f"dsm/floor {med['dsm_redis'] / med['floor']:.3f} dsm/seed {med['dsm_redis'] / med['seed']:.3f}")  # fmt: skip
+        if args.profile:
+            import cProfile
+            import pstats
+
+            model, pk = model_for("dsm_redis"), layout["dsm_redis"]["probe"]
+            obj = model.objects.get(pk=pk)
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(args.profile):
+                CALLS["dsm_redis"](obj, pk, time.monotonic() + 60)
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(45)
     finally:
         if pool is not None:
             pool.close()
