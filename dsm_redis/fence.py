@@ -182,12 +182,20 @@ def _lock_and_judge(
     model = type(instance)
     table = mark_table(using)
     column = fencing_column(model)
-    rows = model._base_manager.db_manager(using).select_for_update().filter(pk=instance.pk)
     root = root_model(model)
+    if root is model and column is None:
+        in_scan = table.judge_in_scan(token, timeout)
+        if in_scan is not None:
+            # One round trip: the function bounds the row-lock wait (SET LOCAL lock_timeout) and
+            # judges the mark; it runs in the scan, before FOR UPDATE waits for the row (marks.py).
+            fresh = _scan(model, using, instance.pk, in_scan)
+            verdict = table.scan_verdict(getattr(fresh, MARK))
+            return fresh, _accepted(verdict, token, reanchor, _table_judge(table, using, None))
+    rows = _row_for_update(model, using, instance.pk)
     if root is not model:
         # Multi-table inheritance: lock the parent row first, the order a plain save() of the
         # child writes in, so a transition and a save() cannot deadlock.
-        root_rows = root._base_manager.db_manager(using).select_for_update().filter(pk=instance.pk)
+        root_rows = _row_for_update(root, using, instance.pk)
         in_scan = table.judge_in_scan(token, timeout) if column is None else None
         if in_scan is not None:
             result = root_rows.annotate(**{MARK: in_scan}).values_list(MARK, flat=True).get()
@@ -203,13 +211,6 @@ def _lock_and_judge(
         accepted = _accepted(column_verdict(stored, token), token, reanchor, functools.partial(column_verdict, stored))
         setattr(fresh, column, column_value(accepted))  # written by the transition's UPDATE (save_judged)
         return fresh, accepted
-    in_scan = table.judge_in_scan(token, timeout)
-    if in_scan is not None:
-        # One round trip: the function bounds the row-lock wait (SET LOCAL lock_timeout) and
-        # judges the mark; it runs in the scan, before FOR UPDATE waits for the row (marks.py).
-        fresh = _scan(rows, using, instance.pk, in_scan)
-        verdict = table.scan_verdict(getattr(fresh, MARK))
-        return fresh, _accepted(verdict, token, reanchor, _table_judge(table, using, None))
     # Elsewhere the mark goes first: on SQLite it is the write that takes the database's write
     # lock at the start, which avoids a read-to-write lock upgrade deadlock.
     judge = _table_judge(table, using, timeout)
@@ -361,29 +362,34 @@ class _ScanStatement:
 _SCAN_STATEMENTS: dict[tuple[type[Model], str, str], _ScanStatement | None] = {}
 
 
-def _scan(rows: Any, using: str, pk: Any, in_scan: RawSQL) -> Model:
-    """``rows.annotate(**{MARK: in_scan}).get()`` (``rows``: the model's row by ``pk``, FOR UPDATE)."""
+def _row_for_update(model: type[Model], using: str, pk: Any) -> Any:
+    return model._base_manager.db_manager(using).select_for_update().filter(pk=pk)
+
+
+def _scan(model: type[Model], using: str, pk: Any, in_scan: RawSQL) -> Model:
+    """``_row_for_update(model, using, pk).annotate(**{MARK: in_scan}).get()``."""
     connection = connections[using]
-    cache_key = (rows.model, using, connection.vendor)
+    cache_key = (model, using, connection.vendor)
     try:
         statement = _SCAN_STATEMENTS[cache_key]
     except KeyError:
-        statement = _SCAN_STATEMENTS[cache_key] = _compile_scan(rows, using, pk, in_scan)
+        statement = _SCAN_STATEMENTS[cache_key] = _compile_scan(_row_for_update(model, using, pk), using, pk, in_scan)
     if statement is None:
-        return rows.annotate(**{MARK: in_scan}).get()
+        return _row_for_update(model, using, pk).annotate(**{MARK: in_scan}).get()
     with connection.cursor() as cursor:
         cursor.execute(statement.sql, (*in_scan.params, statement.pk_param(pk, connection)))
         found = cursor.fetchone()
     if found is None:
-        model = rows.model
-        raise model.DoesNotExist(f"{model._meta.object_name} matching query does not exist.")
+        raise model.DoesNotExist(  # type: ignore[attr-defined]
+            f"{model._meta.object_name} matching query does not exist."
+        )
     row = list(found)
     for at, (converters, expression) in statement.converters:
         value = row[at]
         for converter in converters:
             value = converter(value, expression, connection)
         row[at] = value
-    fresh = rows.model.from_db(using, statement.init_list, row[statement.fields])
+    fresh = model.from_db(using, statement.init_list, row[statement.fields])
     setattr(fresh, MARK, row[statement.mark_at])
     return fresh
 

@@ -565,7 +565,7 @@ def test_compiled_row_lock_select_is_the_orms(model):
         with transaction.atomic(), CaptureQueriesContext(connections["default"]) as queries:
             rows = model._base_manager.db_manager("default").select_for_update().filter(pk=obj.pk)
             in_scan = mark_table("default").judge_in_scan(token, "1000ms")
-            fresh = _scan(rows, "default", obj.pk, in_scan) if compiled else rows.annotate(**{MARK: in_scan}).get()
+            fresh = _scan(model, "default", obj.pk, in_scan) if compiled else rows.annotate(**{MARK: in_scan}).get()
         assert not compiled or _SCAN_STATEMENTS[(model, "default", "postgresql")] is not None
         found.append(([q["sql"] for q in queries], fresh))
     (orm_sql, orm_row), (sql, row) = found
@@ -587,5 +587,4 @@ def test_compiled_row_lock_select_missing_row():
 
     for _ in range(2):  # compiling, then compiled
         with transaction.atomic(), pytest.raises(Account.DoesNotExist, match="Account matching query does not exist"):
-            rows = Account._base_manager.db_manager("default").select_for_update().filter(pk=10**9)
-            _scan(rows, "default", 10**9, mark_table("default").judge_in_scan(Token("x:1", 1, "o"), None))
+            _scan(Account, "default", 10**9, mark_table("default").judge_in_scan(Token("x:1", 1, "o"), None))
