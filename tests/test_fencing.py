@@ -21,7 +21,7 @@ from dsm_redis.lease import hold
 from dsm_redis.models import FencingMark
 from tests.helpers import dsm_options, pg_connect
 from tests.procs import in_background
-from tests.testapp.models import Account, FencedAccount
+from tests.testapp.models import Account, Cat, DecimalAccount, FencedAccount, KeyedAccount, UuidAccount
 
 pytestmark = pytest.mark.django_db(databases=["default", "sqlite"], transaction=True)
 
@@ -542,3 +542,49 @@ def test_concurrent_transitions_on_sqlite_do_not_deadlock_for_an_inherited_model
     for join in joins:
         join()
     assert timeouts == [], f"{len(timeouts)} transitions failed, e.g. {timeouts[0]}"
+
+
+@pytest.mark.parametrize("model", [Account, UuidAccount, DecimalAccount, KeyedAccount, Cat])
+def test_compiled_row_lock_select_is_the_orms(model):
+    """The row-lock SELECT compiled once per model sends what the ORM's ``.get()`` sends, and
+    builds the same instance (every column, the judgement's result)."""
+    if connections["default"].vendor != "postgresql":
+        pytest.skip("the judgement runs in the scan on PostgreSQL only")
+    from django.test.utils import CaptureQueriesContext
+
+    from dsm_redis.fence import _SCAN_STATEMENTS, MARK, _scan
+    from dsm_redis.marks import mark_table
+    from dsm_redis.token import Token
+
+    pk = {DecimalAccount: "7.50", KeyedAccount: "a {b}: c"}.get(model)
+    obj = model.objects.create(**({"pk": pk} if pk is not None else {}))
+    token = Token(object_key(obj), 5, "owner")
+    found = []
+    for compiled in (False, True):
+        _SCAN_STATEMENTS.clear()
+        with transaction.atomic(), CaptureQueriesContext(connections["default"]) as queries:
+            rows = model._base_manager.db_manager("default").select_for_update().filter(pk=obj.pk)
+            in_scan = mark_table("default").judge_in_scan(token, "1000ms")
+            fresh = _scan(model, "default", obj.pk, in_scan) if compiled else rows.annotate(**{MARK: in_scan}).get()
+        assert not compiled or _SCAN_STATEMENTS[(model, "default", "postgresql")] is not None
+        found.append(([q["sql"] for q in queries], fresh))
+    (orm_sql, orm_row), (sql, row) = found
+    assert sql == orm_sql
+    assert type(row) is type(orm_row) and row.pk == orm_row.pk and row._state.db == orm_row._state.db
+    assert {f.attname: getattr(row, f.attname) for f in model._meta.concrete_fields} == {
+        f.attname: getattr(orm_row, f.attname) for f in model._meta.concrete_fields
+    }
+    assert getattr(row, MARK) == getattr(orm_row, MARK) == 5
+    assert not row._state.adding
+
+
+def test_compiled_row_lock_select_missing_row():
+    if connections["default"].vendor != "postgresql":
+        pytest.skip("the judgement runs in the scan on PostgreSQL only")
+    from dsm_redis.fence import _scan
+    from dsm_redis.marks import mark_table
+    from dsm_redis.token import Token
+
+    for _ in range(2):  # compiling, then compiled
+        with transaction.atomic(), pytest.raises(Account.DoesNotExist, match="Account matching query does not exist"):
+            _scan(Account, "default", 10**9, mark_table("default").judge_in_scan(Token("x:1", 1, "o"), None))

@@ -1,0 +1,97 @@
+"""``python -m bench.cuts``: a quick A/B probe for hot-path changes, lighter than ``python -m bench``.
+
+Uncontended latency of dsm_redis, the floor and the seed, call by call in a rotated order (so
+noise lands on all alike), as median µs per round; optionally (``--race N``) the floor and
+dsm_redis racing on one hot object with N processes, checked for lost updates. Run it on two
+checkouts in turn: the floor is the same code in both, so dsm_redis/floor compares them even when
+the machine's load drifts between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+from bench.contenders import CALLS, model_for
+from bench.run import Servers, balance_sum, create_rows, reset
+
+NAMES = ("dsm_redis", "floor", "seed")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.cuts", description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--calls", type=int, default=300, help="calls per contender per round")
+    p.add_argument("--race", type=int, default=0, help="processes racing on one hot object (0: no race)")
+    p.add_argument("--duration", type=float, default=2.0)
+    p.add_argument("--profile", type=int, default=0, help="then cProfile this many dsm_redis calls")
+    p.add_argument("--redis-url")
+    p.add_argument("--database-url")
+    args = p.parse_args(argv)
+    servers = Servers(args.redis_url, args.database_url)
+    pool = None
+    try:
+        setup = {"database": servers.database, "redis_url": servers.redis_url, "run_id": str(os.getpid())}
+        from bench.settings import configure
+
+        configure(**setup)
+        from django.core.management import call_command
+
+        call_command("migrate", run_syncdb=True, verbosity=0)
+        layout = create_rows(max(8, args.race))
+        if args.race:
+            from bench.pool import Pool, Race
+
+            pool = Pool(args.race, setup)
+            pool.warm({name: layout[name]["spread"] for name in ("dsm_redis", "floor")})
+            for name in ("floor", "dsm_redis"):
+                reset(name)
+                race = Race(name, (layout[name]["hot"],), args.duration, time.time() + 0.2)
+                results, _ = pool.race(args.race, race, lambda: None)
+                ok, final = sum(r["ok"] for r in results), balance_sum(name)
+                errors = sum(r["errors"] for r in results)
+                first = next((r["first_error"] for r in results if r["first_error"]), None)
+                print(f"race {name:<10} {args.race} proc: ok {ok} lost {ok - final} errors {errors} {first or ''}")
+        medians: dict[str, list[float]] = {name: [] for name in NAMES}
+        for name in NAMES:  # warm
+            model, pk = model_for(name), layout[name]["probe"]
+            for _ in range(50):
+                CALLS[name](model.objects.get(pk=pk), pk, time.monotonic() + 60)
+        for r in range(args.rounds):
+            order = NAMES[r % 3 :] + NAMES[: r % 3]
+            times: dict[str, list[float]] = {name: [] for name in order}
+            for _ in range(args.calls):
+                for name in order:
+                    model, pk = model_for(name), layout[name]["probe"]
+                    obj = model.objects.get(pk=pk)
+                    t0 = time.perf_counter()
+                    CALLS[name](obj, pk, time.monotonic() + 60)
+                    times[name].append(time.perf_counter() - t0)
+            for name in order:
+                medians[name].append(statistics.median(times[name]))
+        med = {name: statistics.median(v) * 1e6 for name, v in medians.items()}
+        print(" ".join(f"{name} {med[name]:.0f}us" for name in NAMES),
+              f"dsm/floor {med['dsm_redis'] / med['floor']:.3f} dsm/seed {med['dsm_redis'] / med['seed']:.3f}")  # fmt: skip
+        if args.profile:
+            import cProfile
+            import pstats
+
+            model, pk = model_for("dsm_redis"), layout["dsm_redis"]["probe"]
+            obj = model.objects.get(pk=pk)
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(args.profile):
+                CALLS["dsm_redis"](obj, pk, time.monotonic() + 60)
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(45)
+    finally:
+        if pool is not None:
+            pool.close()
+        servers.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
