@@ -1,3 +1,5 @@
+"""The Django app: registers the system checks (``checks.py``) when Django is ready; validates nothing itself."""
+
 from __future__ import annotations
 
 from django.apps import AppConfig

@@ -28,7 +28,8 @@ Safety contract:
 
 Shape: the fence judges a ``Token`` value (``token.py``) and knows nothing of leases. Where the mark
 is kept and how a database judges against it is one strategy per database (``marks.py``), chosen
-once per alias. Re-anchoring is the holder's business: at a lease's first judgement it passes a
+once per alias; the row-lock statement itself is compiled once per model and database
+(``rowlock.py``). Re-anchoring is the holder's business: at a lease's first judgement it passes a
 ``reanchor`` callable (the mark that refused it -> a newer token Redis minted, or ``None``), and
 every judgement returns the token it accepted, which the holder adopts. Kept whole: the row lock,
 the bound on its wait and the judgement are one sequence of statements, read best in one place.
@@ -50,11 +51,11 @@ from typing import Any
 from django.db import DatabaseError, OperationalError, connections, models, transaction
 from django.db.models import F, Model
 from django.db.models.expressions import RawSQL
-from django.db.models.query import MAX_GET_RESULTS
 
 from .exceptions import LockTimeout, StaleFencingToken
 from .keys import object_of, root_model
 from .marks import MarkTable, column_value, column_verdict, execute, mark_table
+from .rowlock import locked_row, row_for_update
 from .token import Token
 
 __all__ = ["FencingTokenField"]
@@ -188,14 +189,14 @@ def _lock_and_judge(
         if in_scan is not None:
             # One round trip: the function bounds the row-lock wait (SET LOCAL lock_timeout) and
             # judges the mark; it runs in the scan, before FOR UPDATE waits for the row (marks.py).
-            fresh = _scan(model, using, instance.pk, in_scan)
+            fresh = locked_row(model, using, instance.pk, MARK, in_scan)
             verdict = table.scan_verdict(getattr(fresh, MARK))
             return fresh, _accepted(verdict, token, reanchor, _table_judge(table, using, None))
-    rows = _row_for_update(model, using, instance.pk)
+    rows = row_for_update(model, using, instance.pk)
     if root is not model:
         # Multi-table inheritance: lock the parent row first, the order a plain save() of the
         # child writes in, so a transition and a save() cannot deadlock.
-        root_rows = _row_for_update(root, using, instance.pk)
+        root_rows = row_for_update(root, using, instance.pk)
         in_scan = table.judge_in_scan(token, timeout) if column is None else None
         if in_scan is not None:
             result = root_rows.annotate(**{MARK: in_scan}).values_list(MARK, flat=True).get()
@@ -334,91 +335,6 @@ def _judge(verdict: int | None, token: Token, again: Callable[[int], Token | Non
 
 def _table_judge(table: MarkTable, using: str, timeout: str | None) -> Callable[[Token], int | None]:
     return lambda token: table.verdict(token, using, timeout)
-
-
-# -- the row-lock SELECT with the judgement in its scan, compiled once per (model, alias) ----------
-
-
-class _ScanStatement:
-    """What ``rows.annotate(MARK=judge_in_scan).get()`` sends, compiled once, and how its row
-    becomes an instance: the ORM's own SQL (same columns, ``FOR UPDATE``, the fence function in the
-    select list with the same bound), run on a cursor; the row turned into an instance as the ORM's
-    iterable does (its converters, ``Model.from_db``, the annotation set on it)."""
-
-    __slots__ = ("sql", "pk_field", "fields", "init_list", "converters", "mark_at")
-
-    def __init__(self, sql: str, pk_field: Any, fields: slice, init_list: list[str], converters: Any, mark_at: int):
-        self.sql, self.pk_field, self.fields = sql, pk_field, fields
-        self.init_list, self.converters, self.mark_at = init_list, converters, mark_at
-
-    def pk_param(self, pk: Any, connection: Any) -> Any:
-        # What the ORM's ``pk=`` exact lookup binds.
-        field = self.pk_field
-        return field.get_db_prep_value(field.get_prep_value(pk), connection, prepared=True)
-
-
-# (model, alias, vendor) -> its statement, or None where the ORM path is kept (a custom base
-# manager, a relation as primary key, a compiled query not of the expected shape).
-_SCAN_STATEMENTS: dict[tuple[type[Model], str, str], _ScanStatement | None] = {}
-
-
-def _row_for_update(model: type[Model], using: str, pk: Any) -> Any:
-    return model._base_manager.db_manager(using).select_for_update().filter(pk=pk)
-
-
-def _scan(model: type[Model], using: str, pk: Any, in_scan: RawSQL) -> Model:
-    """``_row_for_update(model, using, pk).annotate(**{MARK: in_scan}).get()``."""
-    connection = connections[using]
-    cache_key = (model, using, connection.vendor)
-    try:
-        statement = _SCAN_STATEMENTS[cache_key]
-    except KeyError:
-        statement = _SCAN_STATEMENTS[cache_key] = _compile_scan(_row_for_update(model, using, pk), using, pk, in_scan)
-    if statement is None:
-        return _row_for_update(model, using, pk).annotate(**{MARK: in_scan}).get()
-    with connection.cursor() as cursor:
-        cursor.execute(statement.sql, (*in_scan.params, statement.pk_param(pk, connection)))
-        found = cursor.fetchone()
-    if found is None:
-        raise model.DoesNotExist(  # type: ignore[attr-defined]
-            f"{model._meta.object_name} matching query does not exist."
-        )
-    row = list(found)
-    for at, (converters, expression) in statement.converters:
-        value = row[at]
-        for converter in converters:
-            value = converter(value, expression, connection)
-        row[at] = value
-    fresh = model.from_db(using, statement.init_list, row[statement.fields])
-    setattr(fresh, MARK, row[statement.mark_at])
-    return fresh
-
-
-def _compile_scan(rows: Any, using: str, pk: Any, in_scan: RawSQL) -> _ScanStatement | None:
-    model = rows.model
-    pk_field = model._meta.pk
-    if model._meta.base_manager_name is not None or pk_field.is_relation:
-        return None  # a manager may filter per call; a relation's key is prepared by its target
-    clone = rows.annotate(**{MARK: in_scan})
-    # As QuerySet.get() prepares it.
-    if clone.query.can_filter() and not clone.query.distinct_fields:
-        clone = clone.order_by()
-    if connections[using].features.supports_select_for_update_with_limit:
-        clone.query.set_limits(high=MAX_GET_RESULTS)
-    compiler = clone.query.get_compiler(using)
-    sql, params = compiler.as_sql()
-    statement = _ScanStatement(sql, pk_field, slice(0), [], [], -1)
-    expected = (*in_scan.params, statement.pk_param(pk, compiler.connection))
-    klass_info = compiler.klass_info
-    if tuple(params) != expected or not klass_info or klass_info.get("related_klass_infos"):
-        return None
-    select = compiler.select
-    start, end = klass_info["select_fields"][0], klass_info["select_fields"][-1] + 1
-    statement.fields = slice(start, end)
-    statement.init_list = [column[0].target.attname for column in select[start:end]]
-    statement.converters = list(compiler.get_converters([column[0] for column in select]).items())
-    statement.mark_at = compiler.annotation_col_map[MARK]
-    return statement
 
 
 # -- helpers ----------------------------------------------------------------------------------------

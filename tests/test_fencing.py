@@ -552,8 +552,9 @@ def test_compiled_row_lock_select_is_the_orms(model):
         pytest.skip("the judgement runs in the scan on PostgreSQL only")
     from django.test.utils import CaptureQueriesContext
 
-    from dsm_redis.fence import _SCAN_STATEMENTS, MARK, _scan
+    from dsm_redis.fence import MARK
     from dsm_redis.marks import mark_table
+    from dsm_redis.rowlock import _STATEMENTS, locked_row
     from dsm_redis.token import Token
 
     pk = {DecimalAccount: "7.50", KeyedAccount: "a {b}: c"}.get(model)
@@ -561,12 +562,16 @@ def test_compiled_row_lock_select_is_the_orms(model):
     token = Token(object_key(obj), 5, "owner")
     found = []
     for compiled in (False, True):
-        _SCAN_STATEMENTS.clear()
+        _STATEMENTS.clear()
         with transaction.atomic(), CaptureQueriesContext(connections["default"]) as queries:
             rows = model._base_manager.db_manager("default").select_for_update().filter(pk=obj.pk)
             in_scan = mark_table("default").judge_in_scan(token, "1000ms")
-            fresh = _scan(model, "default", obj.pk, in_scan) if compiled else rows.annotate(**{MARK: in_scan}).get()
-        assert not compiled or _SCAN_STATEMENTS[(model, "default", "postgresql")] is not None
+            fresh = (
+                locked_row(model, "default", obj.pk, MARK, in_scan)
+                if compiled
+                else rows.annotate(**{MARK: in_scan}).get()
+            )
+        assert not compiled or _STATEMENTS[(model, "default", "postgresql")] is not None
         found.append(([q["sql"] for q in queries], fresh))
     (orm_sql, orm_row), (sql, row) = found
     assert sql == orm_sql
@@ -581,10 +586,11 @@ def test_compiled_row_lock_select_is_the_orms(model):
 def test_compiled_row_lock_select_missing_row():
     if connections["default"].vendor != "postgresql":
         pytest.skip("the judgement runs in the scan on PostgreSQL only")
-    from dsm_redis.fence import _scan
+    from dsm_redis.fence import MARK
     from dsm_redis.marks import mark_table
+    from dsm_redis.rowlock import locked_row
     from dsm_redis.token import Token
 
     for _ in range(2):  # compiling, then compiled
         with transaction.atomic(), pytest.raises(Account.DoesNotExist, match="Account matching query does not exist"):
-            _scan(Account, "default", 10**9, mark_table("default").judge_in_scan(Token("x:1", 1, "o"), None))
+            locked_row(Account, "default", 10**9, MARK, mark_table("default").judge_in_scan(Token("x:1", 1, "o"), None))
