@@ -17,7 +17,7 @@ import pytest
 from django.conf import settings as django_settings
 from django.db import transaction
 
-from dsm_redis import StaleFencingToken
+from dsm_redis import LockTimeout, StaleFencingToken, object_lock
 from dsm_redis.backends import get_backend
 from dsm_redis.backends.redis import RedisLockBackend
 from dsm_redis.fence import fence
@@ -159,3 +159,50 @@ def test_two_threads_of_one_process_queue_apart_and_are_served_in_turn(idle_back
         t.join(60)
     assert (got[1].owner, got[1].fencing_token) == (second_owner, holder.fencing_token + 2)
     assert idle_backend.release(key, got[1].owner)
+
+
+# -- a counter gone under a live lease: later judgements of that lease, and the next lease -------------
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("model_name", ["Account", "FencedAccount"])
+def test_a_counter_gone_under_a_live_lease_neither_refuses_its_later_judgements_nor_admits_it_later(model_name):
+    """The counter vanished while a lease is held (eviction, or an older version's acquire that set
+    no expiry rule): the holder's later judgements -- a transition inside ``object_lock``, then
+    ``fence()`` by hand -- carry the token its door accepted and are accepted; the next lease mints
+    low, is re-anchored above the mark, and the old token is refused from then on."""
+    from tests.testapp import models
+
+    model = getattr(models, model_name)
+    obj = model.objects.create()
+    obj.machine.deposit()
+    key, client = object_key(obj), get_backend().client
+    with object_lock(obj) as lease:  # the door judges (and re-anchors at most) here
+        client.delete(counter_key(get_backend().config.key_prefix, key))
+        model.objects.get(pk=obj.pk).machine.deposit()  # a later judgement: the same token, accepted
+        with transaction.atomic():
+            lease.fence()
+            model.objects.filter(pk=obj.pk).update(balance=10)
+        held = Token(key, lease.fencing_token, lease.owner)
+    obj.machine.deposit()  # the next lease: minted 1, refused by the mark, re-anchored above it
+    with pytest.raises(StaleFencingToken), transaction.atomic():
+        fence(held, "default", None)
+    assert model.objects.get(pk=obj.pk).balance == 11
+
+
+def test_a_grant_is_never_handed_to_a_waiter_whose_owner_id_a_later_acquire_reuses(idle_backend):
+    """A waiter given a grant that it never collected (it gave up, its process died) and a new
+    acquire of the same process: every acquire draws a fresh owner id, so the old grant's wake-up
+    list and lock value can never be taken for the new waiter's (which would skip the queue)."""
+    key = "app.r:owner-reuse"
+    holder = idle_backend.acquire(key, ttl=30, timeout=0)
+    enqueue(idle_backend, key, "gone")
+    enqueue(idle_backend, key, "next")
+    assert idle_backend.release(key, holder.owner)  # granted to "gone" for the grace
+    with pytest.raises(LockTimeout):
+        idle_backend.acquire(key, ttl=30, timeout=0.05)  # a new acquire: not "gone", so it waits
+    assert idle_backend.describe(key)["owner"] == "gone"
+    assert queued(idle_backend, key) == ["next"]
+    assert idle_backend.release(key, "gone")  # its give-up: handed on, in order
+    assert idle_backend.describe(key)["owner"] == "next"
+    assert idle_backend.release(key, "next")
