@@ -206,3 +206,88 @@ def test_a_grant_is_never_handed_to_a_waiter_whose_owner_id_a_later_acquire_reus
     assert idle_backend.release(key, "gone")  # its give-up: handed on, in order
     assert idle_backend.describe(key)["owner"] == "next"
     assert idle_backend.release(key, "next")
+
+
+# -- the waiter's own calls failing or coming late --------------------------------------------------------
+
+
+def test_a_lost_reply_on_the_extension_gives_the_grant_back_to_the_next_waiter(idle_backend, monkeypatch):
+    """The release granted the lease to W; W's next call extended it to W's TTL, and its reply was
+    lost. W raises, and gives the lease back on its way out (owner-checked): the next waiter gets it
+    at once, with the next token, instead of waiting a TTL for a lease nobody holds."""
+    import redis as redis_py
+
+    key = "app.r:lost-extension"
+    holder = idle_backend.acquire(key, ttl=30, timeout=0)
+    script = idle_backend._scripts["acquire"]
+
+    def extension_reply_lost(keys: list[str], args: list[Any]) -> Any:
+        reply = script(keys=keys, args=args)
+        if args[0] == "next":
+            return reply  # the other waiter's calls, made by this test
+        if reply[0] == 1:  # W's extension ran in Redis; its reply never arrives
+            raise redis_py.ConnectionError("reply lost")
+        enqueue(idle_backend, key, "next")  # queued behind W
+        idle_backend.release(key, holder.owner)  # grants W while it waits
+        return reply
+
+    monkeypatch.setitem(idle_backend._scripts, "acquire", extension_reply_lost)
+    from dsm_redis import LockBackendUnavailable
+
+    with pytest.raises(LockBackendUnavailable):
+        idle_backend.acquire(key, ttl=30, timeout=60)
+    monkeypatch.undo()
+    assert idle_backend.describe(key)["owner"] == "next"  # handed on by W's give-back
+    assert enqueue(idle_backend, key, "next") == [1, holder.fencing_token + 2]
+    assert idle_backend.release(key, "next")
+
+
+def test_an_interrupt_as_the_grant_arrives_hands_it_on_in_order(idle_backend, monkeypatch):
+    """W is woken by its grant, and an interrupt (a task's soft time limit, Ctrl-C) lands before
+    its next call: W raises, and its way out finds the lease W's and hands it to the next waiter,
+    with the next token; nothing is held by nobody."""
+    key = "app.r:interrupted-grant"
+    holder = idle_backend.acquire(key, ttl=30, timeout=0)
+    client = idle_backend.client
+    blpop = client.blpop
+
+    def woken_then_interrupted(keys: list[str], timeout: float) -> Any:
+        enqueue(idle_backend, key, "next")  # queued behind W
+        assert idle_backend.release(key, holder.owner)  # the grant lands on W
+        assert blpop(keys, timeout=timeout)  # W is woken by it ...
+        raise KeyboardInterrupt  # ... and interrupted before its next call
+
+    monkeypatch.setattr(client, "blpop", woken_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        idle_backend.acquire(key, ttl=30, timeout=60)
+    monkeypatch.undo()
+    assert idle_backend.describe(key)["owner"] == "next"
+    assert queued(idle_backend, key) == []
+    assert enqueue(idle_backend, key, "next") == [1, holder.fencing_token + 2]
+    assert idle_backend.release(key, "next")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a waiter blocks up to _max_wait (SOCKET_TIMEOUT/2: 2.5s by default), longer than the grace "
+    "(2s by default): a lost wake-up can cost the grant, not only one wait",
+)
+def test_a_lost_wake_up_costs_one_wait_never_the_grant():
+    """The module docstring's promise: the wake-up list is only a doorbell. W1 is granted the lease
+    and its wake-up is lost (evicted, a failover); W1 blocks until its wait ends. If that wait
+    outlasts the grace, the grant lapses first, and W1's next call -- no longer queued, the grant
+    took it out -- hands the lease to W2 and queues W1 again at the back."""
+    b = redis_backend_for(django_settings.REDIS_URL, HANDOVER_GRACE=0.2, SOCKET_TIMEOUT=1)
+    try:
+        key = "app.r:lost-doorbell"
+        assert b._max_wait > b.config.handover_grace  # the defaults' relation (2.5s > 2s), scaled down
+        holder = b.acquire(key, ttl=30, timeout=0)
+        enqueue(b, key, "w1")
+        enqueue(b, key, "w2")
+        assert b.release(key, holder.owner)  # granted to w1
+        lock_key, grant_prefix = b._keys(key)[0], b._queue_keys(key)[2]
+        b.client.delete(grant_prefix + "w1")  # the doorbell is lost: w1 sleeps out its wait (<= _max_wait)
+        wait_for(lambda: not b.client.exists(lock_key), "the grace to lapse")  # before w1's wait ends
+        assert enqueue(b, key, "w1")[0] == 1  # w1's next call: still its turn
+    finally:
+        b.close()
