@@ -98,7 +98,7 @@ def test_a_grant_s_token_is_the_one_its_extension_returns_even_past_the_counter_
     b = redis_backend_for(django_settings.REDIS_URL, COUNTER_IDLE_TTL=0.05, HANDOVER_GRACE=5)
     try:
         key = "app.r:grant-token"
-        client, counter = b.client, counter_of(b, key)
+        client = b.client
         holder = b.acquire(key, ttl=30, timeout=0)
         enqueue(b, key, "waiter")
         assert b.release(key, holder.owner)  # granted to "waiter" for the grace, token minted there
