@@ -269,8 +269,8 @@ def test_an_interrupt_as_the_grant_arrives_hands_it_on_in_order(idle_backend, mo
 
 @pytest.mark.xfail(
     strict=True,
-    reason="a waiter blocks up to _max_wait (SOCKET_TIMEOUT/2: 2.5s by default), longer than the grace "
-    "(2s by default): a lost wake-up can cost the grant, not only one wait",
+    reason="known limit (module docstring): a waiter blocks up to _max_wait (SOCKET_TIMEOUT/2: 2.5s by default), "
+    "longer than the grace (2s by default): a lost wake-up can cost the grant, not only one wait",
 )
 def test_a_lost_wake_up_costs_one_wait_never_the_grant():
     """The module docstring's promise: the wake-up list is only a doorbell. W1 is granted the lease
@@ -291,3 +291,25 @@ def test_a_lost_wake_up_costs_one_wait_never_the_grant():
         assert enqueue(b, key, "w1")[0] == 1  # w1's next call: still its turn
     finally:
         b.close()
+
+
+def test_a_refused_holder_cannot_re_anchor_once_its_lease_was_granted_to_a_waiter(idle_backend):
+    """A's counter is gone (a Redis restart kept the lock but not the counter, or an eviction) and
+    A's lease ran out; a newcomer's call granted the free lease to the queued waiter W. A, refused
+    at its first judgement, asks to re-anchor: Redis says the lock is W's, so A stays refused; W's
+    extension carries the restarted token, and W re-anchors above the mark."""
+    key = "app.r:reanchor-grant"
+    client = idle_backend.client
+    lock_key, _, counter = idle_backend._keys(key)
+    a = idle_backend.acquire(key, ttl=30, timeout=0)
+    enqueue(idle_backend, key, "w")
+    client.delete(counter)
+    client.delete(lock_key)  # A's lease ran out
+    with pytest.raises(LockTimeout):
+        idle_backend.acquire(key, ttl=30, timeout=0)  # a newcomer: grants the free lease to W
+    assert idle_backend.describe(key)["owner"] == "w"
+    assert idle_backend.reanchor(key, a.owner, 50) is None  # A: genuinely stale
+    assert enqueue(idle_backend, key, "w") == [1, 1]  # W's extension: the token minted for it
+    assert idle_backend.reanchor(key, "w", 50) == 51
+    assert client.pttl(counter) >= client.pttl(lock_key) > 0
+    assert idle_backend.release(key, "w")

@@ -36,7 +36,9 @@ Acquire and hand-over (``lua/acquire.lua``, ``lua/release.lua``, ``lua/queue.lua
   its own returns the current token and extends; a queued waiter keeps its place); release of a
   lease already handed over finds the lock someone else's and does nothing. The wake-up lists are
   only a doorbell: the lock's value is the truth, read by the waiter's next call, so a wake-up
-  lost or missed costs at most one wait (``_max_wait``, or the holder's TTL), never the grant.
+  lost or missed (evicted, a failover) costs at most one wait (``_max_wait``, or the holder's
+  TTL); the grant too when that wait outlasts ``HANDOVER_GRACE`` (with the defaults, 2.5s > 2s):
+  the grant lapses, and the waiter's next call queues it again at the back. Never safety.
 - Redis restarted with waiters queued: lost queue keys mean a waiter's next call (at most
   ``_max_wait`` later) finds the lease free and takes it or queues again; stale ones (restored
   from disk) carry deadlines in the past, or a bounded one on a failover target whose clock is
