@@ -36,17 +36,22 @@ Acquire and hand-over (``lua/acquire.lua``, ``lua/release.lua``, ``lua/queue.lua
   its own returns the current token and extends; a queued waiter keeps its place); release of a
   lease already handed over finds the lock someone else's and does nothing. The wake-up lists are
   only a doorbell: the lock's value is the truth, read by the waiter's next call, so a wake-up
-  lost or missed costs at most one wait (``_max_wait``, or the holder's TTL), never the grant.
+  lost or missed (evicted, a failover) costs at most one wait (``_max_wait``, or the holder's
+  TTL); the grant too when that wait outlasts ``HANDOVER_GRACE`` (with the defaults, 2.5s > 2s):
+  the grant lapses, and the waiter's next call queues it again at the back. Never safety.
 - Redis restarted with waiters queued: lost queue keys mean a waiter's next call (at most
   ``_max_wait`` later) finds the lease free and takes it or queues again; stale ones (restored
   from disk) carry deadlines in the past, or a bounded one on a failover target whose clock is
   behind. The queue and deadline keys expire after the latest deadline in them.
 
 Fencing counters: minted by INCR, so strictly increasing per object while the counter lives. With
-``COUNTER_IDLE_TTL`` a counter gets its expiry when created (token 1) and each release, renewal,
-hand-over and re-anchor pushes it back (the uncontended acquire does not: one command fewer on the
-path before the work; the release after it does); an object unused that long loses its counter, so
-Redis memory stays bounded by the objects in use. The next lease then mints a
+``COUNTER_IDLE_TTL`` every acquire, extension, renewal, hand-over, re-anchor and release pushes
+the counter's expiry back, and never to before the expiry of the lease it sets: a counter must not
+run out under a live lease (the next lease would be re-anchored just above the database's mark,
+possibly *below* the token of a holder that lost its lease before writing, whose late commit would
+then be accepted). An object unused that long loses its counter, so Redis memory stays bounded by
+the objects in use; a holder stalled for longer than ``COUNTER_IDLE_TTL`` past its lease, before
+its first write, is the one case the mark cannot refuse. The next lease then mints a
 low token, which the database's mark refuses at the lease's first judgement; Redis confirms the
 owner and re-anchors the counter above the mark (``fence.py``): the same path as a Redis restart,
 one extra round trip to each of Redis and the database, once per idle period. Tokens are not
@@ -69,6 +74,7 @@ cannot renew (its thread dies silently); release returns False instead of raisin
 from __future__ import annotations
 
 import logging
+import math
 import time
 from base64 import b64encode
 from collections.abc import Callable, Iterator
@@ -108,6 +114,12 @@ def _new_owner() -> str:
 # python-redis-lock's signal-list lifetime after a release (ms): long enough for a waiter that was
 # between its failed SET and its BLPOP to still find the wake-up.
 _SIGNAL_EXPIRE_MS = 1000
+
+
+def _ttl_ms(ttl: float) -> int:
+    """A lease TTL in whole milliseconds, rounded up: the caller's ``valid_until`` (``sent + ttl``)
+    must never exceed what Redis holds, and truncating ``30.0004`` to 30000 ms would let it."""
+    return max(1, math.ceil(ttl * 1000))
 
 
 def _wait_time(pttl_ms: int, max_wait: float, until_deadline: float | None) -> float:
@@ -213,7 +225,7 @@ class RedisLockBackend(LockBackend):
         queue, waiters, grant_prefix = self._queue_keys(key)
         owner = _new_owner()
         wake = grant_prefix + owner
-        ttl_ms = max(1, int(ttl * 1000))
+        ttl_ms = _ttl_ms(ttl)
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
         waited = queued = False
@@ -275,7 +287,7 @@ class RedisLockBackend(LockBackend):
 
     def renew(self, key: str, owner: str, ttl: float) -> bool:
         lock_key, _, counter = self._keys(key)
-        ttl_ms = max(1, int(ttl * 1000))
+        ttl_ms = _ttl_ms(ttl)
         return bool(
             self._call(
                 "renew a lease",

@@ -10,12 +10,13 @@
 -- ourselves), or {0, pttl} with the holder's remaining TTL in ms (queued unless ARGV[3] is 0).
 local owner, ttl_ms, stay_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local grace_ms, idle_ms, grant_prefix = ARGV[4], tonumber(ARGV[5]), ARGV[6]
--- Uncontended: nobody queued and the lease free, three commands. A counter created here (token 1:
--- new, or back after expiring) gets its idle expiry now; every release pushes it back.
+-- Uncontended: nobody queued and the lease free, four commands. The counter's expiry is pushed
+-- past the new lease here too (keep_counter in queue.lua says which race that closes): left where
+-- the last release put it, it could run out a moment after this token was minted.
 if redis.call('EXISTS', KEYS[3]) == 0 and redis.call('SET', KEYS[1], owner, 'NX', 'PX', ttl_ms) then
     local token = redis.call('INCR', KEYS[2])
-    if token == 1 and idle_ms > 0 then
-        redis.call('PEXPIRE', KEYS[2], idle_ms)
+    if idle_ms > 0 then
+        redis.call('PEXPIRE', KEYS[2], math.max(idle_ms, tonumber(ttl_ms)))
     end
     return {1, token}
 end
@@ -24,9 +25,9 @@ if holder == owner then
     redis.call('PEXPIRE', KEYS[1], ttl_ms)
     redis.call('DEL', KEYS[5])
     local token = redis.call('GET', KEYS[2])
-    if token and idle_ms > 0 then
-        redis.call('PEXPIRE', KEYS[2], idle_ms)
-    end
+    -- A grant's counter outlived its grace (keep_counter), so the extension finds the token
+    -- minted for it, and keeps it alive for the TTL it now sets.
+    keep_counter(idle_ms)
     return {1, tonumber(token or '0')}
 end
 if not holder then

@@ -17,13 +17,22 @@ local function now_ms()
     return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), t[1] .. string.format('%06d', tonumber(t[2]))
 end
 
--- Mint the next fencing token. An idle counter expires after idle_ms (0: never); a counter that
--- restarts low is refused by the database's mark and re-anchored at the lease's first judgement.
+-- Push the idle counter's expiry back to idle_ms (0: never expires), and never to before the
+-- lock's own expiry. Closes: a counter expiring under a live lease restarts low, the next lease is
+-- re-anchored just above the database's mark, and a holder that lost its lease before writing
+-- still presents a higher token than that newer lease, so its late commit would be accepted.
+local function keep_counter(idle_ms)
+    if idle_ms > 0 then
+        redis.call('PEXPIRE', KEYS[2], math.max(idle_ms, redis.call('PTTL', KEYS[1])))
+    end
+end
+
+-- Mint the next fencing token for the lock as just set. A counter that restarts low (after idling
+-- out with no lease, or a Redis restart) is refused by the database's mark and re-anchored at the
+-- lease's first judgement.
 local function mint(idle_ms)
     local token = redis.call('INCR', KEYS[2])
-    if idle_ms > 0 then
-        redis.call('PEXPIRE', KEYS[2], idle_ms)
-    end
+    keep_counter(idle_ms)
     return token
 end
 

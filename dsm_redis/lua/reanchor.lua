@@ -14,8 +14,9 @@ if current < floor then
     redis.call('SET', KEYS[2], floor)
 end
 local token = redis.call('INCR', KEYS[2])
--- SET cleared the counter's expiry: an idle counter must still expire.
+-- SET cleared the counter's expiry: an idle counter must still expire, never before the lease
+-- that re-anchored it (a later lease would restart below this token: keep_counter in queue.lua).
 if tonumber(ARGV[3] or '0') > 0 then
-    redis.call('PEXPIRE', KEYS[2], ARGV[3])
+    redis.call('PEXPIRE', KEYS[2], math.max(tonumber(ARGV[3]), redis.call('PTTL', KEYS[1])))
 end
 return token

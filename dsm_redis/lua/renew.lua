@@ -4,8 +4,10 @@
 -- ARGV[1] owner id      ARGV[2] lease TTL in milliseconds   ARGV[3] counter idle TTL in ms (0: never)
 -- Returns 1 when extended, 0 when the lease is gone or held by someone else.
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-    if tonumber(ARGV[3]) > 0 and redis.call('EXISTS', KEYS[2]) == 1 then
-        redis.call('PEXPIRE', KEYS[2], ARGV[3])
+    -- Never to before the lease's new expiry: a counter expiring under a live lease would let a
+    -- later lease be re-anchored below this holder's token (see keep_counter in queue.lua).
+    if tonumber(ARGV[3]) > 0 then
+        redis.call('PEXPIRE', KEYS[2], math.max(tonumber(ARGV[3]), tonumber(ARGV[2])))
     end
     return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
