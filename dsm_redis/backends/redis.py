@@ -36,9 +36,10 @@ Acquire and hand-over (``lua/acquire.lua``, ``lua/release.lua``, ``lua/queue.lua
   its own returns the current token and extends; a queued waiter keeps its place); release of a
   lease already handed over finds the lock someone else's and does nothing. The wake-up lists are
   only a doorbell: the lock's value is the truth, read by the waiter's next call, so a wake-up
-  lost or missed (evicted, a failover) costs at most one wait (``_max_wait``, or the holder's
-  TTL); the grant too when that wait outlasts ``HANDOVER_GRACE`` (with the defaults, 2.5s > 2s):
-  the grant lapses, and the waiter's next call queues it again at the back. Never safety.
+  lost or missed (evicted, a failover) costs at most one wait (``_max_wait``), never the grant:
+  a wait is at most half ``HANDOVER_GRACE``, so the waiter's next call comes before its grant
+  lapses (short of a process stalled longer than that: then the grant lapses, the lease goes to
+  the next waiter, and the late one queues again at the back; never safety).
 - Redis restarted with waiters queued: lost queue keys mean a waiter's next call (at most
   ``_max_wait`` later) finds the lease free and takes it or queues again; stale ones (restored
   from disk) carry deadlines in the past, or a bounded one on a failover target whose clock is
@@ -195,10 +196,12 @@ class RedisLockBackend(LockBackend):
 
     @cached_property
     def _max_wait(self) -> float:
-        """Longest BLPOP: under the client's real socket timeout, or redis-py calls it dead."""
+        """Longest BLPOP: under the client's real socket timeout, or redis-py calls it dead; and at
+        most half the hand-over grace, so a waiter whose wake-up was lost (evicted, a failover) calls
+        again, and collects its grant, before the grant lapses."""
         kwargs = getattr(getattr(self.client, "connection_pool", None), "connection_kwargs", {})
         timeout = kwargs.get("socket_timeout") or self.config.socket_timeout
-        return max(_MIN_WAIT, float(timeout) / 2)
+        return max(_MIN_WAIT, min(float(timeout), self.config.handover_grace) / 2)
 
     def _keys(self, key: str) -> tuple[str, str, str]:
         name = redis_name(self.config.key_prefix, key)
