@@ -1,0 +1,73 @@
+"""Interleavings of the lease's lifecycle (``lifecycle.py``), its renewer (``renewer.py``) and the
+fence's judgement (``fence.py``) that the split of the safety core must keep safe: the renewer's
+weak hold on a lease, fork while another thread is inside a lease's lock, re-anchoring. Each test
+states the interleaving it drives and the contract item at stake; they run against the real Redis
+and PostgreSQL the suite starts.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+from typing import Any
+
+import pytest
+from django.db import transaction
+
+from dsm_redis.backends import get_backend
+from dsm_redis.keys import object_key
+from dsm_redis.lease import held_lease
+from tests.helpers import dsm_options, wait_for
+from tests.testapp.models import Cat
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def owner_of(obj: Any) -> Any:
+    return get_backend().describe(object_key(obj))["owner"]
+
+
+# -- 1. the renewer's weak hold: a lease nothing else holds is no longer renewed
+
+
+def test_a_lease_parked_by_a_thread_that_died_in_its_transaction_expires_by_its_ttl(settings):
+    """renewer.py: the renewer holds a lease only weakly, so an abandoned lease expires by its TTL.
+
+    1. a thread transitions a cat inside a transaction it never ends (it dies inside it): the lease
+       is parked, held by that thread's registry and by the hook in that thread's connection;
+    2. the thread is gone: its registry and its connection (with the open transaction) are garbage;
+    3. the renewer, sleeping until the next tick, must not hold the lease it ticked last: if it
+       does, it renews the lease forever and the object can never be taken again.
+    """
+    dsm_options(settings, TTL=0.6)
+    cat = Cat.objects.create()
+    leases: list[weakref.ref[Any]] = []
+
+    def die_inside_a_transaction() -> None:
+        transaction.atomic().__enter__()  # never exited: the thread ends inside its transaction
+        Cat.objects.get(pk=cat.pk).state_machine.survive()
+        lease = held_lease(object_key(cat))
+        assert lease is not None
+        leases.append(weakref.ref(lease))
+        granted = lease.valid_until
+        wait_for(lambda: lease.valid_until > granted, "a renewal")  # the renewer has ticked it
+
+    worker = threading.Thread(target=die_inside_a_transaction)
+    worker.start()
+    worker.join()
+    assert leases, "the worker did not park its lease"
+    try:
+
+        def collected() -> bool:
+            gc.collect()
+            return leases[0]() is None
+
+        wait_for(collected, "the abandoned lease to be collected", timeout=10)
+        wait_for(lambda: owner_of(cat) is None, "the abandoned lease to expire by its TTL", timeout=10)
+    finally:
+        lease = leases[0]()
+        if lease is not None:  # the bug: close the dead thread's transaction, or the flush waits on its row lock
+            for connection, _hooks in list(lease.record.parked.values()):
+                connection.connection.close()
+            del lease
