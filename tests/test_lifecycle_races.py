@@ -71,3 +71,63 @@ def test_a_lease_parked_by_a_thread_that_died_in_its_transaction_expires_by_its_
             for connection, _hooks in list(lease.record.parked.values()):
                 connection.connection.close()
             del lease
+
+
+# -- 2. fork while another thread is inside a lease's lock
+
+
+def test_a_child_forked_while_the_renewer_is_inside_a_lease_lock_can_still_check_it(settings):
+    """lease.py contract 5 (fork) with lifecycle.py's per-lease lock.
+
+    1. the parent holds a lease (``object_lock``); the renewer thread is inside that lease's lock
+       (a tick: simulated by a thread that holds it) at the moment another thread forks;
+    2. the child inherits the lock *held*, by a thread that does not exist in the child;
+    3. in the child, the lease runs out (no renewer there) and the child's ``lease.check()`` must
+       raise ``LockLost`` — not wait forever on the lock (the module lock it replaced was reset
+       after a fork).
+    """
+    import os
+    import select
+    import signal
+    import time
+
+    from dsm_redis import LockLost, object_lock
+
+    dsm_options(settings, TTL=0.6)
+    cat = Cat.objects.create()
+    with object_lock(cat) as lease:
+        inside, leave = threading.Event(), threading.Event()
+
+        def renewer_inside_the_lock() -> None:
+            with lease._lock:
+                inside.set()
+                leave.wait()
+
+        renewer_like = threading.Thread(target=renewer_inside_the_lock)
+        renewer_like.start()
+        inside.wait()
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never touches the inherited database connection
+            code = 0
+            try:
+                while lease.remaining > 0:  # nothing renews it in the child
+                    time.sleep(0.05)
+                try:
+                    lease.check()
+                except LockLost:
+                    code = 1
+            except BaseException:
+                code = 2
+            os.write(write, bytes([code]))
+            os._exit(0)
+        leave.set()
+        renewer_like.join()
+        os.close(write)
+        answered = select.select([read], [], [], 10)[0]  # bounds a hung child only
+        if not answered:
+            os.kill(pid, signal.SIGKILL)
+        code = os.read(read, 1) if answered else b""
+        os.waitpid(pid, 0)
+        os.close(read)
+        assert code == bytes([1]), "the child hung on the lease's lock" if not code else code
