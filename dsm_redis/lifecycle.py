@@ -236,6 +236,10 @@ class Lease:
             return None
 
     def _tick(self) -> float | None:
+        if self._released:
+            # Marked released: its give-back may have been cut short (an interrupt in finish());
+            # renewing it would keep the object taken for as long as anything holds this object.
+            return None
         # A parked lease whose caller's transaction rolled back: nothing else releases it.
         if self.record.parked and self._release_if_rolled_back():
             return None

@@ -131,3 +131,34 @@ def test_a_child_forked_while_the_renewer_is_inside_a_lease_lock_can_still_check
         os.waitpid(pid, 0)
         os.close(read)
         assert code == bytes([1]), "the child hung on the lease's lock" if not code else code
+
+
+# -- 3. an interrupt while the holder's thread releases: a lease marked released is never renewed
+
+
+def test_a_lease_marked_released_is_not_renewed_when_an_interrupt_skips_its_give_back(settings):
+    """lifecycle.py: release is given back once; renewer.py: ``tick`` returns ``None`` when no more
+    ticks are needed.
+
+    1. the outermost block ends; ``Lease.finish`` marks the lease released (and finished);
+    2. an asynchronous exception (KeyboardInterrupt, a task's time limit) lands on the next line,
+       before the Redis side is given back; the caller still holds the lease object
+       (``with object_lock(x) as lease``), and no block of this thread will ever release it again;
+    3. the renewer must not keep renewing a lease marked released: it must expire by its TTL, not
+       stay taken for as long as the caller's object lives.
+    """
+    from dsm_redis import object_lock
+    from dsm_redis.lifecycle import Lease
+    from tests.test_lease_lifecycle import Abort, _line_after, raising_at
+
+    dsm_options(settings, TTL=0.6)
+    cat = Cat.objects.create()
+    line = _line_after(Lease.finish, "self.record.parked.clear()", "if first:")
+    with raising_at(Lease.finish, line) as fired:
+        try:
+            with object_lock(cat) as lease:
+                pass
+        except Abort:
+            pass
+    assert fired and lease.released
+    wait_for(lambda: owner_of(cat) is None, "the released lease to expire by its TTL", timeout=10)
