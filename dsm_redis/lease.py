@@ -79,6 +79,8 @@ def _forget_leases_after_fork() -> None:
     # A child forked while a thread held a lease inherits that thread's dict but not the lease:
     # the parent still owns it. Re-entering it in the child would let two processes work at once.
     global _local
+    for lease in getattr(_local, "leases", {}).values():
+        lease.forked()  # the renewer may have been inside its lock at the fork
     _local = threading.local()
 
 

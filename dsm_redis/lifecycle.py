@@ -236,6 +236,10 @@ class Lease:
             return None
 
     def _tick(self) -> float | None:
+        if self._released:
+            # Marked released: its give-back may have been cut short (an interrupt in finish());
+            # renewing it would keep the object taken for as long as anything holds this object.
+            return None
         # A parked lease whose caller's transaction rolled back: nothing else releases it.
         if self.record.parked and self._release_if_rolled_back():
             return None
@@ -395,6 +399,15 @@ class Lease:
         with self._lock:
             rest, self.record.after_release = self.record.after_release, []
         return rest
+
+    def forked(self) -> None:
+        """This process is a child forked while the lease was held (``lease.py``): its own lock.
+
+        Another thread of the parent (the renewer in a tick, a commit hook) may have been inside the
+        lease's lock at the fork; that thread does not exist in the child, and its copy of the lock
+        would stay held forever: ``check()`` on the inherited lease would wait instead of raising.
+        """
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<Lease {self.key} token={self.fencing_token} remaining={self.remaining:.1f}s>"

@@ -90,22 +90,27 @@ class Renewer:
         while True:
             with self._cond:
                 entry = self._next_due()
-            lease = entry.ref()
-            if lease is None:
-                continue  # collected: nothing holds it any more
-            try:
-                delay = lease.tick()
-            except Exception:  # the thread must survive anything (tick fails safe on its own)
-                logger.exception("renewer: unexpected error on %s", lease.key)
-                delay = None
-            with self._cond:
-                if delay is None:
-                    if self._entries.get(lease) is entry:
-                        del self._entries[lease]
-                    entry.active = False
-                elif entry.active:  # not discarded meanwhile
-                    # On the renewer's own thread, which recomputes its wake-up before it sleeps again.
-                    heapq.heappush(self._heap, (time.monotonic() + delay, next(self._sequence), entry))
+            # The lease is referenced only inside _tick_once: a local of this loop would keep the
+            # lease ticked last alive while the thread sleeps, and renew an abandoned lease forever.
+            self._tick_once(entry)
+
+    def _tick_once(self, entry: _Entry) -> None:
+        lease = entry.ref()
+        if lease is None:
+            return  # collected: nothing holds it any more
+        try:
+            delay = lease.tick()
+        except Exception:  # the thread must survive anything (tick fails safe on its own)
+            logger.exception("renewer: unexpected error on %s", lease.key)
+            delay = None
+        with self._cond:
+            if delay is None:
+                if self._entries.get(lease) is entry:
+                    del self._entries[lease]
+                entry.active = False
+            elif entry.active:  # not discarded meanwhile
+                # On the renewer's own thread, which recomputes its wake-up before it sleeps again.
+                heapq.heappush(self._heap, (time.monotonic() + delay, next(self._sequence), entry))
 
     def _next_due(self) -> _Entry:
         heap = self._heap
