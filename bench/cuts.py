@@ -10,12 +10,11 @@ the machine's load drifts between runs.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
 from bench.contenders import CALLS, model_for
-from bench.run import Servers, balance_sum, create_rows, reset
+from bench.run import Servers, balance_sum, prepare, reset
 
 NAMES = ("dsm_redis", "floor", "seed")
 
@@ -33,14 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     servers = Servers(args.redis_url, args.database_url)
     pool = None
     try:
-        setup = {"database": servers.database, "redis_url": servers.redis_url, "run_id": str(os.getpid())}
-        from bench.settings import configure
-
-        configure(**setup)
-        from django.core.management import call_command
-
-        call_command("migrate", run_syncdb=True, verbosity=0)
-        layout = create_rows(max(8, args.race))
+        setup, layout = prepare(servers, max(8, args.race))
         if args.race:
             from bench.pool import Pool, Race
 

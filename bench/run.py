@@ -434,6 +434,18 @@ def profiles(layout: dict[str, Any], calls: int) -> dict[str, Any]:
 # -- main -----------------------------------------------------------------------------------------
 
 
+def prepare(servers: Any, objects: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Configure Django on the run's servers, migrate, create the rows: (worker setup, row layout)."""
+    setup = {"database": servers.database, "redis_url": servers.redis_url, "run_id": str(os.getpid())}
+    from bench.settings import configure
+
+    configure(**setup)
+    from django.core.management import call_command
+
+    call_command("migrate", run_syncdb=True, verbosity=0)
+    return setup, create_rows(objects)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.from_json:
@@ -450,14 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     servers = Servers(args.redis_url, args.database_url)
     pool = None
     try:
-        setup = {"database": servers.database, "redis_url": servers.redis_url, "run_id": str(os.getpid())}
-        from bench.settings import configure
-
-        configure(**setup)
-        from django.core.management import call_command
-
-        call_command("migrate", run_syncdb=True, verbosity=0)
-        layout = create_rows(args.objects)
+        setup, layout = prepare(servers, args.objects)
         machine = machine_info(servers.redis_url)
         log(f"database {servers.db_name} ready; starting {pool_size(args)} worker processes")
         from bench.pool import Pool

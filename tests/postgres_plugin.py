@@ -24,14 +24,7 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
     options = parser.parse_known_args(args)
     if getattr(options, "help", False) or getattr(options, "version", False):
         return
+    from dsm_redis.tools.pytest_plugin import export_for_session
     from dsm_redis.tools.servers import PostgresServer
 
-    server = PostgresServer().start()
-    os.environ[ENV_VAR] = server.url
-
-    def stop() -> None:
-        if os.environ.get(ENV_VAR) == server.url:
-            del os.environ[ENV_VAR]
-        server.stop()
-
-    early_config.add_cleanup(stop)
+    export_for_session(early_config, ENV_VAR, PostgresServer().start())

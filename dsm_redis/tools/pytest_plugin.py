@@ -51,15 +51,21 @@ def _start_server(config: pytest.Config) -> str:
         raise pytest.UsageError(
             f"dsm_redis.tools.pytest_plugin: {exc} Or set {ENV_VAR} to the URL of a Redis you run."
         ) from None
-    os.environ[ENV_VAR] = server.url
+    return export_for_session(config, ENV_VAR, server)
+
+
+def export_for_session(config: pytest.Config, env_var: str, server: Any) -> str:
+    """Export a started server's ``url`` in ``env_var`` (for settings and spawned processes); when
+    the session ends, stop the server and take the variable back if it still names it."""
+    os.environ[env_var] = server.url
 
     def stop() -> None:
-        if os.environ.get(ENV_VAR) == server.url:
-            del os.environ[ENV_VAR]
+        if os.environ.get(env_var) == server.url:
+            del os.environ[env_var]
         server.stop()
 
     config.add_cleanup(stop)
-    return server.url
+    return str(server.url)
 
 
 @pytest.hookimpl(tryfirst=True)
