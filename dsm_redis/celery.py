@@ -50,7 +50,7 @@ import logging
 import random
 from collections.abc import Callable
 from contextlib import ExitStack
-from typing import Any
+from typing import Any, Literal, get_args
 
 try:
     from celery import Task
@@ -73,7 +73,8 @@ __all__ = ["locked_task"]
 
 logger = logging.getLogger("dsm_redis")
 CONTENTION_HEADER = "dsm_redis_contention"  # message header: contention retries so far
-ON_CONTENTION = ("retry", "skip", "raise")
+OnContention = Literal["retry", "skip", "raise"]
+ON_CONTENTION: tuple[str, ...] = get_args(OnContention)
 _DEFAULT: Any = object()
 
 
@@ -81,7 +82,7 @@ def locked_task(
     model: str | type[Model],
     pk_arg: str = "pk",
     *,
-    on_contention: str = "retry",
+    on_contention: OnContention = "retry",
     timeout: float | None = _DEFAULT,
     ttl: float | None = None,
     using: str | None = None,
@@ -166,7 +167,7 @@ def run_locked(
     using: str,
     body: Callable[[Lease], Any],
     *,
-    on_contention: str = "retry",
+    on_contention: OnContention = "retry",
     timeout: float | None = _DEFAULT,
     ttl: float | None = None,
     atomic: bool = True,
