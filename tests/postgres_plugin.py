@@ -9,8 +9,6 @@ suite's Redis comes the same way from ``dsm_redis.tools.pytest_plugin`` (``DSM_T
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 ENV_VAR = "DSM_TEST_DATABASE_URL"
@@ -19,12 +17,8 @@ ENV_VAR = "DSM_TEST_DATABASE_URL"
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Parser, args: list[str]) -> None:
     # tryfirst: before pytest-django's implementation of this hook imports tests.settings.
-    if os.environ.get(ENV_VAR):
-        return
-    options = parser.parse_known_args(args)
-    if getattr(options, "help", False) or getattr(options, "version", False):
-        return
-    from dsm_redis.tools.pytest_plugin import export_for_session
+    from dsm_redis.tools.pytest_plugin import export_for_session, server_wanted
     from dsm_redis.tools.servers import PostgresServer
 
-    export_for_session(early_config, ENV_VAR, PostgresServer().start())
+    if server_wanted(parser, args, ENV_VAR):
+        export_for_session(early_config, ENV_VAR, PostgresServer().start())

@@ -71,12 +71,17 @@ def export_for_session(config: pytest.Config, env_var: str, server: Any) -> str:
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Parser, args: list[str]) -> None:
     # tryfirst: before pytest-django's implementation of this hook imports the project's settings.
-    if os.environ.get(ENV_VAR):
-        return
+    if server_wanted(parser, args, ENV_VAR):
+        _start_server(early_config)
+
+
+def server_wanted(parser: pytest.Parser, args: list[str], env_var: str) -> bool:
+    """Start a server for this session: ``env_var`` names none, and pytest is not only printing
+    its help or version."""
+    if os.environ.get(env_var):
+        return False
     options = parser.parse_known_args(args)
-    if getattr(options, "help", False) or getattr(options, "version", False):
-        return
-    _start_server(early_config)
+    return not (getattr(options, "help", False) or getattr(options, "version", False))
 
 
 @pytest.fixture(scope="session")
