@@ -5,37 +5,36 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('dsm_redis', '0002_applied_task'),
+        ("dsm_redis", "0002_applied_task"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='TransitionRecord',
+            name="TransitionRecord",
             fields=[
-                ('id', models.AutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('model', models.CharField(max_length=100)),
-                ('object_id', models.CharField(max_length=255)),
-                ('field', models.CharField(max_length=100)),
-                ('edge', models.CharField(blank=True, max_length=100)),
-                ('failed_edge', models.CharField(blank=True, max_length=100)),
-                ('source', models.JSONField(null=True)),
-                ('target', models.JSONField(null=True)),
-                ('kwargs', models.JSONField(blank=True, default=dict)),
-                ('fencing_token', models.BigIntegerField(null=True)),
-                ('lease_owner', models.CharField(blank=True, max_length=64)),
-                ('actor_model', models.CharField(blank=True, max_length=100)),
-                ('actor_id', models.CharField(blank=True, max_length=255)),
-                ('actor_label', models.CharField(blank=True, max_length=255)),
-                ('task_id', models.CharField(blank=True, max_length=255)),
-                ('created_at', models.DateTimeField(db_index=True, default=django.utils.timezone.now)),
+                ("id", models.AutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("model", models.CharField(max_length=100)),
+                ("object_id", models.CharField(max_length=255)),
+                ("field", models.CharField(max_length=100)),
+                ("edge", models.CharField(blank=True, max_length=100)),
+                ("failed_edge", models.CharField(blank=True, max_length=100)),
+                ("source", models.JSONField(null=True)),
+                ("target", models.JSONField(null=True)),
+                ("kwargs", models.JSONField(blank=True, default=dict)),
+                ("fencing_token", models.BigIntegerField(null=True)),
+                ("lease_owner", models.CharField(blank=True, max_length=64)),
+                ("actor_model", models.CharField(blank=True, max_length=100)),
+                ("actor_id", models.CharField(blank=True, max_length=255)),
+                ("actor_label", models.CharField(blank=True, max_length=255)),
+                ("task_id", models.CharField(blank=True, max_length=255)),
+                ("created_at", models.DateTimeField(db_index=True, default=django.utils.timezone.now)),
             ],
             options={
-                'verbose_name': 'transition record',
-                'db_table': 'dsm_redis_transition_record',
-                'ordering': ['-id'],
-                'indexes': [models.Index(fields=['model', 'object_id'], name='dsm_redis_record_object')],
+                "verbose_name": "transition record",
+                "db_table": "dsm_redis_transition_record",
+                "ordering": ["-id"],
+                "indexes": [models.Index(fields=["model", "object_id"], name="dsm_redis_record_object")],
             },
         ),
     ]

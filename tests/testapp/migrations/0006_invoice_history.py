@@ -4,31 +4,43 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('testapp', '0005_decimal_account'),
+        ("testapp", "0005_decimal_account"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='HistoryAccount',
+            name="HistoryAccount",
             fields=[
-                ('id', models.AutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('state', models.CharField(default='open', max_length=10)),
-                ('balance', models.IntegerField(default=0)),
-                ('deposits', models.IntegerField(default=0)),
+                ("id", models.AutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("state", models.CharField(default="open", max_length=10)),
+                ("balance", models.IntegerField(default=0)),
+                ("deposits", models.IntegerField(default=0)),
             ],
         ),
         migrations.CreateModel(
-            name='Invoice',
+            name="Invoice",
             fields=[
-                ('id', models.AutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('status', models.CharField(choices=[('new', 'New'), ('paid', 'Paid'), ('shipped', 'Shipped'), ('failed', 'Failed'), ('cancelled', 'Cancelled')], default='new', max_length=20)),
-                ('paid', models.IntegerField(default=0)),
-                ('failure', models.CharField(blank=True, max_length=100)),
+                ("id", models.AutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("new", "New"),
+                            ("paid", "Paid"),
+                            ("shipped", "Shipped"),
+                            ("failed", "Failed"),
+                            ("cancelled", "Cancelled"),
+                        ],
+                        default="new",
+                        max_length=20,
+                    ),
+                ),
+                ("paid", models.IntegerField(default=0)),
+                ("failure", models.CharField(blank=True, max_length=100)),
             ],
             options={
-                'permissions': [('ship_invoice', 'Can ship invoices')],
+                "permissions": [("ship_invoice", "Can ship invoices")],
             },
         ),
     ]
