@@ -62,8 +62,18 @@ def edge_id(transition: Transition) -> str:
     return transition.name or f"to:{json.dumps(transition.end)}"
 
 
+def state_text(machine: StateMachine, model: Any, state: Any) -> str:
+    """A state as a person reads it: its choice's text when the state field has choices."""
+    value = plain(state)
+    meta = model._meta
+    for choice, text in meta.get_field(machine.state_field_name).flatchoices:
+        if plain(choice) == value:
+            return str(text)
+    return str(value)
+
+
 def edge_label(machine: StateMachine, model: Any, transition: Transition) -> str:
-    return transition.name or f"to {machine.label(model, transition.end)}"
+    return transition.name or f"to {state_text(machine, model, transition.end)}"
 
 
 def arguments_form(machine: StateMachine, transition: Transition) -> type[forms.Form]:
@@ -148,7 +158,9 @@ class StateMachineAdminMixin:
         form_url: str = "", obj: Any = None,
     ) -> Any:  # fmt: skip
         if obj is not None and obj.pk is not None and not add:
-            context["dsm_machines"] = [self._panel(request, obj, name, f) for name, f in self.get_state_machine_fields().items()]
+            context["dsm_machines"] = [
+                self._panel(request, obj, name, f) for name, f in self.get_state_machine_fields().items()
+            ]
         return super().render_change_form(request, context, add=add, change=change, form_url=form_url, obj=obj)  # type: ignore[misc]
 
     def _panel(self, request: HttpRequest, obj: Any, name: str, field: StateMachineField) -> dict[str, Any]:
@@ -166,14 +178,17 @@ class StateMachineAdminMixin:
         return {
             "field": name,
             "title": name.replace("_", " "),
-            "state": machine.label(obj, machine.current_state(obj)),
+            "state": state_text(machine, obj, machine.current_state(obj)),
             "edges": edges,
             "action": reverse(
                 f"{self.admin_site.name}:{self.opts.app_label}_{self.opts.model_name}_transition", args=[quote(obj.pk)]
             ),
             "lease": self.lease_holder(obj),
             "history_on": machine.history,
-            "history": list(history_of(machine, obj)[: self.history_limit]) if machine.history else [],
+            "history": [
+                (r, json.dumps(r.kwargs, ensure_ascii=False) if r.kwargs else "")
+                for r in (history_of(machine, obj)[: self.history_limit] if machine.history else [])
+            ],
         }
 
     def lease_holder(self, obj: Any) -> dict[str, Any] | None:
@@ -218,7 +233,7 @@ class StateMachineAdminMixin:
             raise PermissionDenied
         form = arguments_form(machine, transition)(request.POST)
         if not form.is_valid():
-            errors = "; ".join(f"{name}: {' '.join(e)}" for name, e in form.errors.items())
+            errors = "; ".join(f"{name}: {' '.join(str(m) for m in e)}" for name, e in form.errors.items())
             messages.error(request, f"{edge_label(machine, obj, transition)}: {errors}")
             return HttpResponseRedirect(change_url)
         self.run_transition(request, obj, field, transition, _arguments(form))
@@ -232,7 +247,7 @@ class StateMachineAdminMixin:
         machine = field.machine
         assert machine is not None
         label = edge_label(machine, obj, transition)
-        before = machine.label(obj, machine.current_state(obj))
+        before = state_text(machine, obj, machine.current_state(obj))
         try:
             # The lease first, bounded: a busy object is reported within the timeout, not after the
             # lock's default wait; the transition inside re-enters it.
@@ -244,7 +259,7 @@ class StateMachineAdminMixin:
         except (TransitionException, TypeError) as exc:
             messages.error(request, f"{obj}: {label} refused: {exc}")
             return False
-        after = machine.label(obj, state)
+        after = state_text(machine, obj, state)
         if plain(state) != transition.end:
             messages.warning(request, f"{obj}: {label} failed; it moved from {before} to {after}.")
             return False
@@ -280,7 +295,7 @@ class StateMachineAdminMixin:
                 current = machine.current_state(obj)
                 edge = next((t for t in machine.edges_from(current) if edge_id(t) == ident), None)
                 if edge is None:
-                    messages.error(request, f"{obj}: no edge {ident!r} from {machine.label(obj, current)}.")
+                    messages.error(request, f"{obj}: no edge {ident!r} from {state_text(machine, obj, current)}.")
                     refused += 1
                 elif not has_permission(edge, request.user, obj):
                     messages.error(request, f"{obj}: you may not take {edge_label(machine, obj, edge)}.")

@@ -153,7 +153,8 @@ def _actor_fields() -> dict[str, Any]:
 
 def _object_fields(instance: Model) -> dict[str, Any]:
     # The concrete model: a proxy's record is its row's, as its lease is (keys.object_key).
-    return {"model": instance._meta.concrete_model._meta.label_lower, "object_id": str(instance.pk)}
+    model = instance._meta.concrete_model or type(instance)
+    return {"model": model._meta.label_lower, "object_id": str(instance.pk)}
 
 
 def record(
@@ -187,9 +188,9 @@ def record(
 
 
 @contextmanager
-def diverted(machine: StateMachine, instance: Model, failed: Transition) -> Iterator[None]:
+def diverted(machine: StateMachine, instance: Model, failed: Transition | None) -> Iterator[None]:
     """The edge to an error state taken in this block replaces ``failed`` (``TransitionFailed``)."""
-    token = _DIVERTED.set((id(instance), machine.field_name, failed.name or ""))
+    token = _DIVERTED.set((id(instance), machine.field_name, (failed.name if failed is not None else None) or ""))
     try:
         yield
     finally:
@@ -217,7 +218,7 @@ def track_creation(model: type[Model], machine: StateMachine) -> None:
     committed. So ``_save_table`` — the one call that writes the concrete row — runs in ``atomic``
     with the record. ``bulk_create`` and raw saves (fixtures) are not recorded.
     """
-    original = model._save_table
+    original = model._save_table  # type: ignore[attr-defined]
     signature = inspect.signature(original)
 
     @wraps(original)
@@ -235,7 +236,7 @@ def track_creation(model: type[Model], machine: StateMachine) -> None:
                 _record_creation(self, machine, using)
         return updated
 
-    model._save_table = _save_table  # type: ignore[method-assign]
+    model._save_table = _save_table  # type: ignore[attr-defined]
 
 
 def _record_creation(instance: Model, machine: StateMachine, using: str) -> None:

@@ -128,6 +128,7 @@ def _step(
     in_caller_transaction = connections[using].in_atomic_block
     original = _snapshot(instance)
     committed: list[bool] = []
+    transition: Transition | None = None  # the edge a TransitionFailed diverts from (history.diverted)
     if lease is not None:
         lease.record.wrote(using)  # if this is a caller's transaction, its commit releases the lease
     try:

@@ -45,6 +45,7 @@ INSTALLED_APPS = [
     "django.contrib.auth",
     "django.contrib.messages",
     "django.contrib.admin",
+    "django.contrib.staticfiles",  # the admin's styles in test_admin_browser.py's live server
     "dsm_redis",
     "tests.testapp",
 ]

@@ -330,7 +330,13 @@ class Invoice(models.Model):
     status = models.CharField(
         max_length=20,
         default="new",
-        choices=[("new", "New"), ("paid", "Paid"), ("shipped", "Shipped"), ("failed", "Failed"), ("cancelled", "Cancelled")],
+        choices=[
+            ("new", "New"),
+            ("paid", "Paid"),
+            ("shipped", "Shipped"),
+            ("failed", "Failed"),
+            ("cancelled", "Cancelled"),
+        ],
     )
     paid = models.IntegerField(default=0)
     failure = models.CharField(max_length=100, blank=True)
