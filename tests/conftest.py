@@ -54,3 +54,14 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]
         dsm_tasks.transition, "apply_async", lambda kwargs, **options: sent.append((options["task_id"], kwargs))
     )
     return sent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_permissions_on_flush() -> None:
+    """Transactional tests flush the database after each test, and ``post_migrate`` then creates
+    every model's permissions again: a cost per test that only test_admin.py's permissions need.
+    Those tests create them themselves (``create_permissions``)."""
+    from django.contrib.auth.management import create_permissions
+    from django.db.models.signals import post_migrate
+
+    post_migrate.disconnect(create_permissions, dispatch_uid="django.contrib.auth.management.create_permissions")

@@ -8,6 +8,8 @@ import threading
 from typing import Any
 
 import pytest
+from django.apps import apps
+from django.contrib.auth.management import create_permissions
 from django.contrib.auth.models import Permission
 from django.contrib.messages import get_messages
 from django.test import Client
@@ -41,6 +43,7 @@ def buttons(response: Any) -> list[str]:
 @pytest.fixture
 def staff(django_user_model: Any) -> Any:
     """A staff user who may change invoices, nothing more; ``grant(codename)`` adds one."""
+    create_permissions(apps.get_app_config("testapp"), verbosity=0)  # not after a flush (conftest.py)
     user = django_user_model.objects.create_user("staff", password="pw", is_staff=True)
     user.user_permissions.add(*Permission.objects.filter(codename__in=["view_invoice", "change_invoice"]))
 
@@ -117,6 +120,7 @@ def test_buttons_and_clicks_follow_the_edge_permissions(client, staff):
 
 
 def test_a_user_who_may_only_view_gets_no_button(client, django_user_model):
+    create_permissions(apps.get_app_config("testapp"), verbosity=0)
     viewer = django_user_model.objects.create_user("viewer", is_staff=True)
     viewer.user_permissions.add(Permission.objects.get(codename="view_invoice"))
     invoice = Invoice.objects.create()
