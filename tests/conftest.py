@@ -35,6 +35,17 @@ def _both_databases(django_db_blocker: Any, request: pytest.FixtureRequest) -> N
     )
 
 
+@pytest.fixture(scope="module")
+def worker(django_db_setup: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real Celery worker (prefork) on the suite's queue, for the module's tests."""
+    from tests.celery_app import QUEUE
+    from tests.celery_worker import Worker
+
+    w = Worker(tmp_path_factory.mktemp("celery") / "worker.log", "main", QUEUE, concurrency=3)
+    yield w
+    w.stop()
+
+
 @pytest.fixture
 def queries() -> Any:
     """``with queries("default") as ctx: ...; ctx.captured_queries`` (BEGIN and COMMIT included)."""

@@ -14,6 +14,7 @@ import dsm_redis
 from dsm_redis.keys import object_key
 from dsm_redis.models import FencingMark, TransitionRecord
 from tests.celery_worker import run_transition
+from tests.helpers import WAIT
 from tests.procs import committed_per_account, run_workers
 from tests.testapp.models import HistoryAccount, Invoice, Order
 
@@ -117,6 +118,17 @@ def test_a_task_records_the_actor_who_enqueued_it_and_its_id(captured, django_us
     assert run_transition(payload, task_id) == "paid"  # what a worker does with the message
     paid = records(invoice)[0]
     assert (paid.edge, paid.task_id, paid.actor) == ("pay", task_id, user)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_records_the_actor_who_enqueued_the_task(worker, django_user_model):
+    user = django_user_model.objects.create_user("barbara")
+    invoice = Invoice.objects.create()
+    with dsm_redis.actor(user):
+        result = invoice.machine.pay(amount=3, as_task=True)  # autocommit: sent at once
+    assert result.get(timeout=WAIT) == "paid"
+    paid = records(invoice)[0]
+    assert (paid.edge, paid.task_id, paid.actor, paid.actor_label) == ("pay", result.id, user, "barbara")
 
 
 @pytest.mark.django_db(transaction=True)
