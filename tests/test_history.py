@@ -193,3 +193,23 @@ def test_allowed_transitions_apply_permissions(django_user_model):
     assert [t.name for t in paid.machine.allowed_transitions(AnonymousUser())] == []
     new = Invoice(status="new")
     assert [t.name for t in new.machine.allowed_transitions(Staff())] == ["pay", "fail", None]
+
+
+def test_the_redaction_hook_and_values_that_are_not_json():
+    from dsm_redis.history import redact
+    from tests.testapp.models import InvoiceMachine
+
+    options = Invoice._meta  # not JSON: stored as its repr
+    machine = Invoice.machine.machine
+    edge = machine.edge_named("new", "pay", model=Invoice)
+    assert redact(machine, edge, {"amount": 1, "card": "4111", "meta": options}) == {
+        "amount": 1,
+        "card": "[redacted]",  # InvoiceMachine.history_redact
+        "meta": repr(options),
+    }
+
+    class Masking(InvoiceMachine):
+        def redact_history(self, transition, kwargs):
+            return {name: "***" for name in kwargs}
+
+    assert redact(Masking("machine", "status"), edge, {"amount": 1}) == {"amount": "***"}
