@@ -625,3 +625,27 @@ def test_one_row_has_one_lease_and_one_mark_whatever_form_an_instance_holds_its_
     row = fresh(mine)
     assert row.balance == 1 + 10 * row.deposits, "a deposit was overwritten by a write from an older read"
     assert len(busy) == 1
+
+
+def _sqlite_before_3_35(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+    # SQLite parses RETURNING from 3.35 on; before, the clause is a syntax error.
+    from django.db import OperationalError
+
+    if " RETURNING " in sql.upper():
+        raise OperationalError('near "RETURNING": syntax error')
+    return execute(sql, params, many, context)
+
+
+def test_the_sqlite_mark_needs_no_sqlite_newer_than_djangos_minimum():
+    """Django supports SQLite older than 3.35 (5.2: 3.31; 4.2: 3.21) and deployments run it (Debian
+    11 ships 3.34): the upsert that judges a token must not need RETURNING, on acceptance or refusal."""
+    obj = Account.objects.using("sqlite").create()
+    with connections["sqlite"].execute_wrapper(_sqlite_before_3_35):
+        obj.machine.deposit()
+        with object_lock(obj) as lease:
+            obj.machine.deposit()
+            expire(lease)
+            in_other_thread(lambda: Account.objects.using("sqlite").get(pk=obj.pk).machine.deposit(amount=10))
+            with pytest.raises(StaleFencingToken):
+                obj.machine.deposit(amount=100)
+    assert (fresh(obj).balance, fresh(obj).deposits) == (12, 3)
