@@ -122,3 +122,13 @@ def test_a_transition_waiting_for_the_row_with_no_mark_yet_reads_the_row_committ
         join()
     assert (fresh(obj).balance, fresh(obj).deposits) == (101, 1)
     assert FencingMark.objects.filter(pk=object_key(obj)).exists()
+
+
+def test_a_primary_key_no_row_can_have_is_a_missing_row_as_for_the_orm():
+    """Django (5.0+) compiles ``pk=<out of the column's range>`` to no query at all; ``.get()`` raises
+    ``DoesNotExist``, and so must the compiled statement, compiling or compiled."""
+    in_scan = mark_table("default").judge_in_scan(Token("testapp.account:1", 1, "owner"), None)
+    _STATEMENTS.clear()
+    for pk in (2**31, 1, 2**31):  # compiling on it; compiled, then given it
+        with transaction.atomic(), pytest.raises(Account.DoesNotExist):
+            locked_row(Account, "default", pk, MARK, in_scan)
