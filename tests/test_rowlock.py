@@ -1,6 +1,7 @@
 """The compiled row-lock statement (``rowlock.py``) against the ORM's own, on PostgreSQL, where the
 fence runs inside it: every kind of column, a statement compiled by another thread's connection, and
-the row a waiting transition reads when the object has no fencing mark yet.
+the row a waiting transition reads when the object has no fencing mark yet; and the row read under
+the lock adopted by a caller's instance with deferred fields, on both databases.
 
 The basic shapes (UUID, Decimal and string keys, a missing row) are in ``test_fencing.py``.
 """
@@ -23,14 +24,12 @@ from dsm_redis.rowlock import _STATEMENTS, locked_row
 from dsm_redis.token import Token
 from tests.helpers import fresh, pg_connect, wait_for
 from tests.procs import in_background
-from tests.testapp.models import Account
+from tests.testapp.models import DEAD, Account, Cat, Lion
 
-pytestmark = [
-    pytest.mark.django_db(databases=["default"], transaction=True),
-    pytest.mark.skipif(
-        "connections['default'].vendor != 'postgresql'", reason="the fence runs in the scan on PostgreSQL"
-    ),
-]
+pytestmark = pytest.mark.django_db(databases=["default", "sqlite"], transaction=True)
+postgresql = pytest.mark.skipif(
+    "connections['default'].vendor != 'postgresql'", reason="the fence runs in the scan on PostgreSQL"
+)
 
 
 class Shouting(models.CharField):
@@ -61,6 +60,7 @@ def _values(model: type[models.Model], row: models.Model) -> dict[str, tuple[typ
     return {f.attname: (type(getattr(row, f.attname)), getattr(row, f.attname)) for f in model._meta.concrete_fields}
 
 
+@postgresql
 @isolate_apps("tests.testapp")
 def test_compiled_row_lock_reads_every_kind_of_column_as_the_orm_does():
     class Ledger(models.Model):
@@ -93,6 +93,7 @@ def test_compiled_row_lock_reads_every_kind_of_column_as_the_orm_does():
             editor.delete_model(Ledger)
 
 
+@postgresql
 def test_a_statement_compiled_on_another_threads_connection_reads_on_this_one():
     obj = Account.objects.create(balance=3)
     _STATEMENTS.clear()
@@ -102,6 +103,7 @@ def test_a_statement_compiled_on_another_threads_connection_reads_on_this_one():
     assert (fresh(obj).balance, fresh(obj).deposits) == (5, 2)
 
 
+@postgresql
 def test_a_transition_waiting_for_the_row_with_no_mark_yet_reads_the_row_committed_meanwhile():
     """The fence raises (here: inserts) the mark in the scan, then FOR UPDATE waits for the row; the
     row it returns is the one committed while it waited, not the one its scan first saw."""
@@ -124,6 +126,7 @@ def test_a_transition_waiting_for_the_row_with_no_mark_yet_reads_the_row_committ
     assert FencingMark.objects.filter(pk=object_key(obj)).exists()
 
 
+@postgresql
 def test_a_primary_key_no_row_can_have_is_a_missing_row_as_for_the_orm():
     """Django (5.0+) compiles ``pk=<out of the column's range>`` to no query at all; ``.get()`` raises
     ``DoesNotExist``, and so must the compiled statement, compiling or compiled."""
@@ -132,3 +135,21 @@ def test_a_primary_key_no_row_can_have_is_a_missing_row_as_for_the_orm():
     for pk in (2**31, 1, 2**31):  # compiling on it; compiled, then given it
         with transaction.atomic(), pytest.raises(Account.DoesNotExist):
             locked_row(Account, "default", pk, MARK, in_scan)
+
+
+def test_an_instance_with_deferred_fields_adopts_the_whole_row_read_under_the_lock(db_alias):
+    obj = Account.objects.using(db_alias).create()
+    deferred = Account.objects.using(db_alias).only("pk").get(pk=obj.pk)
+    Account.objects.using(db_alias).filter(pk=obj.pk).update(balance=5)  # after the instance was read
+    deferred.machine.deposit(amount=1)
+    assert (fresh(obj).balance, deferred.balance, deferred.deposits) == (6, 6, 1)
+    assert not deferred.get_deferred_fields()
+
+
+def test_an_inherited_instance_with_deferred_fields_adopts_the_whole_row_read_under_the_lock(db_alias):
+    lion = Lion.objects.using(db_alias).create()
+    deferred = Lion.objects.using(db_alias).only("pk").get(pk=lion.pk)
+    Cat.objects.using(db_alias).filter(pk=lion.pk).update(age=7)  # the parent's row, after the read
+    deferred.state_machine.rip(reason="old")
+    assert (fresh(lion).state, fresh(lion).cause, deferred.age, deferred.mane) == (DEAD, "old", 7, "short")
+    assert not deferred.get_deferred_fields()
