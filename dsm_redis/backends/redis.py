@@ -90,8 +90,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ClusterDownError, RedisClusterException
 from redis.retry import Retry
 
-from ..conf import Config
-from ..exceptions import LockBackendUnavailable, LockTimeout
+from ..conf import Config, parse_sentinel_location
+from ..exceptions import LockBackendUnavailable, LockNotReplicated, LockTimeout
 from ..keys import counter_key, redis_name
 from . import Grant, LeaseInfo, LockBackend
 
@@ -147,6 +147,7 @@ class RedisLockBackend(LockBackend):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self._location = config.location
+        self._sentinel: Any = None  # the redis.sentinel.Sentinel behind a redis+sentinel:// client
 
     # -- client ----------------------------------------------------------------------------------
 
@@ -164,6 +165,8 @@ class RedisLockBackend(LockBackend):
             "retry": Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
         }
         scheme, sep, rest = location.partition("://")
+        if scheme.lower().endswith("+sentinel"):
+            return self._sentinel_client(location, options)
         if scheme.lower().endswith("+cluster"):
             from redis.cluster import RedisCluster
 
@@ -174,6 +177,27 @@ class RedisLockBackend(LockBackend):
                 lambda: RedisCluster.from_url(f"{scheme[: -len('+cluster')]}{sep}{rest}", **options),
             )
         return redis.Redis.from_url(location, **options)
+
+    def _sentinel_client(self, location: str, options: dict[str, Any]) -> Any:
+        """A client bound to the Sentinel service's primary: its pool asks the sentinels where the
+        primary is at each new connection, and drops a connection that finds its server demoted
+        (READONLY), so it follows a failover."""
+        from redis.sentinel import Sentinel
+
+        where = parse_sentinel_location(location)
+        sentinel_kwargs: dict[str, Any] = {
+            "socket_timeout": self.config.socket_timeout,
+            "socket_connect_timeout": self.config.socket_connect_timeout,
+            "username": where.sentinel_username,
+            "password": where.sentinel_password,
+        }
+        if where.ssl:
+            sentinel_kwargs["ssl"] = True
+            options["ssl"] = True
+        self._sentinel = Sentinel(list(where.sentinels), sentinel_kwargs=sentinel_kwargs)
+        return self._sentinel.master_for(
+            where.service, db=where.db, username=where.username, password=where.password, **options
+        )
 
     @cached_property
     def _scripts(self) -> dict[str, Any]:
@@ -237,13 +261,10 @@ class RedisLockBackend(LockBackend):
                 sent = time.monotonic()
                 stay_ms = self._stay_ms(None if deadline is None else deadline - sent)
                 queued = queued or stay_ms > 0
-                ok, value = self._call(
-                    "acquire a lease",
-                    partial(
-                        self._scripts["acquire"],
-                        keys=[lock_key, counter, queue, waiters, wake],
-                        args=[owner, ttl_ms, stay_ms, self._grace_ms, self._idle_ms, grant_prefix],
-                    ),
+                ok, value = self._acquire_once(
+                    key,
+                    keys=[lock_key, counter, queue, waiters, wake],
+                    args=[owner, ttl_ms, stay_ms, self._grace_ms, self._idle_ms, grant_prefix],
                 )
                 if ok:
                     if waited:
@@ -271,6 +292,57 @@ class RedisLockBackend(LockBackend):
         if queued:
             self._leave(key, owner)
         raise LockTimeout(f"lease on {key} not acquired within {timeout}s")
+
+    def _acquire_once(self, key: str, *, keys: list[str], args: list[Any]) -> tuple[int, Any]:
+        """One call of the acquire script; with ``REPLICA_ACKS``, a lease it grants is only returned
+        once that many replicas acknowledged it (``WAIT``), else ``LockNotReplicated`` (the
+        caller's ``acquire`` gives the lease back on the way out)."""
+        script = self._scripts["acquire"]
+        needed = self.config.replica_acks
+        if not needed:
+            return self._call("acquire a lease", partial(script, keys=keys, args=args))  # type: ignore[no-any-return]
+        timeout_ms = max(1, int(self.config.replica_ack_timeout * 1000))
+        # WAIT counts the replicas that acknowledged the writes of *its own connection*: the script
+        # and the WAIT run on one connection held for the two calls.
+        pinned = self._call("acquire a lease", partial(self._pinned_client, keys[0]))
+        try:
+            ok, value = self._call("acquire a lease", partial(script, keys=keys, args=args, client=pinned))
+            if not ok:
+                return ok, value
+            acked = int(self._call("wait for replicas", partial(pinned.execute_command, "WAIT", needed, timeout_ms)))
+        except LockBackendUnavailable:
+            self._refresh_cluster_slots()
+            raise
+        finally:
+            pinned.close()
+        if acked < needed:
+            logger.warning(
+                "lease on %s reached %d of the %d replicas REPLICA_ACKS asks for within %.3fs; given back",
+                key, acked, needed, self.config.replica_ack_timeout,
+            )  # fmt: skip
+            raise LockNotReplicated(
+                f"lease on {key} acknowledged by {acked} of {needed} replicas within "
+                f"{self.config.replica_ack_timeout}s (REPLICA_ACKS); given back, nothing ran"
+            )
+        return ok, value
+
+    def _pinned_client(self, lock_key: str) -> Any:
+        """A client holding one connection to the primary that serves ``lock_key``."""
+        client = self.client
+        get_node = getattr(client, "get_node_from_key", None)
+        if get_node is not None:  # Redis Cluster: the node that owns the key's slot
+            client = get_node(lock_key).redis_connection
+        return client.client()
+
+    def _refresh_cluster_slots(self) -> None:
+        # A pinned call bypasses the cluster client's own MOVED and dead-node handling: after a
+        # failover it must learn the new slot owners before the next call is routed.
+        manager = getattr(self.client, "nodes_manager", None)
+        if manager is not None:
+            try:
+                manager.initialize()
+            except Exception:  # noqa: BLE001 - the next call reports the cluster unreachable itself
+                logger.debug("refreshing the cluster's slot map failed", exc_info=True)
 
     def _stay_ms(self, remaining: float | None) -> int:
         """How long the waiter's queue entry lives without another call: 0 (never queued) for a
@@ -350,6 +422,9 @@ class RedisLockBackend(LockBackend):
     def close(self) -> None:
         if "client" in self.__dict__ and not callable(self._location) and not str(self._location).startswith("cache:"):
             self.client.close()
+        for sentinel in getattr(getattr(self, "_sentinel", None), "sentinels", ()):
+            sentinel.close()
+        self._sentinel = None
         self.__dict__.pop("client", None)
         self.__dict__.pop("_scripts", None)
 
