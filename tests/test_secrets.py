@@ -51,6 +51,10 @@ def secret_location(redis: Any, settings: Any) -> Iterator[str]:
         ("unix:///run/redis.sock?db=1&password=pw", "unix:///run/redis.sock?db=1&password=***"),
         ("redis+cluster://:pw@10.0.0.1:7000/0", "redis+cluster://***@10.0.0.1:7000/0"),
         ("redis://h:6379/0", "redis://h:6379/0"),
+        (
+            "redis+sentinel://:pw@h1:26379,h2:26379/mymaster/0?sentinel_password=pw",
+            "redis+sentinel://***@h1:26379,h2:26379/mymaster/0?sentinel_password=***",
+        ),
     ],
 )
 def test_the_config_repr_hides_credentials(url, shown):
