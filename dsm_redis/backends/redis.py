@@ -209,7 +209,17 @@ class RedisLockBackend(LockBackend):
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         try:
-            return fn()
+            try:
+                return fn()
+            except redis.ResponseError as exc:
+                if "READONLY" not in str(exc):
+                    raise
+                # Our connections reach a demoted primary (a failover). A write inside a script
+                # comes back as a script error, which redis-py's Sentinel pool does not take for
+                # READONLY: drop them, so the next one asks the sentinels where the primary is.
+                # Once: the script stopped at its first write, so it changed nothing.
+                self._drop_connections()
+                return fn()
         except (redis.ConnectionError, redis.TimeoutError, ClusterDownError, RedisClusterException) as exc:
             # Never echo the URL: it may carry a password.
             raise LockBackendUnavailable(f"Redis unreachable while trying to {what}: {type(exc).__name__}") from exc
@@ -217,6 +227,12 @@ class RedisLockBackend(LockBackend):
             # A replica after failover (READONLY), OOM, LOADING...: Redis answered but cannot serve
             # leases. Its message names no host or password.
             raise LockBackendUnavailable(f"Redis refused to {what}: {type(exc).__name__}: {exc}") from exc
+
+    def _drop_connections(self) -> None:
+        pool = getattr(self.client, "connection_pool", None)
+        if pool is not None:
+            logger.warning("Redis answered READONLY (a failover demoted it): reconnecting to the primary")
+            pool.disconnect()
 
     @cached_property
     def _max_wait(self) -> float:

@@ -133,18 +133,23 @@ class SentinelGroup(_Server):
             return False
 
     def wait_for_new_primary(self, old: RedisServer, timeout: float = _READY_TIMEOUT) -> RedisServer:
-        """Wait until every sentinel that answers names a primary other than ``old``, and that
-        server says it is a primary; return it."""
+        """Wait until every sentinel that answers names a primary other than ``old``, that server
+        says it is a primary, and ``old``, if it still runs, says it is a replica; return the new one."""
+
+        def role(server: RedisServer) -> str | None:
+            try:
+                return _info(server.port, "replication").get("role")
+            except Exception:  # noqa: BLE001 - not answering (yet, or any more)
+                return None
 
         def promoted() -> RedisServer | None:
             ports = {int(state["port"]) for s in self.sentinels if (state := self.sentinel_state(s)) is not None}
             if len(ports) != 1 or old.port in ports:
                 return None
             new = self._server_on(ports.pop())
-            try:
-                return new if _info(new.port, "replication").get("role") == "master" else None
-            except Exception:  # noqa: BLE001 - not answering yet
+            if role(new) != "master" or (old.pid is not None and role(old) != "slave"):
                 return None
+            return new
 
         return self._wait("the sentinels to promote a new primary", promoted, timeout)
 
