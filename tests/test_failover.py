@@ -10,6 +10,7 @@ causes is printed (``-s``) and reported in the README, never asserted.
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -191,9 +192,9 @@ def race_through_a_failover(location: str, kill: Callable[[], None], accounts: l
     # The stall: the longest time an object went without a commit across the kill.
     stall = 0.0
     for pk in ids:
-        times = sorted(t for r in results for t, a in zip(r["committed_at"], r["per_account"]) if a == pk)
+        times = sorted(t for r in results for t, a in zip(r["committed_at"], r["per_account"], strict=True) if a == pk)
         across = [killed_at, *(t for t in times if t > killed_at)]
-        stall = max(stall, *(b - a for a, b in zip(across, across[1:])))
+        stall = max(stall, *(b - a for a, b in itertools.pairwise(across)))
     print(
         f"\nfailover: leases again after {resumed:.2f}s; {stall:.2f}s at most without a commit on an object "
         f"(TTL {env['DSM_TEST_TTL']}s); {len(after)} of {total} deposits after the kill"

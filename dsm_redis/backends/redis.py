@@ -357,7 +357,7 @@ class RedisLockBackend(LockBackend):
         if manager is not None:
             try:
                 manager.initialize()
-            except Exception:  # noqa: BLE001 - the next call reports the cluster unreachable itself
+            except Exception:  # the next call reports the cluster unreachable itself
                 logger.debug("refreshing the cluster's slot map failed", exc_info=True)
 
     def _stay_ms(self, remaining: float | None) -> int:

@@ -69,7 +69,9 @@ class SentinelGroup(_Server):
             self.servers.append(RedisServer(extra_args=["--replicaof", "127.0.0.1", str(primary.port)]).start())
             self._wait("the replica to sync with the primary", lambda: self.in_sync(self.servers[1]))
             for _ in range(self.sentinel_count):
-                self.sentinels.append(RedisServer(config=self._sentinel_config(primary.port), extra_args=["--sentinel"]).start())
+                self.sentinels.append(
+                    RedisServer(config=self._sentinel_config(primary.port), extra_args=["--sentinel"]).start()
+                )
             self._wait("every sentinel to know the replica and the other sentinels", self._sentinels_ready)
         except BaseException:
             self.stop()
@@ -104,7 +106,8 @@ class SentinelGroup(_Server):
 
         client = redis.Redis(host="127.0.0.1", port=sentinel.port, socket_timeout=2, socket_connect_timeout=2)
         try:
-            return dict(client.sentinel_master(self.service))
+            state: Any = client.sentinel_master(self.service)
+            return dict(state)
         except redis.RedisError:
             return None
         finally:
