@@ -7,6 +7,15 @@ arrival) and ``<prefix>:{key}:waiters`` (each waiter's deadline) the waiters,
 ``<prefix>:{key}:grant:<owner>`` one waiter's wake-up list, and ``lock-signal:<prefix>:{key}``
 python-redis-lock's wake-up list. The scripts read Redis ``TIME`` before writing: Redis 5 or later.
 
+Clients: a ``redis://``/``rediss://``/``unix://`` URL, ``redis+cluster://`` (redis-py's
+``RedisCluster``, which follows a failover by re-reading the slot map), ``redis+sentinel://``
+(redis-py's ``Sentinel(...).master_for(service)``: each new connection asks the sentinels for the
+primary; a connection still on a demoted primary is dropped when a script answers ``READONLY``,
+which redis-py's Sentinel pool only notices for plain commands), ``cache:<alias>`` or a callable.
+With ``REPLICA_ACKS``, a granted lease is returned only once ``WAIT`` (on the connection that ran
+the acquire script) counts that many replicas holding it; otherwise it is given back and
+``LockNotReplicated`` raised.
+
 Safety contract: at most one owner per key at any instant *according to Redis*. Redis can lose a
 key (restart without persistence, failover, eviction, an idle counter's expiry), so the lease
 alone is not a safety guarantee; the fencing token, judged by the database, is (see ``fence.py``).
