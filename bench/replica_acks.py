@@ -17,13 +17,16 @@ from pathlib import Path
 from typing import Any
 
 OUT = Path(__file__).with_name("replica_acks.md")
+TIMES = "\N{MULTIPLICATION SIGN}"
 
 
 def _backend(url: str, acks: int) -> Any:
     from dsm_redis.backends.redis import RedisLockBackend
     from dsm_redis.conf import parse
 
-    return RedisLockBackend(parse({"LOCATION": url, "OPTIONS": {"KEY_PREFIX": f"bench-acks-{acks}", "REPLICA_ACKS": acks}}))
+    return RedisLockBackend(
+        parse({"LOCATION": url, "OPTIONS": {"KEY_PREFIX": f"bench-acks-{acks}", "REPLICA_ACKS": acks}})
+    )
 
 
 def _round(backend: Any, calls: int) -> list[float]:
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "## Replica acknowledgement (`REPLICA_ACKS`)",
         "",
-        f"Measured by `python -m bench.replica_acks` ({args.rounds} rounds × {args.calls} calls per setting, "
+        f"Measured by `python -m bench.replica_acks` ({args.rounds} rounds {TIMES} {args.calls} calls per setting, "
         f"interleaved; {time.strftime('%Y-%m-%d')}, {platform.machine()}, the same machine as above): an "
         "uncontended lease taken and given back through a `redis+sentinel://` URL, a primary and one replica "
         "on loopback. `REPLICA_ACKS = 1` adds one round trip (`WAIT 1 <timeout>`) after the acquire script, "
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|",
         *(f"| {acks} | {med[acks]:.3f} ms | {p99[acks]:.3f} ms |" for acks in samples),
         "",
-        f"The acknowledgement costs {med[1] - med[0]:.3f} ms per lease at the median ({med[1] / med[0]:.2f}×), "
+        f"The acknowledgement costs {med[1] - med[0]:.3f} ms per lease at the median ({med[1] / med[0]:.2f}{TIMES}), "
         "on loopback; across hosts add the replica's network round trip. A replica down or lagging makes "
         "each acquire wait `REPLICA_ACK_TIMEOUT` and fail with `LockNotReplicated`.",
     ]

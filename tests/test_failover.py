@@ -23,7 +23,14 @@ import pytest
 import redis as redis_py
 from redis.sentinel import SentinelConnectionPool
 
-from dsm_redis import LockLost, LockNotReplicated, LockTemporarilyUnavailable, StaleFencingToken, object_lock
+from dsm_redis import (
+    LockBackendUnavailable,
+    LockLost,
+    LockNotReplicated,
+    LockTemporarilyUnavailable,
+    StaleFencingToken,
+    object_lock,
+)
 from dsm_redis.backends import get_backend
 from dsm_redis.keys import object_key, redis_name
 from dsm_redis.tools.servers import RedisServer, SentinelGroup
@@ -168,6 +175,7 @@ def race_through_a_failover(location: str, kill: Callable[[], None], accounts: l
     wait_for(lambda: deposited() >= total // 3, "a third of the deposits", timeout=120)
     # A lease of a prefix of its own on the first account's hash slot (the killed node's, on the cluster).
     probe, slot = redis_backend_for(location), object_key(accounts[0])
+    assert probe.client is not None  # connected before the kill: a cluster URL names one node, maybe the victim
     killed_at = time.time()
     kill()
 
@@ -219,8 +227,26 @@ def test_processes_racing_through_a_cluster_failover_lose_nothing():
     from tests.testapp.models import Account
 
     accounts = [Account.objects.create() for _ in range(2)]
+    slot = object_key(accounts[0])
     with RedisCluster(replicas=1, node_timeout_ms=1000) as cluster:
+        acked = redis_backend_for(cluster.url, REPLICA_ACKS=1, REPLICA_ACK_TIMEOUT=0.5)
+        acked.release(slot, acked.acquire(slot, ttl=5, timeout=0).owner)  # the master's replica acknowledged
         victim = cluster.primary_of(lock_key(accounts[0]))
         race_through_a_failover(cluster.url, victim.kill, accounts)
         cluster.wait_for_promotion(victim)
         assert cluster.primary_of(lock_key(accounts[0])) is not victim
+
+        # The promoted replica has no replica of its own: the same backend finds it (its slot map
+        # refreshed after the dead node failed it) and refuses to hand out an unreplicated lease.
+        def refused() -> bool:
+            try:
+                acked.acquire(slot, ttl=5, timeout=0)
+            except LockBackendUnavailable:
+                return False
+            except LockNotReplicated:
+                return True
+            raise AssertionError("a lease no replica acknowledged was granted")
+
+        wait_for(refused, "the promoted master to refuse an unreplicated lease")
+        assert acked.describe(slot)["owner"] is None
+        acked.close()
