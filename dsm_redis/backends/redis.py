@@ -199,6 +199,9 @@ class RedisLockBackend(LockBackend):
             "socket_connect_timeout": self.config.socket_connect_timeout,
             "username": where.sentinel_username,
             "password": where.sentinel_password,
+            # No retries of its own (redis-py's default backs off for seconds): a sentinel that does
+            # not answer is skipped for the next one, and all of them down is "unavailable" at once.
+            "retry": Retry(NoBackoff(), 0),
         }
         if where.ssl:
             sentinel_kwargs["ssl"] = True
