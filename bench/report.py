@@ -526,6 +526,11 @@ def markdown(results: dict[str, Any], chart: str) -> str:
     w("")
     w(FINDINGS.strip())
     w("")
+    probe = Path(__file__).with_name("replica_acks.md")  # python -m bench.replica_acks, measured apart
+    if probe.exists():
+        w("")
+        w(probe.read_text().strip())
+        w("")
     return "\n".join(L)
 
 

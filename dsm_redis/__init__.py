@@ -10,6 +10,7 @@ from .exceptions import (
     LockBackendUnavailable,
     LockError,
     LockLost,
+    LockNotReplicated,
     LockTemporarilyUnavailable,
     LockTimeout,
     StaleFencingToken,
@@ -59,6 +60,7 @@ __all__ = [
     "LockLost",
     "StaleFencingToken",
     "LockBackendUnavailable",
+    "LockNotReplicated",
     # leases
     "Lease",
     "object_lock",

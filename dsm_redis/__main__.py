@@ -46,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--processes", type=_positive_int, default=8, help="worker processes (default: 8)")
     demo.add_argument("--objects", type=_positive_int, default=4, help="shared subscriptions (default: 4)")
     demo.add_argument("--rounds", type=_positive_int, default=200, help="rounds per process (default: 200)")
-    demo.add_argument("--redis-url", help="use this Redis instead of starting one (redis://host:port/db)")
+    demo.add_argument(
+        "--redis-url",
+        help="use this Redis instead of starting one (redis://host:port/db, or another LOCATION URL: "
+        "redis+sentinel://host:26379,host:26379/service/db, redis+cluster://host:port/0)",
+    )
     demo.add_argument("--database-url", help="use this PostgreSQL instead of starting one (postgresql://user@host/db)")
     demo.set_defaults(handler=_demo)
     _add_nemesis(commands)

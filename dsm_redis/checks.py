@@ -6,7 +6,7 @@
 ``dsm_redis.E003``  ``BACKEND`` cannot be imported
 ``dsm_redis.E004``  ``BACKEND`` is not a ``dsm_redis.backends.LockBackend`` subclass
 ``dsm_redis.E005``  ``LOCATION`` is unusable for the Redis backend (URL scheme, unknown ``CACHES``
-                    alias, a cache that is not a Redis cache)
+                    alias, a cache that is not a Redis cache, a Sentinel URL without a service)
 ``dsm_redis.E006``  a ``FencingTokenField`` on a multi-table-inheritance child (the mark belongs to
                     the root model's row)
 ``dsm_redis.W001``  ``LocalLockBackend`` with ``DEBUG = False``: it excludes the threads of one
@@ -89,7 +89,9 @@ def _error(problem: Problem) -> checks.CheckMessage:
     elif problem.check_id == BAD_LOCATION:
         hint = (
             "For example redis://:password@host:6379/0, rediss://..., unix:///path/redis.sock, "
-            "redis+cluster://host:7000/0 (one node of a Redis Cluster), or cache:default. " + HINT
+            "redis+cluster://host:7000/0 (one node of a Redis Cluster), "
+            "redis+sentinel://:password@host1:26379,host2:26379/mymaster/0 (a Sentinel service), "
+            "or cache:default. " + HINT
         )
     return checks.Error(problem.message, hint=hint, id=problem.check_id)
 

@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Final
+from urllib.parse import parse_qsl, unquote
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
@@ -71,6 +72,12 @@ def _url_or_callable(value: Any) -> str | None:
     if isinstance(value, str) or callable(value):
         return None
     return "must be a URL, 'cache:<alias>', or a callable returning a client"  # never echoes a URL
+
+
+def _replica_count(value: Any) -> str | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return None
+    return "must be a whole number of replicas >= 0 (0: do not wait for replicas)"
 
 
 def _seconds(value: Any) -> float:
@@ -128,7 +135,86 @@ def option(key: str, default: Any, check: Callable[[Any], str | None], **how: An
     return field(default=default, metadata={"option": Option(key, "", default, check, **how)})
 
 
-LOCATION_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+LOCATION_SCHEMES = (
+    "redis", "rediss", "unix", "redis+cluster", "rediss+cluster", "redis+sentinel", "rediss+sentinel"
+)  # fmt: skip
+SENTINEL_FORM = "redis+sentinel://[:password@]host:26379[,host:26379...]/<service>[/<db>]"
+_SENTINEL_QUERY = frozenset({"sentinel_password", "sentinel_username"})
+
+
+@dataclass(frozen=True, repr=False)
+class SentinelLocation:
+    """A ``redis+sentinel://`` (or ``rediss+sentinel://``) ``LOCATION``, parsed.
+
+    ``username``/``password`` are the primary's (the URL's user info); ``sentinel_username`` and
+    ``sentinel_password`` (query parameters) the sentinels' own, when they require one.
+    """
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
+    ssl: bool = False
+
+    def __repr__(self) -> str:  # never the passwords
+        hosts = ",".join(f"{h}:{p}" for h, p in self.sentinels)
+        return f"<SentinelLocation {hosts} service={self.service!r} db={self.db} ssl={self.ssl}>"
+
+
+def _sentinel_host(part: str) -> tuple[str, int]:
+    if part.startswith("["):  # [IPv6]:port
+        host, _, rest = part[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, colon, port = part.rpartition(":")
+        if not colon:
+            host, port = part, ""
+    if not host:
+        raise ValueError("names a sentinel without a host")
+    if port and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError("names a sentinel port that is not a number from 1 to 65535")
+    return unquote(host), int(port) if port else 26379
+
+
+def parse_sentinel_location(url: str) -> SentinelLocation:
+    """Parse a Sentinel ``LOCATION``; ``ValueError`` saying what is wrong (never echoing the URL,
+    which may carry a password)."""
+    scheme, sep, rest = str(url).partition("://")
+    if not sep or scheme.lower() not in ("redis+sentinel", "rediss+sentinel"):
+        raise ValueError("is not a redis+sentinel:// or rediss+sentinel:// URL")
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        raw_user, colon, raw_password = userinfo.partition(":")
+        username = unquote(raw_user) or None
+        password = unquote(raw_password) if colon else None
+    if not hosts:
+        raise ValueError(f"names no sentinel host (the form is {SENTINEL_FORM})")
+    sentinels = tuple(_sentinel_host(part) for part in hosts.split(","))
+    service, _, db = path.strip("/").partition("/")
+    if not service:
+        raise ValueError(f"names no Sentinel service (the form is {SENTINEL_FORM})")
+    if db and not db.isdigit():
+        raise ValueError("has a database number that is not a whole number >= 0")
+    params = dict(parse_qsl(query, keep_blank_values=True))
+    unknown = sorted(set(params) - _SENTINEL_QUERY)
+    if unknown:
+        raise ValueError(f"has unknown query parameters {unknown} (known: {sorted(_SENTINEL_QUERY)})")
+    return SentinelLocation(
+        sentinels=sentinels,
+        service=unquote(service),
+        db=int(db) if db else 0,
+        username=username,
+        password=password,
+        sentinel_username=params.get("sentinel_username") or None,
+        sentinel_password=params.get("sentinel_password") or None,
+        ssl=scheme.lower() == "rediss+sentinel",
+    )
 
 
 def _location(value: str) -> str | None:
@@ -137,6 +223,12 @@ def _location(value: str) -> str | None:
     if value.startswith("cache:"):
         return None if value[len("cache:") :] else "names no CACHES alias after 'cache:'"
     scheme, sep, _ = value.partition("://")
+    if sep and scheme.lower().endswith("+sentinel") and scheme.lower() in LOCATION_SCHEMES:
+        try:
+            parse_sentinel_location(value)
+        except ValueError as exc:
+            return str(exc)
+        return None
     if sep and scheme.lower() in LOCATION_SCHEMES:
         return None
     shown = f"scheme {scheme!r}" if sep and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]{0,19}", scheme) else "no URL scheme"
@@ -144,11 +236,12 @@ def _location(value: str) -> str | None:
 
 
 _USERINFO = re.compile(r"^(?P<head>[^/?#@]*?//)?[^/?#@]*@")
-_QUERY_SECRET = re.compile(r"(?i)(?P<head>[?&](?:password|username)=)[^&#]*")
+_QUERY_SECRET = re.compile(r"(?i)(?P<head>[?&](?:sentinel_)?(?:password|username)=)[^&#]*")
 
 
 def redact(url: str) -> str:
-    """``url`` with its user and password (``user:pw@`` and ``?password=``) replaced by ``***``."""
+    """``url`` with its user and password (``user:pw@``, ``?password=``, ``?sentinel_password=``)
+    replaced by ``***``."""
     url = _USERINFO.sub(lambda m: f"{m['head'] or ''}***@", str(url), count=1)
     return _QUERY_SECRET.sub(lambda m: f"{m['head']}***", url)
 
@@ -197,6 +290,10 @@ class Config:
     counter_idle_ttl: float | None = option(
         "COUNTER_IDLE_TTL", 7 * 24 * 3600.0, _positive_or_none, convert=_seconds_or_none
     )
+    # After taking a lease, wait (Redis WAIT) until this many replicas hold it, for at most
+    # REPLICA_ACK_TIMEOUT; fewer in time: LockNotReplicated, and the lease is given back. 0: off.
+    replica_acks: int = option("REPLICA_ACKS", 0, _replica_count)
+    replica_ack_timeout: float = option("REPLICA_ACK_TIMEOUT", 1.0, _positive, convert=_seconds)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -245,7 +342,24 @@ def validate(raw: Any) -> list[Problem]:
             problems.append(Problem(f"{SETTING}['OPTIONS'] has an unknown key {key!r} (known: {known})", UNKNOWN, key))
         elif (found := OPTIONS[key].problem(value)) is not None:
             problems.append(found)
+    problems += _ack_timeout_within_socket_timeout(options)
     return problems
+
+
+def _ack_timeout_within_socket_timeout(options: Mapping[str, Any]) -> list[Problem]:
+    # WAIT holds the connection for up to REPLICA_ACK_TIMEOUT: a socket timeout below it would
+    # call the connection dead before Redis answers.
+    wait = options.get("REPLICA_ACK_TIMEOUT", OPTIONS["REPLICA_ACK_TIMEOUT"].default)
+    socket = options.get("SOCKET_TIMEOUT", OPTIONS["SOCKET_TIMEOUT"].default)
+    acks = options.get("REPLICA_ACKS", 0)
+    if _replica_count(acks) is None and acks > 0 and _number(wait) and _number(socket) and 0 < socket <= wait:
+        return [
+            Problem(
+                f"{OPTIONS['REPLICA_ACK_TIMEOUT'].where} ({wait}s) must be shorter than "
+                f"{OPTIONS['SOCKET_TIMEOUT'].where} ({socket}s): WAIT holds the connection that long"
+            )
+        ]
+    return []
 
 
 def parse(raw: Any) -> Config:

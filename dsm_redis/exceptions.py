@@ -8,7 +8,8 @@
     └── LockError                     the protection could not be guaranteed; nothing was committed
         ├── LockTemporarilyUnavailable    retriable: nothing was tried, try again later
         │   ├── LockTimeout                   the lease or row lock was not obtained in time
-        │   └── LockBackendUnavailable        Redis could not be reached
+        │   ├── LockBackendUnavailable        Redis could not be reached
+        │   └── LockNotReplicated             too few replicas acknowledged the lease (REPLICA_ACKS)
         ├── LockLost                      the lease expired or was taken before the commit
         └── StaleFencingToken             the database has seen a newer holder
 
@@ -32,6 +33,7 @@ __all__ = [
     "LockLost",
     "StaleFencingToken",
     "LockBackendUnavailable",
+    "LockNotReplicated",
 ]
 
 
@@ -100,3 +102,8 @@ def _rebuild_stale(message: str, token: int | None, mark: int | None) -> StaleFe
 
 class LockBackendUnavailable(LockTemporarilyUnavailable):
     """The lock backend (Redis) could not be reached; nothing was written."""
+
+
+class LockNotReplicated(LockTemporarilyUnavailable):
+    """Fewer replicas than ``REPLICA_ACKS`` acknowledged the lease within ``REPLICA_ACK_TIMEOUT``:
+    it was given back and nothing ran (a failover then could have lost it)."""

@@ -68,6 +68,11 @@ class MyLocal(LocalLockBackend):
         ({"LOCATION": "cache:nope"}, ["dsm_redis.E005"]),
         ({"LOCATION": "cache:locmem"}, ["dsm_redis.E005"]),
         ({"LOCATION": "cache:redis"}, []),
+        ({"LOCATION": "redis+sentinel://:pw@h1:26379,h2:26379/mymaster/0"}, []),
+        ({"LOCATION": "redis+sentinel://:pw@h1:26379,h2:26379"}, ["dsm_redis.E005"]),  # no service
+        ({"LOCATION": "rediss+sentinel://h1:26379/mymaster/zero"}, ["dsm_redis.E005"]),
+        ({"OPTIONS": {"REPLICA_ACKS": -1}}, ["dsm_redis.E001"]),
+        ({"OPTIONS": {"REPLICA_ACKS": 1, "REPLICA_ACK_TIMEOUT": 9}}, ["dsm_redis.E001"]),  # > SOCKET_TIMEOUT
         # every problem at once, each with its own id
         (
             {"X": 1, "BACKEND": "nope.Backend", "OPTIONS": {"TTL": 0}},
@@ -91,6 +96,13 @@ def test_a_typo_gets_a_did_you_mean_hint(settings):
     hints = [m.hint for m in dsm_messages()]
     assert "Did you mean 'LOCATION'?" in hints[0]
     assert "Did you mean 'TTL'?" in hints[1]
+
+
+def test_a_sentinel_location_without_a_service_is_named_without_its_password(settings):
+    settings.DSM_REDIS = {"LOCATION": "redis+sentinel://:s3cret-pw@h1:26379,h2:26379/"}
+    (message,) = dsm_messages()
+    assert "names no Sentinel service" in message.msg and "redis+sentinel://" in (message.hint or "")
+    assert "s3cret" not in message.msg + (message.hint or "")
 
 
 def test_no_message_echoes_a_location_password(settings):

@@ -12,6 +12,7 @@ from dsm_redis import (
     LockBackendUnavailable,
     LockError,
     LockLost,
+    LockNotReplicated,
     LockTemporarilyUnavailable,
     LockTimeout,
     StaleFencingToken,
@@ -30,6 +31,7 @@ EVERY = [
     StaleFencingToken("s", token=1, mark=2),
     StaleFencingToken("no numbers"),
     LockBackendUnavailable("u"),
+    LockNotReplicated("r"),
 ]
 
 
@@ -43,7 +45,7 @@ def test_each_exception_round_trips_through_pickle(exc):
 def test_every_exception_has_the_one_root():
     exported = [getattr(dsm_redis, name) for name in dsm_redis.__all__]
     classes = [c for c in exported if isinstance(c, type) and issubclass(c, BaseException)]
-    assert len(classes) == 9
+    assert len(classes) == 10
     assert all(issubclass(c, DsmRedisError) for c in classes)
 
 
@@ -54,6 +56,7 @@ def test_every_exception_has_the_one_root():
         (TransitionFailed, {DsmRedisError}),
         (LockTimeout, {LockTemporarilyUnavailable, LockError, DsmRedisError}),
         (LockBackendUnavailable, {LockTemporarilyUnavailable, LockError, DsmRedisError}),
+        (LockNotReplicated, {LockTemporarilyUnavailable, LockError, DsmRedisError}),
         (LockLost, {LockError, DsmRedisError}),
         (StaleFencingToken, {LockError, DsmRedisError}),
     ],

@@ -51,6 +51,10 @@ def secret_location(redis: Any, settings: Any) -> Iterator[str]:
         ("unix:///run/redis.sock?db=1&password=pw", "unix:///run/redis.sock?db=1&password=***"),
         ("redis+cluster://:pw@10.0.0.1:7000/0", "redis+cluster://***@10.0.0.1:7000/0"),
         ("redis://h:6379/0", "redis://h:6379/0"),
+        (
+            "redis+sentinel://:pw@h1:26379,h2:26379/mymaster/0?sentinel_password=pw",
+            "redis+sentinel://***@h1:26379,h2:26379/mymaster/0?sentinel_password=***",
+        ),
     ],
 )
 def test_the_config_repr_hides_credentials(url, shown):
@@ -84,9 +88,16 @@ def test_a_lock_timeout_traceback_with_locals_holds_no_password(secret_location)
     assert PASSWORD not in repr(get_config()) + repr(backend.config) + repr(vars(backend))
 
 
+UNREACHABLE = {  # by name: a URL in the test's own locals would be in the traceback
+    "redis": f"redis://{USER}:{PASSWORD}@127.0.0.1:1/0",
+    "sentinel": f"redis+sentinel://{USER}:{PASSWORD}@127.0.0.1:1,127.0.0.1:2/mymaster/0?sentinel_password={PASSWORD}",
+}
+
+
 @pytest.mark.django_db(transaction=True)
-def test_an_unreachable_redis_traceback_with_locals_holds_no_password(settings):
-    dsm_options(settings, f"redis://{USER}:{PASSWORD}@127.0.0.1:1/0")
+@pytest.mark.parametrize("kind", sorted(UNREACHABLE))
+def test_an_unreachable_redis_traceback_with_locals_holds_no_password(settings, kind):
+    dsm_options(settings, UNREACHABLE[kind])
     cat = Cat.objects.create()
     with pytest.raises(LockBackendUnavailable) as info:
         cat.state_machine.survive()

@@ -23,6 +23,11 @@ from dsm_redis.conf import parse, validate
         ({"OPTIONS": []}, r"\['OPTIONS'\] must be a dict"),
         ({"BACKEND": "RedisLockBackend"}, "dotted path"),
         ({"LOCATION": 6379}, "LOCATION"),
+        ({"LOCATION": "redis+sentinel://h1:26379,h2:26379/"}, "names no Sentinel service"),
+        ({"LOCATION": "redis+sentinel:///mymaster/0"}, "names no sentinel host"),
+        ({"LOCATION": "redis+sentinel://h1:99999/mymaster"}, "sentinel port"),
+        ({"OPTIONS": {"REPLICA_ACKS": 1.5}}, r"\['REPLICA_ACKS'\] must be a whole number"),
+        ({"OPTIONS": {"REPLICA_ACK_TIMEOUT": 0}}, r"\['REPLICA_ACK_TIMEOUT'\] must be a number > 0"),
     ],
 )
 def test_bad_settings_are_named(raw, message):
@@ -32,6 +37,17 @@ def test_bad_settings_are_named(raw, message):
 
 def test_every_problem_is_listed_at_once():
     assert len(validate({"X": 1, "OPTIONS": {"TTL": -1, "KEY_PREFIX": ""}})) == 3
+
+
+def test_a_sentinel_location_is_parsed():
+    from dsm_redis.conf import parse_sentinel_location
+
+    where = parse_sentinel_location("rediss+sentinel://u:p%40w@h1:26379,[::1]/mymaster/3?sentinel_password=s")
+    assert where.sentinels == (("h1", 26379), ("::1", 26379))
+    assert (where.service, where.db, where.username, where.password) == ("mymaster", 3, "u", "p@w")
+    assert (where.sentinel_password, where.ssl) == ("s", True)
+    assert "p@w" not in repr(where) and "'s'" not in repr(where)
+    assert parse_sentinel_location("redis+sentinel://h/m").db == 0
 
 
 def test_defaults_and_fractional_values_survive():
@@ -87,7 +103,7 @@ def test_each_key_is_declared_once_and_the_rest_is_derived():
     assert TOP_LEVEL_KEYS == {"BACKEND", "LOCATION", "OPTIONS"}
     assert set(OPTIONS) == {
         "TTL", "AUTO_RENEW", "ACQUIRE_TIMEOUT", "ROW_LOCK_TIMEOUT", "KEY_PREFIX", "SOCKET_TIMEOUT",
-        "SOCKET_CONNECT_TIMEOUT", "HANDOVER_GRACE", "COUNTER_IDLE_TTL",
+        "SOCKET_CONNECT_TIMEOUT", "HANDOVER_GRACE", "COUNTER_IDLE_TTL", "REPLICA_ACKS", "REPLICA_ACK_TIMEOUT",
     }  # fmt: skip
     defaults = Config()
     assert {o.attr for o in DECLARED} == {f.name for f in fields(Config)} - {"extra"}

@@ -41,6 +41,7 @@ def dsm_deposit(
     effects = redis.Redis.from_url(settings.REDIS_URL)
     reanchors = _count_log_records("re-anchored")
     committed: list[int] = []
+    committed_at: list[float] = []  # wall clock, for a test to tell commits before and after a fault
     unavailable = refused = 0
     for i in range(rounds):
         account_id = account_ids[(index + i) % len(account_ids)]
@@ -56,9 +57,11 @@ def dsm_deposit(
             except (StaleFencingToken, LockLost):
                 refused += 1  # our lease died with the old Redis: nothing was committed, try again
         committed.append(account_id)
+        committed_at.append(time.time())
     return {
         "committed": len(committed),
         "per_account": committed,
+        "committed_at": committed_at,
         "unavailable": unavailable,
         "refused": refused,
         "reanchored": reanchors.count,

@@ -7,6 +7,15 @@ arrival) and ``<prefix>:{key}:waiters`` (each waiter's deadline) the waiters,
 ``<prefix>:{key}:grant:<owner>`` one waiter's wake-up list, and ``lock-signal:<prefix>:{key}``
 python-redis-lock's wake-up list. The scripts read Redis ``TIME`` before writing: Redis 5 or later.
 
+Clients: a ``redis://``/``rediss://``/``unix://`` URL, ``redis+cluster://`` (redis-py's
+``RedisCluster``, which follows a failover by re-reading the slot map), ``redis+sentinel://``
+(redis-py's ``Sentinel(...).master_for(service)``: each new connection asks the sentinels for the
+primary; a connection still on a demoted primary is dropped when a script answers ``READONLY``,
+which redis-py's Sentinel pool only notices for plain commands), ``cache:<alias>`` or a callable.
+With ``REPLICA_ACKS``, a granted lease is returned only once ``WAIT`` (on the connection that ran
+the acquire script) counts that many replicas holding it; otherwise it is given back and
+``LockNotReplicated`` raised.
+
 Safety contract: at most one owner per key at any instant *according to Redis*. Redis can lose a
 key (restart without persistence, failover, eviction, an idle counter's expiry), so the lease
 alone is not a safety guarantee; the fencing token, judged by the database, is (see ``fence.py``).
@@ -90,8 +99,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ClusterDownError, RedisClusterException
 from redis.retry import Retry
 
-from ..conf import Config
-from ..exceptions import LockBackendUnavailable, LockTimeout
+from ..conf import Config, parse_sentinel_location
+from ..exceptions import LockBackendUnavailable, LockNotReplicated, LockTimeout
 from ..keys import counter_key, redis_name
 from . import Grant, LeaseInfo, LockBackend
 
@@ -147,6 +156,7 @@ class RedisLockBackend(LockBackend):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self._location = config.location
+        self._sentinel: Any = None  # the redis.sentinel.Sentinel behind a redis+sentinel:// client
 
     # -- client ----------------------------------------------------------------------------------
 
@@ -164,6 +174,8 @@ class RedisLockBackend(LockBackend):
             "retry": Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
         }
         scheme, sep, rest = location.partition("://")
+        if scheme.lower().endswith("+sentinel"):
+            return self._sentinel_client(location, options)
         if scheme.lower().endswith("+cluster"):
             from redis.cluster import RedisCluster
 
@@ -175,6 +187,30 @@ class RedisLockBackend(LockBackend):
             )
         return redis.Redis.from_url(location, **options)
 
+    def _sentinel_client(self, location: str, options: dict[str, Any]) -> Any:
+        """A client bound to the Sentinel service's primary: its pool asks the sentinels where the
+        primary is at each new connection, and drops a connection that finds its server demoted
+        (READONLY), so it follows a failover."""
+        from redis.sentinel import Sentinel
+
+        where = parse_sentinel_location(location)
+        sentinel_kwargs: dict[str, Any] = {
+            "socket_timeout": self.config.socket_timeout,
+            "socket_connect_timeout": self.config.socket_connect_timeout,
+            "username": where.sentinel_username,
+            "password": where.sentinel_password,
+            # No retries of its own (redis-py's default backs off for seconds): a sentinel that does
+            # not answer is skipped for the next one, and all of them down is "unavailable" at once.
+            "retry": Retry(NoBackoff(), 0),
+        }
+        if where.ssl:
+            sentinel_kwargs["ssl"] = True
+            options["ssl"] = True
+        self._sentinel = Sentinel(list(where.sentinels), sentinel_kwargs=sentinel_kwargs)
+        return self._sentinel.master_for(
+            where.service, db=where.db, username=where.username, password=where.password, **options
+        )
+
     @cached_property
     def _scripts(self) -> dict[str, Any]:
         scripts = {name: self.client.register_script(_lua(name)) for name in ("renew", "reanchor", "holders")}
@@ -185,7 +221,17 @@ class RedisLockBackend(LockBackend):
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         try:
-            return fn()
+            try:
+                return fn()
+            except redis.ResponseError as exc:
+                if "READONLY" not in str(exc):
+                    raise
+                # Our connections reach a demoted primary (a failover). A write inside a script
+                # comes back as a script error, which redis-py's Sentinel pool does not take for
+                # READONLY: drop them, so the next one asks the sentinels where the primary is.
+                # Once: the script stopped at its first write, so it changed nothing.
+                self._drop_connections()
+                return fn()
         except (redis.ConnectionError, redis.TimeoutError, ClusterDownError, RedisClusterException) as exc:
             # Never echo the URL: it may carry a password.
             raise LockBackendUnavailable(f"Redis unreachable while trying to {what}: {type(exc).__name__}") from exc
@@ -193,6 +239,12 @@ class RedisLockBackend(LockBackend):
             # A replica after failover (READONLY), OOM, LOADING...: Redis answered but cannot serve
             # leases. Its message names no host or password.
             raise LockBackendUnavailable(f"Redis refused to {what}: {type(exc).__name__}: {exc}") from exc
+
+    def _drop_connections(self) -> None:
+        pool = getattr(self.client, "connection_pool", None)
+        if pool is not None:
+            logger.warning("Redis answered READONLY (a failover demoted it): reconnecting to the primary")
+            pool.disconnect()
 
     @cached_property
     def _max_wait(self) -> float:
@@ -237,13 +289,10 @@ class RedisLockBackend(LockBackend):
                 sent = time.monotonic()
                 stay_ms = self._stay_ms(None if deadline is None else deadline - sent)
                 queued = queued or stay_ms > 0
-                ok, value = self._call(
-                    "acquire a lease",
-                    partial(
-                        self._scripts["acquire"],
-                        keys=[lock_key, counter, queue, waiters, wake],
-                        args=[owner, ttl_ms, stay_ms, self._grace_ms, self._idle_ms, grant_prefix],
-                    ),
+                ok, value = self._acquire_once(
+                    key,
+                    keys=[lock_key, counter, queue, waiters, wake],
+                    args=[owner, ttl_ms, stay_ms, self._grace_ms, self._idle_ms, grant_prefix],
                 )
                 if ok:
                     if waited:
@@ -271,6 +320,57 @@ class RedisLockBackend(LockBackend):
         if queued:
             self._leave(key, owner)
         raise LockTimeout(f"lease on {key} not acquired within {timeout}s")
+
+    def _acquire_once(self, key: str, *, keys: list[str], args: list[Any]) -> tuple[int, Any]:
+        """One call of the acquire script; with ``REPLICA_ACKS``, a lease it grants is only returned
+        once that many replicas acknowledged it (``WAIT``), else ``LockNotReplicated`` (the
+        caller's ``acquire`` gives the lease back on the way out)."""
+        script = self._scripts["acquire"]
+        needed = self.config.replica_acks
+        if not needed:
+            return self._call("acquire a lease", partial(script, keys=keys, args=args))  # type: ignore[no-any-return]
+        timeout_ms = max(1, int(self.config.replica_ack_timeout * 1000))
+        # WAIT counts the replicas that acknowledged the writes of *its own connection*: the script
+        # and the WAIT run on one connection held for the two calls.
+        pinned = self._call("acquire a lease", partial(self._pinned_client, keys[0]))
+        try:
+            ok, value = self._call("acquire a lease", partial(script, keys=keys, args=args, client=pinned))
+            if not ok:
+                return ok, value
+            acked = int(self._call("wait for replicas", partial(pinned.execute_command, "WAIT", needed, timeout_ms)))
+        except LockBackendUnavailable:
+            self._refresh_cluster_slots()
+            raise
+        finally:
+            pinned.close()
+        if acked < needed:
+            logger.warning(
+                "lease on %s reached %d of the %d replicas REPLICA_ACKS asks for within %.3fs; given back",
+                key, acked, needed, self.config.replica_ack_timeout,
+            )  # fmt: skip
+            raise LockNotReplicated(
+                f"lease on {key} acknowledged by {acked} of {needed} replicas within "
+                f"{self.config.replica_ack_timeout}s (REPLICA_ACKS); given back, nothing ran"
+            )
+        return ok, value
+
+    def _pinned_client(self, lock_key: str) -> Any:
+        """A client holding one connection to the primary that serves ``lock_key``."""
+        client = self.client
+        get_node = getattr(client, "get_node_from_key", None)
+        if get_node is not None:  # Redis Cluster: the node that owns the key's slot
+            client = get_node(lock_key).redis_connection
+        return client.client()
+
+    def _refresh_cluster_slots(self) -> None:
+        # A pinned call bypasses the cluster client's own MOVED and dead-node handling: after a
+        # failover it must learn the new slot owners before the next call is routed.
+        manager = getattr(self.client, "nodes_manager", None)
+        if manager is not None:
+            try:
+                manager.initialize()
+            except Exception:  # the next call reports the cluster unreachable itself
+                logger.debug("refreshing the cluster's slot map failed", exc_info=True)
 
     def _stay_ms(self, remaining: float | None) -> int:
         """How long the waiter's queue entry lives without another call: 0 (never queued) for a
@@ -350,6 +450,9 @@ class RedisLockBackend(LockBackend):
     def close(self) -> None:
         if "client" in self.__dict__ and not callable(self._location) and not str(self._location).startswith("cache:"):
             self.client.close()
+        for sentinel in getattr(getattr(self, "_sentinel", None), "sentinels", ()):
+            sentinel.close()
+        self._sentinel = None
         self.__dict__.pop("client", None)
         self.__dict__.pop("_scripts", None)
 

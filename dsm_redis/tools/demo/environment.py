@@ -95,28 +95,42 @@ def _drop_database() -> None:
 def check_redis(redis_url: str) -> None:
     """Fail now, in words, if Redis cannot be reached (every lease would fail later)."""
     import redis
+    from django.core.exceptions import ImproperlyConfigured
 
-    client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+    from dsm_redis.exceptions import LockBackendUnavailable
+
     try:
-        client.ping()
-    except (redis.RedisError, ValueError) as exc:  # the URL is not echoed: it may carry a password
+        backend = _backend(redis_url, 5)
+        try:
+            backend.client.ping()
+        finally:
+            backend.close()
+    except (redis.RedisError, ValueError, LockBackendUnavailable, ImproperlyConfigured) as exc:
+        # the URL is not echoed: it may carry a password
         raise DemoError(f"cannot reach Redis: {type(exc).__name__}: {exc}") from None
-    finally:
-        client.close()
 
 
 def forget_redis_keys(redis_url: str, prefix: str) -> None:
     """Delete the run's leases, wake-up lists and fencing counters; best effort."""
-    import redis
-
     with contextlib.suppress(Exception):
-        client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+        backend = _backend(redis_url, 2)
+        client = backend.client
         try:
             # Key layout of the Redis backend: lock:<prefix>:{obj}, lock-signal:<prefix>:{obj},
             # <prefix>:{obj}:fence. The prefix is unique to this run.
             for pattern in (f"{prefix}:*", f"lock:{prefix}:*", f"lock-signal:{prefix}:*"):
                 names = list(client.scan_iter(match=pattern, count=500))
-                if names:
-                    client.delete(*names)
+                for name in names:  # one by one: on a Redis Cluster they live in different slots
+                    client.delete(name)
         finally:
-            client.close()
+            backend.close()
+
+
+def _backend(redis_url: str, timeout: float) -> Any:
+    """The Redis lease backend for ``redis_url`` (any ``LOCATION`` form: a Sentinel or Cluster URL
+    too), whose client the demo uses for its own checks."""
+    from dsm_redis.backends.redis import RedisLockBackend
+    from dsm_redis.conf import parse
+
+    options = {"SOCKET_TIMEOUT": timeout, "SOCKET_CONNECT_TIMEOUT": timeout}
+    return RedisLockBackend(parse({"LOCATION": redis_url, "OPTIONS": options}))

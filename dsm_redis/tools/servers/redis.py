@@ -97,14 +97,17 @@ class RedisServer(_Server):
 
     ``port=None`` picks a free port at the first ``start()`` and keeps it for restarts.
     ``extra_args`` are appended to the command line (``["--maxmemory", "10mb"]``), so they win.
+    ``config`` is the text of a configuration file written into the server's directory and named
+    first on its command line (a sentinel needs one it can rewrite: ``extra_args=["--sentinel"]``).
     """
 
-    def __init__(self, port: int | None = None, *, extra_args: Sequence[str] = ()) -> None:
+    def __init__(self, port: int | None = None, *, extra_args: Sequence[str] = (), config: str | None = None) -> None:
         if isinstance(extra_args, str):
             raise TypeError("extra_args must be a sequence of arguments, not a string")
         self._port = port
         self._port_chosen = port is not None
         self.extra_args: tuple[str, ...] = tuple(extra_args)
+        self.config = config
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: Path | None = None
         self._lock = threading.RLock()
@@ -171,8 +174,14 @@ class RedisServer(_Server):
         if self._dir is None or not self._dir.is_dir():
             self._dir = Path(tempfile.mkdtemp(prefix="dsm_redis-redis-"))
         log = self._dir / "redis.log"
+        head: list[str] = []
+        if self.config is not None:
+            conf = self._dir / "redis.conf"
+            conf.write_text(self.config, encoding="utf-8")
+            head = [str(conf)]
         argv = [
             executable,
+            *head,
             "--port", str(port),
             "--bind", "127.0.0.1",
             "--protected-mode", "no",

@@ -1,0 +1,252 @@
+"""Failover: a Sentinel group (a primary, a replica, three sentinels: ``SentinelGroup``) and a Redis
+Cluster with a replica per master (``tests/cluster.py``), real servers and real processes.
+
+The Sentinel group is shared by the module's tests, in file order: the ``redis+sentinel://``
+``LOCATION`` (and a django-redis Sentinel cache), ``REPLICA_ACKS``, the demo, then one forced
+failover (the fencing token refusing a holder whose lease the promoted replica never saw), then
+the primary SIGKILLed under a multi-process race. Every wait is bounded; the stall a failover
+causes is printed (``-s``) and reported in the README, never asserted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_py
+from redis.sentinel import SentinelConnectionPool
+
+from dsm_redis import (
+    LockBackendUnavailable,
+    LockLost,
+    LockNotReplicated,
+    LockTemporarilyUnavailable,
+    StaleFencingToken,
+    object_lock,
+)
+from dsm_redis.backends import get_backend
+from dsm_redis.keys import object_key, redis_name
+from dsm_redis.tools.servers import RedisServer, SentinelGroup
+from tests.cluster import RedisCluster
+from tests.helpers import dsm_options, fresh, key_prefix, redis_backend_for, wait_for
+from tests.procs import committed_per_account, in_background, run_workers
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def group() -> Iterator[SentinelGroup]:
+    with SentinelGroup(down_after_ms=1000, failover_timeout_ms=3000) as running:
+        yield running
+
+
+def admin(server: RedisServer) -> Any:
+    return redis_py.Redis(host="127.0.0.1", port=server.port, socket_timeout=5)
+
+
+def lock_key(obj: Any) -> str:
+    return f"lock:{redis_name(key_prefix(), object_key(obj))}"
+
+
+# Every test of the group is transactional: pytest-django runs transactional tests after the others,
+# and these must keep their file order (the failovers come last).
+@pytest.mark.django_db(transaction=True)
+def test_a_sentinel_location_leases_on_the_primary_and_waits_for_replicas(group):
+    backend = redis_backend_for(group.url)
+    assert isinstance(backend.client.connection_pool, SentinelConnectionPool)
+    grant = backend.acquire("fo.test:1", ttl=30, timeout=0)
+    assert admin(group.primary()).get(f"lock:{redis_name(backend.config.key_prefix, 'fo.test:1')}") is not None
+    assert backend.release("fo.test:1", grant.owner)
+    backend.close()
+
+    acked = redis_backend_for(group.url, REPLICA_ACKS=1)
+    grant = acked.acquire("fo.test:2", ttl=30, timeout=0)  # the one replica acknowledged it
+    assert admin(group.replica()).get(f"lock:{redis_name(acked.config.key_prefix, 'fo.test:2')}") is not None
+    acked.release("fo.test:2", grant.owner)
+    acked.close()
+
+    # More replicas than there are: refused in time, retriable, and the lease given back.
+    greedy = redis_backend_for(group.url, REPLICA_ACKS=2, REPLICA_ACK_TIMEOUT=0.2)
+    with pytest.raises(LockNotReplicated, match="1 of 2 replicas"):
+        greedy.acquire("fo.test:3", ttl=30, timeout=0)
+    assert greedy.describe("fo.test:3")["owner"] is None
+    greedy.close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_django_redis_sentinel_cache_serves_the_leases(group, settings):
+    from django.core import checks
+
+    settings.CACHES = {
+        **settings.CACHES,
+        "sentinel": {
+            "BACKEND": "django_redis.cache.RedisCache",
+            "LOCATION": f"redis://{group.service}/0",
+            "OPTIONS": {
+                "CLIENT_CLASS": "django_redis.client.SentinelClient",
+                "CONNECTION_FACTORY": "django_redis.pool.SentinelConnectionFactory",
+                "SENTINELS": [("127.0.0.1", s.port) for s in group.sentinels],
+            },
+        },
+    }
+    dsm_options(settings, "cache:sentinel")
+    assert [m for m in checks.run_checks() if m.id.startswith("dsm_redis")] == []
+    backend = get_backend()
+    assert isinstance(backend.client.connection_pool, SentinelConnectionPool)
+    grant = backend.acquire("fo.test:4", ttl=30, timeout=0)
+    assert backend.release("fo.test:4", grant.owner)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_demo_runs_on_a_sentinel_url(group):
+    env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+    done = subprocess.run(
+        [sys.executable, "-m", "dsm_redis", "demo", "--processes", "2", "--objects", "1", "--rounds", "4",
+         "--redis-url", group.url, "--database-url", os.environ["DSM_TEST_DATABASE_URL"]],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    assert any(line.startswith("dsm_redis ") for line in done.stdout.splitlines()), done.stdout
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_holder_whose_lease_the_promoted_replica_never_saw_is_refused(group, settings):
+    from tests.testapp.models import Account
+
+    dsm_options(settings, group.url)
+    account = Account.objects.create()
+    primary, replica = group.primary(), group.replica()
+    # Replication stops: the primary refuses the replica's re-sync (ACL), its link is cut.
+    admin(primary).execute_command("ACL", "SETUSER", "default", "-psync", "-sync")
+    try:
+        admin(primary).client_kill_filter(_type="replica")
+        wait_for(lambda: not group.in_sync(replica), "the replica to lose its link")
+        with object_lock(account) as lease:  # on the primary only; judged by the database at the door
+            assert admin(replica).get(lock_key(account)) is None
+            admin(group.sentinels[0]).execute_command("SENTINEL", "FAILOVER", group.service)
+            wait_for(lambda: group.primary() is replica, "the sentinels to promote the replica")
+            # What the sentinels do to a demoted primary at their next look at it (up to 10 s away).
+            admin(primary).execute_command("REPLICAOF", "127.0.0.1", replica.port)
+            assert group.wait_for_new_primary(primary) is replica
+            # Another holder, through the promoted replica: the lease is free there, its token no
+            # higher than ours; the database's mark refuses it, Redis re-anchors it, it commits.
+            in_background(lambda: fresh(account).machine.deposit(amount=10))()
+            with pytest.raises((LockLost, StaleFencingToken)):
+                account.machine.deposit(amount=1)
+            assert lease.fencing_token < fresh_mark(account)
+    finally:
+        admin(primary).execute_command("ACL", "SETUSER", "default", "+psync", "+sync")
+    assert fresh(account).balance == 10
+    wait_for(lambda: group.in_sync(primary), "the old primary to follow the new one")
+
+
+def fresh_mark(obj: Any) -> int:
+    from dsm_redis.models import FencingMark
+
+    return int(FencingMark.objects.get(pk=object_key(obj)).token)
+
+
+def race_through_a_failover(location: str, kill: Callable[[], None], accounts: list[Any]) -> float:
+    """Workers deposit on ``accounts`` through ``location``; ``kill`` runs when a third of the
+    deposits committed. Asserts every deposit a worker saw commit is in the database exactly once
+    and that the workers carried on after the kill; returns the stall (for the report only)."""
+    from tests.testapp.models import Account
+
+    processes, rounds = 3, 24
+    total = processes * rounds
+    ids = [account.pk for account in accounts]
+    results: list[Any] = []
+    env = {"DSM_TEST_LOCK_REDIS_URL": location, "DSM_TEST_TTL": "3"}
+    join = in_background(
+        lambda: results.extend(run_workers("tests.workers:dsm_deposit", processes, ids, rounds, 0.003, env=env))
+    )
+
+    def deposited() -> int:
+        return sum(Account.objects.filter(pk__in=ids).values_list("deposits", flat=True))
+
+    wait_for(lambda: deposited() >= total // 3, "a third of the deposits", timeout=120)
+    # A lease of a prefix of its own on the first account's hash slot (the killed node's, on the cluster).
+    probe, slot = redis_backend_for(location), object_key(accounts[0])
+    assert probe.client is not None  # connected before the kill: a cluster URL names one node, maybe the victim
+    killed_at = time.time()
+    kill()
+
+    def leased() -> bool:
+        try:
+            probe.release(slot, probe.acquire(slot, ttl=5, timeout=0).owner)
+        except LockTemporarilyUnavailable:
+            return False
+        return True
+
+    wait_for(leased, "a lease on the promoted replica", timeout=120)
+    resumed = time.time() - killed_at
+    probe.close()
+    join(240)
+    committed = committed_per_account(results, ids)
+    assert sum(committed.values()) == total  # every worker finished its rounds, none restarted
+    for pk in ids:
+        row = Account.objects.get(pk=pk)
+        assert row.balance == row.deposits == committed[pk]  # none lost, none doubled
+    after = [t for result in results for t in result["committed_at"] if t > killed_at]
+    assert after, "no deposit committed after the kill"
+    # The stall: the longest time an object went without a commit across the kill.
+    stall = 0.0
+    for pk in ids:
+        times = sorted(t for r in results for t, a in zip(r["committed_at"], r["per_account"], strict=True) if a == pk)
+        across = [killed_at, *(t for t in times if t > killed_at)]
+        stall = max(stall, *(b - a for a, b in itertools.pairwise(across)))
+    print(
+        f"\nfailover: leases again after {resumed:.2f}s; {stall:.2f}s at most without a commit on an object "
+        f"(TTL {env['DSM_TEST_TTL']}s); {len(after)} of {total} deposits after the kill"
+    )
+    return stall
+
+
+@pytest.mark.django_db(transaction=True)
+def test_processes_racing_through_a_sentinel_failover_lose_nothing(group):
+    from tests.testapp.models import Account
+
+    accounts = [Account.objects.create() for _ in range(2)]
+    primary = group.primary()
+    race_through_a_failover(group.url, primary.kill, accounts)
+    new = group.wait_for_new_primary(primary)
+    # The leases and counters now live on the promoted replica.
+    assert all(admin(new).exists(f"{redis_name(key_prefix(), object_key(a))}:fence") for a in accounts)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_processes_racing_through_a_cluster_failover_lose_nothing():
+    from tests.testapp.models import Account
+
+    accounts = [Account.objects.create() for _ in range(2)]
+    slot = object_key(accounts[0])
+    with RedisCluster(replicas=1, node_timeout_ms=1000) as cluster:
+        acked = redis_backend_for(cluster.url, REPLICA_ACKS=1, REPLICA_ACK_TIMEOUT=0.5)
+        acked.release(slot, acked.acquire(slot, ttl=5, timeout=0).owner)  # the master's replica acknowledged
+        victim = cluster.primary_of(lock_key(accounts[0]))
+        race_through_a_failover(cluster.url, victim.kill, accounts)
+        cluster.wait_for_promotion(victim)
+        assert cluster.primary_of(lock_key(accounts[0])) is not victim
+
+        # The promoted replica has no replica of its own: the same backend finds it (its slot map
+        # refreshed after the dead node failed it) and refuses to hand out an unreplicated lease.
+        def refused() -> bool:
+            try:
+                acked.acquire(slot, ttl=5, timeout=0)
+            except LockBackendUnavailable:
+                return False
+            except LockNotReplicated:
+                return True
+            raise AssertionError("a lease no replica acknowledged was granted")
+
+        wait_for(refused, "the promoted master to refuse an unreplicated lease")
+        assert acked.describe(slot)["owner"] is None
+        acked.close()
