@@ -197,6 +197,8 @@ class Config:
     counter_idle_ttl: float | None = option(
         "COUNTER_IDLE_TTL", 7 * 24 * 3600.0, _positive_or_none, convert=_seconds_or_none
     )
+    # OpenTelemetry spans and metrics (telemetry.py), when opentelemetry-api is installed.
+    telemetry: bool = option("TELEMETRY", True, _bool)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

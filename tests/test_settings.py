@@ -87,7 +87,7 @@ def test_each_key_is_declared_once_and_the_rest_is_derived():
     assert TOP_LEVEL_KEYS == {"BACKEND", "LOCATION", "OPTIONS"}
     assert set(OPTIONS) == {
         "TTL", "AUTO_RENEW", "ACQUIRE_TIMEOUT", "ROW_LOCK_TIMEOUT", "KEY_PREFIX", "SOCKET_TIMEOUT",
-        "SOCKET_CONNECT_TIMEOUT", "HANDOVER_GRACE", "COUNTER_IDLE_TTL",
+        "SOCKET_CONNECT_TIMEOUT", "HANDOVER_GRACE", "COUNTER_IDLE_TTL", "TELEMETRY",
     }  # fmt: skip
     defaults = Config()
     assert {o.attr for o in DECLARED} == {f.name for f in fields(Config)} - {"extra"}
