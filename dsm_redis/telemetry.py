@@ -53,11 +53,12 @@ import functools
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from contextvars import ContextVar, Token
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from .conf import get_config
 from .exceptions import LockError, LockTimeout, TransitionException, TransitionFailed
+from .keys import object_key
 
 if TYPE_CHECKING:
     from django.db.models import Model
@@ -125,7 +126,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def _histogram(meter: Any, name: str, description: str) -> Any:
     try:
-        return meter.create_histogram(name, unit="s", description=description, explicit_bucket_boundaries_advisory=BUCKETS)
+        return meter.create_histogram(
+            name, unit="s", description=description, explicit_bucket_boundaries_advisory=BUCKETS
+        )
     except TypeError:  # opentelemetry-api < 1.23: the SDK's View decides the buckets
         return meter.create_histogram(name, unit="s", description=description)
 
@@ -177,10 +180,21 @@ def _ended(span: Any, exc: BaseException | None, error: bool) -> None:
 class _Transition:
     """One transition call being recorded: its span, its steps, its outcome."""
 
-    __slots__ = ("machine", "walk", "attributes", "span", "started", "context", "active", "step", "edges", "source", "target", "diverted")
+    __slots__ = (
+        "walk",
+        "attributes",
+        "span",
+        "started",
+        "context",
+        "active",
+        "step",
+        "edges",
+        "source",
+        "target",
+        "diverted",
+    )
 
     def __init__(self, machine: StateMachine, instance: Model, walk: bool) -> None:
-        self.machine = machine
         self.walk = walk
         self.attributes: dict[str, Any] = {MODEL: type(instance)._meta.label_lower, MACHINE: machine.field_name}
         self.step: Any = None
@@ -190,7 +204,7 @@ class _Transition:
         self.diverted = False
         span_attributes = dict(self.attributes)
         if instance.pk is not None:
-            span_attributes[OBJECT] = f"{self.attributes[MODEL]}:{instance.pk}"
+            span_attributes[OBJECT] = object_key(instance)  # the lease's key: its root model's label
         self.span = _tracer.start_span(SPAN_TRANSITION, attributes=span_attributes)
         task = _TASK.get()
         if task is not None and task.span.is_recording() and hasattr(task.span, "add_link"):  # API >= 1.23
@@ -208,18 +222,18 @@ class _Transition:
             _transition_duration.record(elapsed, {**self.attributes, OUTCOME: outcome})
             span = self.span
             if span.is_recording():
-                span.set_attribute(OUTCOME, outcome)
-                span.set_attribute(STEPS, len(self.edges))
+                found: dict[str, Any] = {OUTCOME: outcome, STEPS: len(self.edges)}
                 if self.source is not None:
-                    span.set_attribute(SOURCE, self.source)
+                    found[SOURCE] = self.source
                 if self.target is not None:
-                    span.set_attribute(TARGET, self.target)
+                    found[TARGET] = self.target
                 if not self.walk and self.edges and self.edges[0] is not None:
-                    span.set_attribute(EDGE, self.edges[0])  # the edge asked for (diverted or not)
+                    found[EDGE] = self.edges[0]  # the edge asked for (diverted or not)
+                span.set_attributes(found)
         finally:
             _ACTIVE.reset(self.active)
             otel_context.detach(self.context)
-            _ended(self.span, exc, outcome_is_error(exc))
+            _ended(self.span, exc, _is_error(exc))
 
     def resolved(self, source: Any, transition: Transition | None, token: int | None) -> None:
         if self.source is None:
@@ -230,12 +244,12 @@ class _Transition:
         self.edges.append(transition.name)
         step = self.step
         if step is not None and step.is_recording():
+            found: dict[str, Any] = {SOURCE: _value(transition.start), TARGET: self.target}
             if transition.name is not None:
-                step.set_attribute(EDGE, transition.name)
-            step.set_attribute(SOURCE, _value(transition.start))
-            step.set_attribute(TARGET, _value(transition.end))
+                found[EDGE] = transition.name
             if token is not None:
-                step.set_attribute(FENCING_TOKEN, token)
+                found[FENCING_TOKEN] = token
+            step.set_attributes(found)
 
 
 def _outcome(exc: BaseException | None, diverted: bool) -> str:
@@ -248,7 +262,7 @@ def _outcome(exc: BaseException | None, diverted: bool) -> str:
     return "failed"
 
 
-def outcome_is_error(exc: BaseException | None) -> bool:
+def _is_error(exc: BaseException | None) -> bool:
     """A span status of error: not for a refusal or a TransitionFailed (the machine working)."""
     return exc is not None and not isinstance(exc, (TransitionException, TransitionFailed))
 
@@ -292,7 +306,7 @@ class _Step:
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         self.recording.step = self.outer
         otel_context.detach(self.context)
-        _ended(self.span, exc, outcome_is_error(exc))
+        _ended(self.span, exc, _is_error(exc))
 
 
 def step(using: str) -> AbstractContextManager[None]:
@@ -376,6 +390,7 @@ def token_reanchored(key: str) -> None:
 
 # -- locked tasks -------------------------------------------------------------------------------------
 
+
 class _Task:
     __slots__ = ("span", "context", "active", "outcome")
 
@@ -394,7 +409,9 @@ class _Task:
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         try:
-            outcome = self.outcome or ("done" if exc is None else "lock_error" if isinstance(exc, LockError) else "failed")
+            outcome = self.outcome or (
+                "done" if exc is None else "lock_error" if isinstance(exc, LockError) else "failed"
+            )
             if self.span.is_recording():
                 self.span.set_attribute(OUTCOME, outcome)
         finally:

@@ -46,7 +46,14 @@ pytestmark = pytest.mark.django_db(transaction=True)
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 # What a metric point may carry: values from code, never an object id (telemetry.py's rule).
-METRIC_ATTRIBUTES = {telemetry.MODEL, telemetry.MACHINE, telemetry.OUTCOME, telemetry.CAUSE, telemetry.REASON, telemetry.TASK}
+METRIC_ATTRIBUTES = {
+    telemetry.MODEL,
+    telemetry.MACHINE,
+    telemetry.OUTCOME,
+    telemetry.CAUSE,
+    telemetry.REASON,
+    telemetry.TASK,
+}
 
 
 class Switch(SpanProcessor):
@@ -164,7 +171,12 @@ def test_a_contended_run_yields_a_span_per_transition_and_the_wait_histogram(ote
         assert wait.attributes["dsm_redis.outcome"] == "acquired"
         assert step.attributes["dsm_redis.edge"] == "deposit" and step.attributes["dsm_redis.database"] == "default"
         assert step.attributes["dsm_redis.fencing_token"] > 0
-    tokens = [c.attributes["dsm_redis.fencing_token"] for t in transitions for c in children(otel, t) if c.name == telemetry.SPAN_STEP]
+    tokens = [
+        c.attributes["dsm_redis.fencing_token"]
+        for t in transitions
+        for c in children(otel, t)
+        if c.name == telemetry.SPAN_STEP
+    ]
     assert len(set(tokens)) == 16  # one lease each
 
     count, total = otel.delta(telemetry.LEASE_WAIT, waits, model="testapp.account", outcome="acquired")
@@ -223,7 +235,9 @@ def test_each_outcome_of_a_transition(otel, settings):
     assert statuses == ["UNSET", "UNSET", "UNSET", "ERROR", "UNSET", "ERROR"]  # the machine working is no error
 
     def grew(outcome: str) -> int:
-        return otel.delta(telemetry.TRANSITION_DURATION, durations, model="testapp.order", machine="machine", outcome=outcome)[0]
+        return otel.delta(
+            telemetry.TRANSITION_DURATION, durations, model="testapp.order", machine="machine", outcome=outcome
+        )[0]
 
     assert {o: grew(o) for o in ("committed", "refused", "failed", "lock_error")} == {
         "committed": 2, "refused": 1, "failed": 2, "lock_error": 1,
@@ -300,7 +314,11 @@ def test_a_locked_task_span_links_to_its_transitions_beside_the_celery_instrumen
     assert task.attributes["dsm_redis.task"] == "tests.test_telemetry.two_deposits"
     assert task.attributes["dsm_redis.outcome"] == "done"
     inside = children(otel, task)
-    assert sorted(s.name for s in inside) == [telemetry.SPAN_LEASE_WAIT, telemetry.SPAN_TRANSITION, telemetry.SPAN_TRANSITION]
+    assert sorted(s.name for s in inside) == [
+        telemetry.SPAN_LEASE_WAIT,
+        telemetry.SPAN_TRANSITION,
+        telemetry.SPAN_TRANSITION,
+    ]
     transitions = {s.context.span_id for s in inside if s.name == telemetry.SPAN_TRANSITION}
     assert {link.context.span_id for link in task.links} == transitions
     # The transitions re-entered the task's lease: no wait of their own.
