@@ -245,7 +245,7 @@ def _contended(
     name = task.name if task is not None else "task"
     if on_contention == "skip":
         logger.info("%s skipped: lease on %s is held by another holder", name, key)
-        telemetry.task_skipped(name)
+        telemetry.task_skipped(name, key)
         return Ignore()
     if on_contention == "raise":
         return exc
@@ -277,7 +277,7 @@ def _resend(
     # The same task id and the same ``retries``: these retries are invisible to max_retries.
     signature = task.signature_from_request(request, countdown=countdown, headers=headers)
     signature.apply_async()
-    telemetry.task_retried(name, "contention" if busy else "lock_error")
+    telemetry.task_retried(name, key, "contention" if busy else "lock_error")
     level = logging.INFO if busy else logging.WARNING
     logger.log(level, "%s[%s]: %s; retry %s in %.2fs", name, request.id, why, attempt, countdown)
     return Retry(f"{why} (retry {attempt})", exc, when=countdown, sig=signature)

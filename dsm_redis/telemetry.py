@@ -437,15 +437,15 @@ def _task_outcome(outcome: str) -> None:
         recording.outcome = outcome
 
 
-def task_retried(name: str, reason: str) -> None:
+def task_retried(name: str, key: str, reason: str) -> None:
     """A locked task was re-sent: ``reason`` is contention (the lease was busy) or lock_error."""
     if enabled():
-        _task_retried.add(1, {TASK: name, REASON: reason})
+        _task_retried.add(1, {MODEL: _model_of_key(key), TASK: name, REASON: reason})
         _task_outcome("retried")
 
 
-def task_skipped(name: str) -> None:
+def task_skipped(name: str, key: str) -> None:
     """A locked task ended by ``on_contention="skip"``."""
     if enabled():
-        _task_skipped.add(1, {TASK: name})
+        _task_skipped.add(1, {MODEL: _model_of_key(key), TASK: name})
         _task_outcome("skipped")

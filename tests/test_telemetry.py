@@ -357,8 +357,9 @@ def test_skipped_and_retried_locked_tasks_are_counted(otel, eager, monkeypatch, 
     finally:
         done.set()
         join()
-    assert otel.delta(telemetry.TASK_SKIPPED, skipped, task=tasks.unbound_skip.name) == 1
-    assert otel.delta(telemetry.TASK_RETRIED, retried, task=tasks.locked_deposit.name, reason="contention") == 1
+    assert otel.delta(telemetry.TASK_SKIPPED, skipped, model="testapp.account", task=tasks.unbound_skip.name) == 1
+    retry = {"model": "testapp.account", "task": tasks.locked_deposit.name, "reason": "contention"}
+    assert otel.delta(telemetry.TASK_RETRIED, retried, **retry) == 1
     outcomes = [s.attributes["dsm_redis.outcome"] for s in otel.spans(telemetry.SPAN_TASK)]
     assert outcomes == ["skipped", "retried"]
 
