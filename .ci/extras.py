@@ -11,8 +11,8 @@ bring ``packaging``, which hid a missing dependency of the Celery extra once.
 - ``[embedded,postgres]``: the README's demo command (smaller: it only has to run), which starts
   its own Redis and PostgreSQL from the wheels.
 - ``[postgres]``: ``migrate`` and one locked transition on PostgreSQL (the server started here).
-- ``[otel]``: the OpenTelemetry API alone (no SDK): a transition runs with telemetry on, through the
-  API's no-ops, and nothing but the API was installed.
+- ``[otel]``: the OpenTelemetry API alone (no SDK): transitions run with no provider set (the hooks
+  skip), then through the API's no-op providers (every hook runs); nothing but the API was installed.
 - ``[pytest]``: the README's pytest plugin example, its files taken from README.md as written (and a
   minimal ``mysite/settings.py`` they extend), run by pytest; the plugin starts its own Redis.
 
@@ -180,11 +180,17 @@ from django.core.management import call_command
 call_command("migrate", verbosity=0)
 from dsm_redis import telemetry
 from dsm_redis.tools.demo.models import Subscription
+from opentelemetry import metrics, trace
 sub = Subscription.objects.create()
 sub.machine.deposit()
-assert telemetry.AVAILABLE and telemetry.enabled(), "the API is installed: telemetry is on"
+assert telemetry.AVAILABLE and not telemetry.enabled(), "no provider set: the hooks skip"
+trace.set_tracer_provider(trace.NoOpTracerProvider())
+metrics.set_meter_provider(metrics.NoOpMeterProvider())
+assert telemetry.enabled(), "a provider set: the hooks run"
+sub.machine.deposit()
 assert importlib.util.find_spec("opentelemetry.sdk") is None, "the otel extra brought an SDK"
-print("otel extra: a transition through the API's no-ops; balance", Subscription.objects.get(pk=sub.pk).balance)
+assert Subscription.objects.get(pk=sub.pk).balance == 2
+print("otel extra: transitions without a provider and through the API's no-op providers")
 """
 
 

@@ -3,7 +3,7 @@
 One process, the bench's own servers and rows (``bench.run``). Two phases, because OpenTelemetry's
 global providers can be set once per process:
 
-1. ``api``: ``opentelemetry-api`` installed, no SDK configured (the API's no-ops), against ``off``
+1. ``api``: ``opentelemetry-api`` installed, no provider set (the hooks skip), against ``off``
    (``DSM_REDIS['OPTIONS']['TELEMETRY'] = False``, every hook skipped);
 2. ``sdk``: the SDK recording every span (a batch processor whose exporter drops them, as an OTLP
    exporter's thread would send them off the hot path) and every metric point (an in-memory
@@ -105,7 +105,7 @@ def _report(medians: dict[str, list[float]], mode: str) -> str:
 def _section(api: dict[str, list[float]], sdk: dict[str, list[float]], rounds: int, calls: int, load: str) -> str:
     rows = []
     for mode, medians, what in (
-        ("api", api, "`opentelemetry-api` installed, no SDK configured (the API's no-ops)"),
+        ("api", api, "`opentelemetry-api` installed, no provider set (the hooks skip their work)"),
         ("sdk", sdk, "the SDK recording: 3 spans and 2 histogram points per transition"),
     ):
         on, off, ratio, low, high = _figures(medians, mode)

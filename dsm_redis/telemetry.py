@@ -1,10 +1,11 @@
 """Observability: OpenTelemetry spans and metrics of leases, transitions and locked tasks.
 
 Recorded through ``opentelemetry-api`` only (the ``otel`` extra): the application's SDK decides
-where spans and metric points go, and with no SDK configured the API's no-ops swallow them.
-Without ``opentelemetry`` installed nothing of it is imported and every hook below returns after
-one test of a module constant. ``DSM_REDIS['OPTIONS']['TELEMETRY'] = False`` turns every hook off
-with the package installed (default ``True``).
+where spans and metric points go. Until the application sets a tracer or meter provider the hooks
+skip their work (the API would only swallow it). Without ``opentelemetry`` installed nothing of it
+is imported, ``protocol.run`` is not even wrapped, and every other hook returns after one test of a
+module constant. ``DSM_REDIS['OPTIONS']['TELEMETRY'] = False`` turns every hook off with the
+package installed (default ``True``).
 
 The names are this project's convention (OpenTelemetry has none for locks) and are stable: a
 rename is a breaking change.
@@ -147,9 +148,34 @@ if AVAILABLE:
     _task_skipped = _meter.create_counter(TASK_SKIPPED, unit="{task}", description="Locked tasks skipped")
 
 
+_sdk_seen = False
+
+
+def _sdk() -> bool:
+    """An SDK (or any provider of the application's) is set, for traces or for metrics.
+
+    Until one is, the API's proxies would swallow everything: the hooks skip even building it. A
+    provider, once set, is never unset (the API sets each once per process), so that is remembered.
+    """
+    global _sdk_seen
+    if _sdk_seen:
+        return True
+    unset = (
+        isinstance(otel_trace.get_tracer_provider(), otel_trace.ProxyTracerProvider)
+        and type(otel_metrics.get_meter_provider()).__name__ in _UNSET_METER_PROVIDERS
+    )
+    _sdk_seen = not unset
+    return _sdk_seen
+
+
+# The API's stand-in until the application sets a meter provider (private to the API: named, not
+# imported; a version that renames it only costs the shortcut above, never a record).
+_UNSET_METER_PROVIDERS = frozenset({"_ProxyMeterProvider"})
+
+
 def enabled() -> bool:
-    """Hooks record (the package is installed and ``TELEMETRY`` is on)."""
-    return AVAILABLE and get_config().telemetry
+    """Hooks record: the package is installed, ``TELEMETRY`` is on, and a provider is set."""
+    return AVAILABLE and get_config().telemetry and _sdk()
 
 
 def _value(state: Any) -> Any:
@@ -282,7 +308,7 @@ def traced(*, walk: bool = False) -> Callable[[F], F]:
 
         @functools.wraps(run)
         def recorded(machine: StateMachine, instance: Model, *args: Any, **kwargs: Any) -> Any:
-            if not get_config().telemetry:
+            if not (get_config().telemetry and _sdk()):
                 return run(machine, instance, *args, **kwargs)
             with _Transition(machine, instance, walk):
                 return run(machine, instance, *args, **kwargs)
@@ -365,7 +391,7 @@ class _LeaseWait:
 
 def lease_wait(key: str) -> AbstractContextManager[None]:
     """Record acquiring the lease on ``key`` (``lease.hold``)."""
-    if not AVAILABLE or not get_config().telemetry:
+    if not enabled():
         return _NULL
     return _LeaseWait(key)
 
@@ -426,7 +452,7 @@ _TASK: ContextVar[_Task | None] = ContextVar("dsm_redis_telemetry_task", default
 
 def task(name: str | None, task_id: str | None, key: str) -> AbstractContextManager[None]:
     """Record one run of a locked task's body under the lease on ``key`` (``celery.run_locked``)."""
-    if not AVAILABLE or not get_config().telemetry:
+    if not enabled():
         return _NULL
     return _Task(name, task_id, key)
 
