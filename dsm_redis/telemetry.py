@@ -17,7 +17,8 @@ Spans (instrumentation scope ``dsm_redis``)::
     └── dsm_redis.transition.step one transaction: row lock, check, side effect, write, commit
                                   (one per step of a walk; a TransitionFailed's error edge is its own)
     dsm_redis.task                one run of a locked_task body, its lease wait included; it has a
-                                  link to every dsm_redis.transition span started inside it
+                                  link to every dsm_redis.transition span started inside it, and its
+                                  dsm_redis.outcome is done | retried | skipped | lock_error | failed
 
 Metrics (meter ``dsm_redis``)::
 
@@ -40,7 +41,7 @@ A lease is lost ``expired`` (its local deadline passed unrenewed), ``gone`` (Red
 longer ours), ``unreachable`` (Redis could not be reached until its deadline) or on an ``error``.
 
 Cardinality rule: metric attributes take their values from code, never from data — models,
-machines, edges' outcomes, task names. Object ids (``dsm_redis.object``, the lease key
+machines, outcomes, task names. Object ids (``dsm_redis.object``, the lease key
 ``app_label.modelname:pk``), fencing tokens and task ids are *span* attributes only. Spans also
 carry ``dsm_redis.edge``, ``dsm_redis.source`` and ``dsm_redis.target`` (the step's; on the
 transition span the request's: its source, the state it ended in, and the edge of a single-edge
