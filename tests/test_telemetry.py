@@ -460,7 +460,8 @@ class Absent:
             raise ModuleNotFoundError(f"No module named {name!r}")
         return None
 
-sys.meta_path.insert(0, Absent())
+if sys.argv[3] == "absent":
+    sys.meta_path.insert(0, Absent())
 import django
 from django.conf import settings
 
@@ -478,15 +479,23 @@ from tests.testapp.models import Account
 account = Account.objects.create()
 account.machine.deposit()
 print(Account.objects.get(pk=account.pk).balance, telemetry.AVAILABLE, hasattr(protocol.run, "__wrapped__"))
-print(sorted(m for m in sys.modules if m.startswith("opentelemetry")))
+print(telemetry.enabled())
+print(sorted(m for m in sys.modules if m.startswith("opentelemetry")) == [])
 """
 
 
-def test_without_opentelemetry_nothing_of_it_is_imported_and_transitions_run(dsm_redis_url):
+@pytest.mark.parametrize(
+    "package, expected",
+    [
+        ("absent", ["1 False False", "False", "True"]),  # nothing imported, run() not even wrapped
+        ("present", ["1 True True", "False", "False"]),  # no provider set: the hooks skip
+    ],
+)
+def test_without_opentelemetry_nothing_of_it_is_imported_and_transitions_run(dsm_redis_url, package, expected):
     env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
     out = subprocess.run(
-        [sys.executable, "-c", BLOCKED, dsm_redis_url, f"{key_prefix()}-absent"],
+        [sys.executable, "-c", BLOCKED, dsm_redis_url, f"{key_prefix()}-{package}", package],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == ["1 False False", "[]"]
+    assert out.stdout.splitlines() == expected
