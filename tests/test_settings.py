@@ -18,6 +18,7 @@ from dsm_redis.conf import parse, validate
         ({"OPTIONS": {"TTL": float("nan")}}, r"\['TTL'\]"),
         ({"OPTIONS": {"ACQUIRE_TIMEOUT": -1}}, r"\['ACQUIRE_TIMEOUT'\] must be a number >= 0"),
         ({"OPTIONS": {"AUTO_RENEW": "yes"}}, r"\['AUTO_RENEW'\] must be True or False"),
+        ({"OPTIONS": {"TELEMETRY": 1}}, r"\['TELEMETRY'\] must be True or False"),
         ({"OPTIONS": {"KEY_PREFIX": "a{b}"}}, "braces"),
         ({"OPTIONS": {"TIMEOUT": 3}}, "unknown key 'TIMEOUT'"),
         ({"OPTIONS": []}, r"\['OPTIONS'\] must be a dict"),
