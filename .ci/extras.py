@@ -11,6 +11,8 @@ bring ``packaging``, which hid a missing dependency of the Celery extra once.
 - ``[embedded,postgres]``: the README's demo command (smaller: it only has to run), which starts
   its own Redis and PostgreSQL from the wheels.
 - ``[postgres]``: ``migrate`` and one locked transition on PostgreSQL (the server started here).
+- ``[otel]``: the OpenTelemetry API alone (no SDK): transitions run with no provider set (the hooks
+  skip), then through the API's no-op providers (every hook runs); nothing but the API was installed.
 - ``[pytest]``: the README's pytest plugin example, its files taken from README.md as written (and a
   minimal ``mysite/settings.py`` they extend), run by pytest; the plugin starts its own Redis.
 
@@ -162,6 +164,46 @@ def check_postgres(base: Path, database_url: str, redis_url: str) -> None:
     )
 
 
+OTEL_SCRIPT = """
+import importlib.util, sys
+import django
+from django.conf import settings
+
+settings.configure(
+    INSTALLED_APPS=["dsm_redis", "dsm_redis.tools.demo"],
+    DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": sys.argv[1]}},
+    DSM_REDIS={"LOCATION": sys.argv[2], "OPTIONS": {"KEY_PREFIX": "extras-otel"}},
+    USE_TZ=True,
+)
+django.setup()
+from django.core.management import call_command
+call_command("migrate", verbosity=0)
+from dsm_redis import telemetry
+from dsm_redis.tools.demo.models import Subscription
+from opentelemetry import metrics, trace
+sub = Subscription.objects.create()
+sub.machine.deposit()
+assert telemetry.AVAILABLE and not telemetry.enabled(), "no provider set: the hooks skip"
+trace.set_tracer_provider(trace.NoOpTracerProvider())
+metrics.set_meter_provider(metrics.NoOpMeterProvider())
+assert telemetry.enabled(), "a provider set: the hooks run"
+sub.machine.deposit()
+assert importlib.util.find_spec("opentelemetry.sdk") is None, "the otel extra brought an SDK"
+assert Subscription.objects.get(pk=sub.pk).balance == 2
+print("otel extra: transitions without a provider and through the API's no-op providers")
+"""
+
+
+def check_otel(base: Path, redis_url: str) -> None:
+    venv = fresh_venv(base, "otel")
+    run(
+        [str(venv / "bin" / "python"), "-c", OTEL_SCRIPT, str(base / "otel.sqlite3"), redis_url],
+        cwd=base,
+        env=venv_env(venv),
+        what="[otel]: a transition with the OpenTelemetry API and no SDK",
+    )
+
+
 MYSITE_SETTINGS = """
 SECRET_KEY = "extras"
 USE_TZ = True
@@ -198,6 +240,7 @@ def main() -> None:
         redis_server = RedisServer().start()
         try:
             check_celery(base, f"127.0.0.1:{redis_server.port}")
+            check_otel(base, redis_server.url)
             postgres = PostgresServer().start()
             try:
                 check_postgres(base, postgres.url, redis_server.url)

@@ -63,6 +63,7 @@ from django.apps import apps
 from django.db import router, transaction
 from django.db.models import Model
 
+from . import telemetry
 from .commit_hooks import on_commit_first
 from .conf import get_config
 from .exceptions import LockError, LockTimeout
@@ -188,7 +189,8 @@ def run_locked(
             timeout = config.acquire_timeout
     contended = functools.partial(_contended, task, key, on_contention, max_contention_retries, backoff)
     resend = functools.partial(_resend, task, key, max_contention_retries, backoff)
-    with ExitStack() as stack:
+    name, task_id = (None, None) if task is None else (task.name, task.request.id)
+    with telemetry.task(name, task_id, key), ExitStack() as stack:
         try:
             lease = stack.enter_context(hold(key, timeout=timeout, ttl=ttl))
         except LockTimeout as exc:
@@ -243,6 +245,7 @@ def _contended(
     name = task.name if task is not None else "task"
     if on_contention == "skip":
         logger.info("%s skipped: lease on %s is held by another holder", name, key)
+        telemetry.task_skipped(name, key)
         return Ignore()
     if on_contention == "raise":
         return exc
@@ -274,6 +277,7 @@ def _resend(
     # The same task id and the same ``retries``: these retries are invisible to max_retries.
     signature = task.signature_from_request(request, countdown=countdown, headers=headers)
     signature.apply_async()
+    telemetry.task_retried(name, key, "contention" if busy else "lock_error")
     level = logging.INFO if busy else logging.WARNING
     logger.log(level, "%s[%s]: %s; retry %s in %.2fs", name, request.id, why, attempt, countdown)
     return Retry(f"{why} (retry {attempt})", exc, when=countdown, sig=signature)

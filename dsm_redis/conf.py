@@ -294,6 +294,8 @@ class Config:
     # REPLICA_ACK_TIMEOUT; fewer in time: LockNotReplicated, and the lease is given back. 0: off.
     replica_acks: int = option("REPLICA_ACKS", 0, _replica_count)
     replica_ack_timeout: float = option("REPLICA_ACK_TIMEOUT", 1.0, _positive, convert=_seconds)
+    # OpenTelemetry spans and metrics (telemetry.py), when opentelemetry-api is installed.
+    telemetry: bool = option("TELEMETRY", True, _bool)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -52,6 +52,7 @@ from django.db import DatabaseError, OperationalError, connections, models, tran
 from django.db.models import F, Model
 from django.db.models.expressions import RawSQL
 
+from . import telemetry
 from .exceptions import LockTimeout, StaleFencingToken
 from .keys import object_of, root_model
 from .marks import MarkTable, column_value, column_verdict, execute, mark_table
@@ -325,6 +326,7 @@ def _judge(verdict: int | None, token: Token, again: Callable[[int], Token | Non
     if again is not None and (reanchored := again(verdict)) is not None:
         return reanchored
     stale = token.number
+    telemetry.token_refused(token.key)
     logger.warning("stale fencing token %s for %s refused: the database holds %s", stale, token.key, verdict)
     raise StaleFencingToken(
         f"fencing token {stale} for {token.key} is not newer than the committed mark {verdict}: "

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 from django.db import connections, router
 from django.db.transaction import TransactionManagementError
 
+from . import telemetry
 from .backends import LockBackend, get_backend
 from .commit_hooks import commit_hook, in_test_case, watches_this_level
 from .conf import get_config
@@ -125,7 +126,8 @@ def hold(key: str, *, timeout: float | None = _DEFAULT, ttl: float | None = None
         # released) by every later block, and a key left in Redis would block others for a TTL.
         if lease is None:
             ttl = config.ttl if ttl is None else ttl
-            grant = backend.acquire(key, ttl=ttl, timeout=config.acquire_timeout if timeout is _DEFAULT else timeout)
+            with telemetry.lease_wait(key):
+                grant = backend.acquire(key, ttl=ttl, timeout=config.acquire_timeout if timeout is _DEFAULT else timeout)
             lease = Lease(key, backend, grant.owner, grant.fencing_token, ttl, grant.valid_until)
             leases[key] = lease
             if config.auto_renew:

@@ -40,6 +40,7 @@ from django.db import connections
 from django.db.transaction import TransactionManagementError
 
 from . import fence as fencing
+from . import telemetry
 from .backends import LockBackend
 from .commit_hooks import on_commit_first, pending
 from .conf import get_config
@@ -154,7 +155,7 @@ class Lease:
     def check(self) -> None:
         """Raise ``LockLost`` unless the lease is still ours by the local clock."""
         if self._lost is None and self.remaining <= 0:
-            self._lose(f"lease on {self.key} expired (TTL {self.ttl}s) before the work committed")
+            self._lose(f"lease on {self.key} expired (TTL {self.ttl}s) before the work committed", "expired")
         if self._lost is not None:
             raise LockLost(self._lost)
 
@@ -221,6 +222,7 @@ class Lease:
         )
         with self._lock:
             self._token = self._token.renumbered(number)
+        telemetry.token_reanchored(self.key)
         return self._token
 
     # -- renewal: the renewer's one call --------------------------------------------------------------
@@ -232,7 +234,7 @@ class Lease:
             return self._tick()
         except Exception:  # fail safe: an unexpected error leaves the lease lost, never silently ours
             logger.exception("renewer: unexpected error on %s", self.key)
-            self._lose(f"lease on {self.key} could not be renewed (unexpected error)")
+            self._lose(f"lease on {self.key} could not be renewed (unexpected error)", "error")
             return None
 
     def _tick(self) -> float | None:
@@ -252,13 +254,13 @@ class Lease:
         except Exception as exc:  # noqa: BLE001 - whatever fails, the renewer must not die silently
             # Redis down (or refusing): retry until the local deadline passes, then mark it lost.
             if self.remaining <= 0:
-                self._lose(f"lease on {self.key} could not be renewed ({type(exc).__name__}) and expired")
+                self._lose(f"lease on {self.key} could not be renewed ({type(exc).__name__}) and expired", "unreachable")
                 logger.error("%s", self._lost)
                 return self.renew_interval if self.record.parked else None
             logger.warning("renewing lease on %s failed (%s); retrying", self.key, type(exc).__name__)
             return min(1.0, self.ttl / 10)
         if not ok:
-            self._lose(f"lease on {self.key} was lost: it expired or another holder took it")
+            self._lose(f"lease on {self.key} was lost: it expired or another holder took it", "gone")
             logger.error("%s", self._lost)
             return self.renew_interval if self.record.parked else None
         with self._lock:
@@ -266,10 +268,14 @@ class Lease:
         logger.debug("lease on %s renewed", self.key)
         return self.renew_interval
 
-    def _lose(self, reason: str) -> None:
+    def _lose(self, reason: str, cause: str) -> None:
+        """Mark the lease lost (once): ``cause`` is expired, gone, unreachable or error (telemetry.py)."""
         with self._lock:
-            if self._lost is None:
+            first = self._lost is None
+            if first:
                 self._lost = reason
+        if first:
+            telemetry.lease_lost(self.key, cause)
 
     # -- parked until the transactions it wrote in end ------------------------------------------------
 

@@ -40,7 +40,7 @@ from django.db import connections, router, transaction
 from django.db.models import Model
 from django.db.models.fields.mixins import FieldCacheMixin
 
-from . import history
+from . import history, telemetry
 from .commit_hooks import commit_hook, on_commit_first
 from .exceptions import LockLost, TransitionException, TransitionFailed
 from .fence import save_judged
@@ -66,6 +66,7 @@ OnStep = Callable[[Model, "Transition"], None]
 _RUNNING: ContextVar[frozenset[tuple[Any, str]]] = ContextVar("dsm_redis_running", default=frozenset())
 
 
+@telemetry.traced()
 def run(machine: StateMachine, instance: Model, resolve: Resolve, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """One transition; returns the state the object is in afterwards."""
     using = router.db_for_write(type(instance), instance=instance)
@@ -76,6 +77,7 @@ def run(machine: StateMachine, instance: Model, resolve: Resolve, args: tuple[An
         return _step(machine, instance, resolve, args, kwargs, using, lease)[0]
 
 
+@telemetry.traced(walk=True)
 def run_through(machine: StateMachine, instance: Model, target: Any, *, on_step: OnStep | None = None) -> Any:
     """Walk the shortest path to ``target`` one transaction per step, all under one lease."""
 
@@ -132,7 +134,7 @@ def _step(
     if lease is not None:
         lease.record.wrote(using)  # if this is a caller's transaction, its commit releases the lease
     try:
-        with transaction.atomic(using=using):  # 2. transaction
+        with telemetry.step(using), transaction.atomic(using=using):  # 2. transaction
             # First of our on-commit hooks: if a later one raises out of the COMMIT, the transition
             # did commit, and the instance must keep its new state.
             transaction.on_commit(partial(committed.append, True), using=using)
@@ -142,6 +144,7 @@ def _step(
             if lease is not None:
                 lease.check()  # a lease lost while waiting for the row must not start a side effect
             transition = resolve(row)  # 3. check against the row read under the lock
+            telemetry.resolved(machine, row, transition, None if lease is None else lease.fencing_token)
             if transition is None:
                 if row is not instance:
                     _adopt_row(instance, row)  # the caller's instance may be older than the row
@@ -173,6 +176,7 @@ def _step(
         # 5. committed (or our savepoint released inside a caller's transaction)
         return transition.end, False
     except TransitionFailed as failed:
+        telemetry.diverted()
         _restore(instance, original)
         target = machine.check_known(failed.error_state)
         resolve_error = partial(machine.edge_for_target, target=target)

@@ -18,6 +18,7 @@ from dsm_redis.conf import parse, validate
         ({"OPTIONS": {"TTL": float("nan")}}, r"\['TTL'\]"),
         ({"OPTIONS": {"ACQUIRE_TIMEOUT": -1}}, r"\['ACQUIRE_TIMEOUT'\] must be a number >= 0"),
         ({"OPTIONS": {"AUTO_RENEW": "yes"}}, r"\['AUTO_RENEW'\] must be True or False"),
+        ({"OPTIONS": {"TELEMETRY": 1}}, r"\['TELEMETRY'\] must be True or False"),
         ({"OPTIONS": {"KEY_PREFIX": "a{b}"}}, "braces"),
         ({"OPTIONS": {"TIMEOUT": 3}}, "unknown key 'TIMEOUT'"),
         ({"OPTIONS": []}, r"\['OPTIONS'\] must be a dict"),
@@ -104,6 +105,7 @@ def test_each_key_is_declared_once_and_the_rest_is_derived():
     assert set(OPTIONS) == {
         "TTL", "AUTO_RENEW", "ACQUIRE_TIMEOUT", "ROW_LOCK_TIMEOUT", "KEY_PREFIX", "SOCKET_TIMEOUT",
         "SOCKET_CONNECT_TIMEOUT", "HANDOVER_GRACE", "COUNTER_IDLE_TTL", "REPLICA_ACKS", "REPLICA_ACK_TIMEOUT",
+        "TELEMETRY",
     }  # fmt: skip
     defaults = Config()
     assert {o.attr for o in DECLARED} == {f.name for f in fields(Config)} - {"extra"}
