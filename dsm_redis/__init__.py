@@ -16,6 +16,7 @@ from .exceptions import (
     TransitionException,
     TransitionFailed,
 )
+from .aio import aobject_lock
 from .fence import FencingTokenField
 from .fields import BoundStateMachine, StateMachineField
 from .lease import Lease, object_lock
@@ -59,6 +60,7 @@ __all__ = [
     # leases
     "Lease",
     "object_lock",
+    "aobject_lock",
     # signals
     "state_changed",
     "emit_signal_on_state",

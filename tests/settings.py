@@ -53,6 +53,8 @@ DATABASES = {
     },
 }
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
+ROOT_URLCONF = "tests.testapp.urls"  # async views, served by uvicorn in test_asyncio
+ALLOWED_HOSTS = ["127.0.0.1", "localhost", "testserver"]
 DSM_REDIS = {
     # Fault-injection tests point the leases at a Redis of their own, which they restart and stop.
     "LOCATION": os.environ.get("DSM_TEST_LOCK_REDIS_URL", REDIS_URL),

@@ -6,12 +6,14 @@ one ``DSM_REDIS['BACKEND']`` names, created lazily and re-created after a fork o
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, Protocol, TypeVar
 
 from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
@@ -20,7 +22,9 @@ from django.utils.module_loading import import_string
 from ..conf import Config, get_config
 
 # What a custom backend implements and returns; get_backend() and load_backend_class() serve the core.
-__all__ = ["Grant", "LeaseInfo", "LockBackend"]
+__all__ = ["AsyncLeases", "Grant", "LeaseInfo", "LockBackend"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,69 @@ class LockBackend(ABC):
 
     def close(self) -> None:  # noqa: B027 - an optional hook, not abstract
         """Drop connections (tests, settings changes)."""
+
+    def for_asyncio(self) -> AsyncLeases:
+        """This backend's lease calls for the running event loop (``alease.py``).
+
+        The default runs the blocking calls in a worker thread each (``asyncio.to_thread``): correct
+        for any backend, but a waiter holds a thread. The Redis backend overrides it with
+        ``redis.asyncio`` (no thread at all).
+        """
+        return _ThreadedLeases(self)
+
+
+class AsyncLeases(Protocol):
+    """The calls an asyncio lease makes, with the semantics of ``LockBackend``'s namesakes.
+
+    ``acquire`` cancelled while it waits leaves nothing behind: not its place in a queue, and not a
+    lease granted to it meanwhile.
+    """
+
+    async def acquire(self, key: str, *, ttl: float, timeout: float | None) -> Grant: ...
+
+    async def renew(self, key: str, owner: str, ttl: float) -> bool: ...
+
+    async def release(self, key: str, owner: str) -> bool: ...
+
+
+class _ThreadedLeases:
+    """``AsyncLeases`` for a backend with blocking calls only: each call in a worker thread."""
+
+    def __init__(self, backend: LockBackend) -> None:
+        self._backend = backend
+
+    async def acquire(self, key: str, *, ttl: float, timeout: float | None) -> Grant:
+        future = asyncio.ensure_future(asyncio.to_thread(self._backend.acquire, key, ttl=ttl, timeout=timeout))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # The thread goes on waiting: a lease it takes after we were cancelled would be held
+            # by nobody until its TTL. Give it back when it arrives.
+            future.add_done_callback(partial(_give_back_late_grant, self._backend, key))
+            raise
+
+    async def renew(self, key: str, owner: str, ttl: float) -> bool:
+        return await asyncio.to_thread(self._backend.renew, key, owner, ttl)
+
+    async def release(self, key: str, owner: str) -> bool:
+        return await asyncio.to_thread(self._backend.release, key, owner)
+
+
+def _give_back_late_grant(backend: LockBackend, key: str, future: asyncio.Future[Grant]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        try:
+            backend.release(key, future.result().owner)
+        except Exception:  # noqa: BLE001 - the lease then expires by its TTL
+            pass
+
+
+async def shielded(work: Awaitable[T]) -> T:
+    """Await ``work`` to its end even if the caller is cancelled meanwhile (it then goes on as a task).
+
+    For what must happen once started: a release, leaving a queue. A caller cancelled again while
+    it waits gets ``CancelledError``; the work is not cut short.
+    """
+    return await asyncio.shield(asyncio.ensure_future(work))
 
 
 _lock = threading.Lock()

@@ -74,11 +74,13 @@ cannot renew (its thread dies silently); release returns False instead of raisin
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
+import weakref
 from base64 import b64encode
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from functools import cached_property, partial
 from importlib import resources
 from os import urandom
@@ -93,7 +95,7 @@ from redis.retry import Retry
 from ..conf import Config
 from ..exceptions import LockBackendUnavailable, LockTimeout
 from ..keys import counter_key, redis_name
-from . import Grant, LeaseInfo, LockBackend
+from . import AsyncLeases, Grant, LeaseInfo, LockBackend, shielded
 
 logger = logging.getLogger("dsm_redis")
 T = TypeVar("T")
@@ -106,11 +108,23 @@ def _lua(name: str) -> str:
     return (resources.files("dsm_redis") / "lua" / f"{name}.lua").read_text()
 
 
+def _script_texts() -> dict[str, str]:
+    """Each script's text, for the blocking and the asyncio client alike (one copy of the Lua)."""
+    texts = {name: _lua(name) for name in ("renew", "reanchor", "holders")}
+    # The queue's functions run inside each script that uses them: one atomic call each.
+    for name in ("acquire", "release"):
+        texts[name] = _lua("queue") + "\n" + _lua(name)
+    return texts
+
+
 def _new_owner() -> str:
     # python-redis-lock's owner id: 18 random bytes, base64 (no braces: a waiter's wake-up list,
     # named after it, keeps the object's hash tag).
     return b64encode(urandom(18)).decode("ascii")
 
+
+# Redis connections of one event loop's asyncio leases: calls in flight, and one waiter per busy object.
+_ASYNC_CONNECTIONS = 256
 
 # python-redis-lock's signal-list lifetime after a release (ms): long enough for a waiter that was
 # between its failed SET and its BLPOP to still find the wake-up.
@@ -177,11 +191,7 @@ class RedisLockBackend(LockBackend):
 
     @cached_property
     def _scripts(self) -> dict[str, Any]:
-        scripts = {name: self.client.register_script(_lua(name)) for name in ("renew", "reanchor", "holders")}
-        # The queue's functions run inside each script that uses them: one atomic call each.
-        for name in ("acquire", "release"):
-            scripts[name] = self.client.register_script(_lua("queue") + "\n" + _lua(name))
-        return scripts
+        return {name: self.client.register_script(text) for name, text in _script_texts().items()}
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         try:
@@ -347,11 +357,186 @@ class RedisLockBackend(LockBackend):
             "fencing_token": int(token) if token else None,
         }
 
+    def for_asyncio(self) -> AsyncLeases:
+        """The lease calls on the running loop: ``redis.asyncio``, one client per event loop (its
+        connections belong to the loop that opened them)."""
+        loop = asyncio.get_running_loop()
+        leases = self._loops.get(loop)
+        if leases is None:
+            leases = self._loops[loop] = _AsyncRedisLeases(self, self._async_client())
+        return leases
+
+    @cached_property
+    def _loops(self) -> weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AsyncRedisLeases]:
+        return weakref.WeakKeyDictionary()
+
+    def _async_client(self) -> Any:
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry as AsyncRetry
+
+        options: dict[str, Any] = {
+            "socket_timeout": self.config.socket_timeout,
+            "socket_connect_timeout": self.config.socket_connect_timeout,
+            "retry": AsyncRetry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+        }
+        location = self._location
+        if not callable(location) and not location.startswith("cache:"):
+            scheme, sep, rest = location.partition("://")
+            if scheme.lower().endswith("+cluster"):
+                return aioredis.RedisCluster.from_url(f"{scheme[: -len('+cluster')]}{sep}{rest}", **options)
+        # A waiter blocks one connection on its wake-up (one per object per loop: _AsyncRedisLeases'
+        # gate). Past the pool's size, a call waits for a connection (bounded) instead of failing.
+        pool_options = {"max_connections": _ASYNC_CONNECTIONS, "timeout": self.config.socket_timeout + self._max_wait}
+        if callable(location) or location.startswith("cache:"):
+            # A client built elsewhere: the same server, reached with the same credentials.
+            kwargs = getattr(getattr(self.client, "connection_pool", None), "connection_kwargs", None)
+            if kwargs is None or "host" not in kwargs:
+                raise ImproperlyConfigured(
+                    "DSM_REDIS['LOCATION']: asyncio leases need a redis:// URL, or a client on a host and port"
+                )
+            portable = {k: kwargs[k] for k in ("host", "port", "db", "username", "password") if k in kwargs}
+            pool = aioredis.BlockingConnectionPool(**pool_options, **portable, **options)
+        else:
+            pool = aioredis.BlockingConnectionPool.from_url(location, **pool_options, **options)
+        return aioredis.Redis(connection_pool=pool)
+
     def close(self) -> None:
         if "client" in self.__dict__ and not callable(self._location) and not str(self._location).startswith("cache:"):
             self.client.close()
         self.__dict__.pop("client", None)
         self.__dict__.pop("_scripts", None)
+        self.__dict__.pop("_loops", None)  # their clients close with their loops
+
+
+class _AsyncRedisLeases:
+    """A ``RedisLockBackend``'s acquire, renew and release on one event loop (``redis.asyncio``).
+
+    The same scripts, keys and queue as the blocking calls above, so asyncio and blocking holders
+    of one object queue in one FIFO. A waiter awaits its wake-up list (``BLPOP`` on a connection of
+    its own) and holds no thread. Cancelled anywhere in ``acquire``, it leaves the queue and gives
+    back a grant that reached it (the release script, owner-checked), shielded from a second
+    cancellation; if Redis cannot be reached then, the entry lapses at its deadline.
+    """
+
+    def __init__(self, backend: RedisLockBackend, client: Any) -> None:
+        self._backend = backend
+        self.client = client
+        self._scripts = {name: client.register_script(text) for name, text in _script_texts().items()}
+        # key -> (the gate, coroutines at it). Only the coroutine through an object's gate is in
+        # Redis's queue: the others wait on the loop (FIFO, no connection, no Redis call), so a
+        # hot object costs one waiting connection per loop, not one per coroutine.
+        self._gates: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    async def acquire(self, key: str, *, ttl: float, timeout: float | None) -> Grant:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        gate, users = self._gates.get(key) or (asyncio.Lock(), 0)
+        self._gates[key] = (gate, users + 1)
+        try:
+            await self._through(gate, key, timeout, deadline)
+            try:
+                return await self._acquire(key, ttl=ttl, deadline=deadline, timeout=timeout)
+            finally:
+                gate.release()
+        finally:
+            gate, users = self._gates[key]
+            if users == 1:
+                del self._gates[key]
+            else:
+                self._gates[key] = (gate, users - 1)
+
+    @staticmethod
+    async def _through(gate: asyncio.Lock, key: str, timeout: float | None, deadline: float | None) -> None:
+        """Pass ``gate`` before ``deadline`` (``LockTimeout``); cancelled, never left holding it."""
+        if not gate.locked():
+            await gate.acquire()  # free: taken without a switch
+            return
+        if timeout == 0:
+            raise LockTimeout(f"lease on {key} not acquired within {timeout}s")
+        passing = asyncio.ensure_future(gate.acquire())
+        try:
+            done, _ = await asyncio.wait([passing], timeout=None if deadline is None else deadline - time.monotonic())
+        except BaseException:
+            done = set()
+            raise
+        finally:
+            if not done:
+                passing.cancel()  # passed meanwhile anyway: give it back
+                passing.add_done_callback(lambda f: f.cancelled() or gate.release())
+        if not done:
+            raise LockTimeout(f"lease on {key} not acquired within {timeout}s")
+
+    async def _call(self, what: str, work: Awaitable[T]) -> T:
+        try:
+            return await work
+        except (redis.ConnectionError, redis.TimeoutError, ClusterDownError, RedisClusterException) as exc:
+            raise LockBackendUnavailable(f"Redis unreachable while trying to {what}: {type(exc).__name__}") from exc
+        except redis.RedisError as exc:
+            raise LockBackendUnavailable(f"Redis refused to {what}: {type(exc).__name__}: {exc}") from exc
+
+    async def _acquire(self, key: str, *, ttl: float, deadline: float | None, timeout: float | None) -> Grant:
+        backend = self._backend
+        lock_key, _, counter = backend._keys(key)
+        queue, waiters, grant_prefix = backend._queue_keys(key)
+        owner = _new_owner()
+        wake = grant_prefix + owner
+        ttl_ms = _ttl_ms(ttl)
+        queued = False
+        try:
+            while True:
+                sent = time.monotonic()
+                stay_ms = backend._stay_ms(None if deadline is None else deadline - sent)
+                queued = queued or stay_ms > 0
+                ok, value = await self._call(
+                    "acquire a lease",
+                    self._scripts["acquire"](
+                        keys=[lock_key, counter, queue, waiters, wake],
+                        args=[owner, ttl_ms, stay_ms, backend._grace_ms, backend._idle_ms, grant_prefix],
+                    ),
+                )
+                if ok:
+                    return Grant(owner=owner, fencing_token=int(value), valid_until=sent + ttl)
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    break
+                wait = _wait_time(int(value), backend._max_wait, None if deadline is None else deadline - now)
+                # Woken by a hand-over, the holder's TTL or our deadline; the next call tells which.
+                await self._call("wait for a lease", self.client.blpop([wake], timeout=wait))
+        except BaseException:
+            # Cancelled (or the reply lost) while queued or just granted: leave nothing behind.
+            await shielded(self._leave(key, owner))
+            raise
+        if queued:
+            await self._leave(key, owner)
+        raise LockTimeout(f"lease on {key} not acquired within {timeout}s")
+
+    async def _leave(self, key: str, owner: str) -> None:
+        try:
+            await self.release(key, owner)
+        except LockBackendUnavailable:
+            pass  # the entry lapses at its deadline, a late grant after the grace
+
+    async def renew(self, key: str, owner: str, ttl: float) -> bool:
+        lock_key, _, counter = self._backend._keys(key)
+        return bool(
+            await self._call(
+                "renew a lease",
+                self._scripts["renew"](keys=[lock_key, counter], args=[owner, _ttl_ms(ttl), self._backend._idle_ms]),
+            )
+        )
+
+    async def release(self, key: str, owner: str) -> bool:
+        backend = self._backend
+        lock_key, signal_key, counter = backend._keys(key)
+        queue, waiters, grant_prefix = backend._queue_keys(key)
+        return bool(
+            await self._call(
+                "release a lease",
+                self._scripts["release"](
+                    keys=[lock_key, counter, queue, waiters, signal_key],
+                    args=[owner, backend._grace_ms, backend._idle_ms, grant_prefix, _SIGNAL_EXPIRE_MS],
+                ),
+            )
+        )
 
 
 def _client_from_cache(alias: str) -> Any:

@@ -1,0 +1,18 @@
+"""Async views served by a real ASGI server in ``tests/test_asyncio.py``."""
+
+from __future__ import annotations
+
+from django.http import HttpRequest, HttpResponse
+
+from tests.testapp.models import Account
+
+
+async def ping(request: HttpRequest) -> HttpResponse:
+    return HttpResponse("pong")
+
+
+async def deposit(request: HttpRequest, pk: int) -> HttpResponse:
+    """Read the account, then deposit 1 through its machine (the lease awaited, the step in a thread)."""
+    account = await Account.objects.aget(pk=pk)
+    state = await account.machine.adeposit(amount=1, work=0.003)
+    return HttpResponse(state)
