@@ -5,6 +5,7 @@ This module's ``__all__`` is the public API; a name of a submodule that is not i
 (``dsm_redis.conf``, ``dsm_redis.backends`` and ``dsm_redis.celery`` document their own public names).
 """
 
+from .aio import aobject_lock
 from .exceptions import (
     DsmRedisError,
     LockBackendUnavailable,
@@ -16,7 +17,6 @@ from .exceptions import (
     TransitionException,
     TransitionFailed,
 )
-from .aio import aobject_lock
 from .fence import FencingTokenField
 from .fields import BoundStateMachine, StateMachineField
 from .lease import Lease, object_lock

@@ -78,7 +78,8 @@ def run_through(machine: StateMachine, instance: Model, target: Any, *, on_step:
     """Walk the shortest path to ``target`` one transaction per step, all under one lease."""
     using = router.db_for_write(type(instance), instance=instance)
     if instance.pk is None or instance._state.adding:
-        state, done = _step_toward(machine, instance, target, using, None, on_step)  # no row to lock yet: this step inserts it
+        # No row to lock yet: this step inserts it.
+        state, done = _step_toward(machine, instance, target, using, None, on_step)
         if done:
             return state
     require_managed_transactions(using)

@@ -204,7 +204,7 @@ def test_the_same_errors_as_the_blocking_calls(settings):
             await order.machine.apay(amount=1)  # the object is in NEW...
             await order.machine.aexplode()  # ...and this crashes: rolled back
         with pytest.raises(AttributeError):
-            order.machine.afly  # noqa: B018
+            order.machine.afly
 
     run(main)
     assert fresh(order).status == OrderStatus.PAID  # the crashed edge rolled back
@@ -285,7 +285,7 @@ def test_machines_that_cannot_be_awaited_are_refused_when_defined():
 
 def test_cancelled_waiters_leave_nothing_behind(redis):
     account = Account.objects.create()
-    lock, queue, waiters = queue_keys(account)
+    _, queue, waiters = queue_keys(account)
 
     async def main() -> None:
         async with aobject_lock(account):

@@ -386,7 +386,10 @@ class RedisLockBackend(LockBackend):
                 return aioredis.RedisCluster.from_url(f"{scheme[: -len('+cluster')]}{sep}{rest}", **options)
         # A waiter blocks one connection on its wake-up (one per object per loop: _AsyncRedisLeases'
         # gate). Past the pool's size, a call waits for a connection (bounded) instead of failing.
-        pool_options = {"max_connections": _ASYNC_CONNECTIONS, "timeout": self.config.socket_timeout + self._max_wait}
+        pool_options: dict[str, Any] = {
+            "max_connections": _ASYNC_CONNECTIONS,
+            "timeout": self.config.socket_timeout + self._max_wait,
+        }
         if callable(location) or location.startswith("cache:"):
             # A client built elsewhere: the same server, reached with the same credentials.
             kwargs = getattr(getattr(self.client, "connection_pool", None), "connection_kwargs", None)
@@ -461,7 +464,7 @@ class _AsyncRedisLeases:
         finally:
             if not done:
                 passing.cancel()  # passed meanwhile anyway: give it back
-                passing.add_done_callback(lambda f: f.cancelled() or gate.release())
+                passing.add_done_callback(partial(_give_back_gate, gate))
         if not done:
             raise LockTimeout(f"lease on {key} not acquired within {timeout}s")
 
@@ -537,6 +540,11 @@ class _AsyncRedisLeases:
                 ),
             )
         )
+
+
+def _give_back_gate(gate: asyncio.Lock, passing: asyncio.Future[Any]) -> None:
+    if not passing.cancelled():
+        gate.release()
 
 
 def _client_from_cache(alias: str) -> Any:
