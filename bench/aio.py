@@ -69,7 +69,7 @@ async def _async_race(pks: tuple[int, ...], coroutines: int, duration: float, se
         nonlocal threads
         while running:
             threads = max(threads, threading.active_count())
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.005)
 
     async def caller(index: int) -> None:
         nonlocal errors, first_error
@@ -113,7 +113,29 @@ def _record(kind: str, scenario: str, callers: int, threads: int, run: dict[str,
     }
 
 
-def races(pool: Any, layout: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+def _async_process(setup: dict[str, Any], pks: tuple[int, ...], n: int, duration: float, seed: int, out: Any) -> None:
+    from bench.settings import configure
+
+    configure(**setup)
+    out.put(asyncio.run(_async_race(pks, n, duration, seed)))
+
+
+def _in_process(setup: dict[str, Any], pks: tuple[int, ...], n: int, duration: float, seed: int) -> dict[str, Any]:
+    """The async race in a process of its own (spawned): its thread count is the contender's alone."""
+    from bench.pool import _ctx
+
+    out = _ctx.Queue()
+    process = _ctx.Process(target=_async_process, args=(setup, pks, n, duration, seed, out), daemon=True)
+    process.start()
+    try:
+        return dict(out.get(timeout=duration + 300))
+    finally:
+        process.join(timeout=30)
+        if process.is_alive():
+            process.kill()
+
+
+def races(pool: Any, layout: dict[str, Any], setup: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
     from bench.pool import Race
 
     records = []
@@ -133,7 +155,7 @@ def races(pool: Any, layout: dict[str, Any], args: argparse.Namespace) -> list[d
             log(f"{scenario:>14} blocking x{args.processes:<4} goodput {records[-1]['goodput']:7.0f}/s lost {records[-1]['lost']}")
             for n in args.coroutines:
                 reset(NAME)
-                run = asyncio.run(_async_race(pks, n, args.duration, rep))
+                run = _in_process(setup, pks, n, args.duration, rep)
                 records.append(_record("async", scenario, n, run["threads"], run, balance_sum(NAME)))
                 log(f"{scenario:>14} async    x{n:<4} goodput {records[-1]['goodput']:7.0f}/s lost {records[-1]['lost']} "
                     f"threads {run['threads']}")  # fmt: skip
@@ -194,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
 
         pool = Pool(args.processes, setup)
         pool.warm({NAME: layout[NAME]["spread"]})
-        records = races(pool, layout, args)
+        records = races(pool, layout, setup, args)
     finally:
         if pool is not None:
             pool.close()
