@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import re
 import statistics
@@ -144,7 +145,9 @@ def races(pool: Any, layout: dict[str, Any], setup: dict[str, Any], args: argpar
         for scenario, pks in plans:
             reset(NAME)
             before = balance_sum(NAME)
-            results, _ = pool.race(args.processes, Race(NAME, pks, args.duration, time.time() + 0.2, seed=rep), lambda: None)
+            results, _ = pool.race(
+                args.processes, Race(NAME, pks, args.duration, time.time() + 0.2, seed=rep), lambda: None
+            )
             elapsed = max(r["ended"] for r in results) - min(r["started"] for r in results)
             merged = {"ok": sum(r["ok"] for r in results), "errors": sum(r["errors"] for r in results),
                       "first_error": next((r["first_error"] for r in results if r["first_error"]), None),
@@ -152,7 +155,9 @@ def races(pool: Any, layout: dict[str, Any], setup: dict[str, Any], args: argpar
             # Each blocking process: its caller's thread and the lease renewer's.
             records.append(_record("blocking", scenario, args.processes, 2 * args.processes, merged,
                                    balance_sum(NAME) - before))  # fmt: skip
-            log(f"{scenario:>14} blocking x{args.processes:<4} goodput {records[-1]['goodput']:7.0f}/s lost {records[-1]['lost']}")
+            log(
+                f"{scenario:>14} blocking x{args.processes:<4} goodput {records[-1]['goodput']:7.0f}/s lost {records[-1]['lost']}"
+            )
             for n in args.coroutines:
                 reset(NAME)
                 run = _in_process(setup, pks, n, args.duration, rep)
@@ -162,12 +167,16 @@ def races(pool: Any, layout: dict[str, Any], setup: dict[str, Any], args: argpar
     return records
 
 
-def markdown(records: list[dict[str, Any]], command: str, args: argparse.Namespace) -> str:
+def markdown(records: list[dict[str, Any]], command: str, args: argparse.Namespace, load: tuple[float, float]) -> str:
     rows = []
     keys = sorted({(r["scenario"], r["contender"], r["callers"]) for r in records}, key=lambda k: (k[0] != "hot", k))
     for scenario, kind, callers in keys:
         group = [r for r in records if (r["scenario"], r["contender"], r["callers"]) == (scenario, kind, callers)]
-        who = f"`{NAME}` blocking, {callers} processes" if kind == "blocking" else f"`{NAME}` async, {callers} coroutines on 1 loop"
+        who = (
+            f"`{NAME}` blocking, {callers} processes"
+            if kind == "blocking"
+            else f"`{NAME}` async, {callers} coroutines on 1 loop"
+        )
         rows.append(
             f"| {scenario} | {who} | {statistics.median(r['goodput'] for r in group):,.0f} | "
             f"{statistics.median(r['p50_ms'] for r in group):.1f} | {statistics.median(r['p99_ms'] for r in group):.1f} | "
@@ -182,9 +191,10 @@ def markdown(records: list[dict[str, Any]], command: str, args: argparse.Namespa
             f"`{command}` ({args.repeats} repeat(s) of {args.duration:g} s races, {time.strftime('%Y-%m-%d')}; "
             f"raw numbers: `bench/aio_results.json`). Goodput = deposits that survived per second; "
             f"latency from the call to its return, the lease wait included; threads: the most alive in the "
-            f"async contender's one process during its race (the loop's, Django's one thread-sensitive "
-            f"worker thread for the database steps, the lease renewer's if any), and for the blocking one "
-            f"its processes × 2 (the caller's and the renewer's).",
+            f"async contender's one process during its race (the loop's, and Django's one thread-sensitive "
+            f"worker thread for the database steps; leases are renewed by asyncio tasks), and for the "
+            f"blocking one two per process (the caller's and the lease renewer's). Load average (1 min): "
+            f"{load[0]:.1f} at the start, {load[1]:.1f} at the end (the machine may be shared).",
             "",
             "| scenario | contender | goodput /s | p50 ms | p99 ms | threads | lost updates | errors |",
             "|---|---|---:|---:|---:|---:|---|---:|",
@@ -208,6 +218,7 @@ def write_section(path: Path, section: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    load_start = os.getloadavg()[0]
     servers = Servers(args.redis_url, args.database_url)
     pool = None
     try:
@@ -223,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         servers.close()
     command = command_line(argv).replace("python -m bench", "python -m bench.aio", 1)
     Path(args.json).write_text(json.dumps({"command": command, "records": records}, indent=1))
-    write_section(Path(args.out), markdown(records, command, args))
+    write_section(Path(args.out), markdown(records, command, args, (load_start, os.getloadavg()[0])))
     log(f"wrote {args.out} ({SECTION}) and {args.json}")
     return 0
 

@@ -25,6 +25,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 
 from dsm_redis import (
+    LockBackendUnavailable,
     LockLost,
     LockTimeout,
     State,
@@ -134,7 +135,7 @@ def test_the_loop_keeps_running_while_coroutines_wait_for_a_hot_object():
 
     async def deposit() -> None:
         nonlocal released
-        await account.machine.adeposit(amount=1, work=0.01)  # 10 ms in the worker thread, per holder
+        await account.machine.adeposit(amount=1, work=0.02)  # 20 ms in the worker thread, per holder
         released += 1
 
     async def main() -> None:
@@ -146,7 +147,7 @@ def test_the_loop_keeps_running_while_coroutines_wait_for_a_hot_object():
     run(main)
     assert released == 100
     assert fresh(account).balance == 100
-    # Each holder's 10 ms of work leaves the loop free for several 1 ms beats: a loop blocked by a
+    # Each holder's 20 ms of work leaves the loop free for several 1 ms beats: a loop blocked by a
     # waiter (a blocking wait, a held connection) would beat about once per release, or not at all.
     assert ticks > 3 * released, (ticks, released)
 
@@ -278,6 +279,34 @@ def test_machines_that_cannot_be_awaited_are_refused_when_defined():
 
         class Colliding(StateMachine):
             transitions = [State("a") | ship | State("b"), State("b") | aship | State("c")]
+
+
+def test_redis_unreachable_is_reported_as_by_the_blocking_calls(settings):
+    account = Account.objects.create()
+    dsm_options(settings, "redis://127.0.0.1:1/0")
+
+    with pytest.raises(LockBackendUnavailable):
+        run(lambda: account.machine.adeposit(amount=1))
+    assert fresh(account).balance == 0
+
+
+def test_a_backend_without_asyncio_calls_waits_in_threads(settings):
+    settings.DSM_REDIS = {**settings.DSM_REDIS, "BACKEND": "dsm_redis.backends.local.LocalLockBackend"}
+    account = Account.objects.create()
+
+    async def main() -> None:
+        await gather_bounded(*(account.machine.adeposit(amount=1) for _ in range(20)))
+        async with aobject_lock(account):
+            waiter = asyncio.ensure_future(account.machine.adeposit(amount=1))
+            await asyncio.sleep(0.05)
+            waiter.cancel()  # its thread goes on waiting; the lease it gets is given back
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+        async with aobject_lock(account, timeout=5):
+            pass
+
+    run(main)
+    assert fresh(account).balance == 20
 
 
 # -- cancellation ----------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Protocol, TypeVar
 
 from django.core.exceptions import ImproperlyConfigured
@@ -106,19 +105,47 @@ class AsyncLeases(Protocol):
 
 
 class _ThreadedLeases:
-    """``AsyncLeases`` for a backend with blocking calls only: each call in a worker thread."""
+    """``AsyncLeases`` for a backend with blocking calls only: each acquire waits in a thread of its
+    own (not the loop's shared executor, whose threads would all be taken by waiters while the
+    release that would free them queued behind them); renew and release in the shared executor."""
 
     def __init__(self, backend: LockBackend) -> None:
         self._backend = backend
 
     async def acquire(self, key: str, *, ttl: float, timeout: float | None) -> Grant:
-        future = asyncio.ensure_future(asyncio.to_thread(self._backend.acquire, key, ttl=ttl, timeout=timeout))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Grant] = loop.create_future()
+        state = threading.Lock()
+        abandoned = False
+
+        def deliver(grant: Grant | None, error: BaseException | None) -> None:
+            if future.cancelled():
+                if grant is not None:  # the waiter was cancelled as the lease arrived
+                    threading.Thread(target=_give_back, args=(self._backend, key, grant.owner), daemon=True).start()
+            elif error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(grant)  # type: ignore[arg-type]
+
+        def wait() -> None:
+            grant, error = None, None
+            try:
+                grant = self._backend.acquire(key, ttl=ttl, timeout=timeout)
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting coroutine
+                error = exc
+            with state:
+                if abandoned:
+                    if grant is not None:  # nobody will hold it: give it back now, not after a TTL
+                        _give_back(self._backend, key, grant.owner)
+                    return
+            loop.call_soon_threadsafe(deliver, grant, error)
+
+        threading.Thread(target=wait, name=f"dsm_redis acquire {key}", daemon=True).start()
         try:
-            return await asyncio.shield(future)
+            return await future
         except asyncio.CancelledError:
-            # The thread goes on waiting: a lease it takes after we were cancelled would be held
-            # by nobody until its TTL. Give it back when it arrives.
-            future.add_done_callback(partial(_give_back_late_grant, self._backend, key))
+            with state:
+                abandoned = True
             raise
 
     async def renew(self, key: str, owner: str, ttl: float) -> bool:
@@ -128,12 +155,11 @@ class _ThreadedLeases:
         return await asyncio.to_thread(self._backend.release, key, owner)
 
 
-def _give_back_late_grant(backend: LockBackend, key: str, future: asyncio.Future[Grant]) -> None:
-    if not future.cancelled() and future.exception() is None:
-        try:
-            backend.release(key, future.result().owner)
-        except Exception:  # noqa: BLE001 - the lease then expires by its TTL
-            pass
+def _give_back(backend: LockBackend, key: str, owner: str) -> None:
+    try:
+        backend.release(key, owner)
+    except Exception:  # noqa: BLE001 - the lease then expires by its TTL
+        pass
 
 
 async def shielded(work: Awaitable[T]) -> T:

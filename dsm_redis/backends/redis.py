@@ -63,6 +63,12 @@ During a rolling upgrade, a process of the previous version neither queues nor h
 overtake waiters, and a waiter may wait up to ``_max_wait`` for a release that did not wake it.
 At most one owner per key still holds: every version sets the lock only where it is free.
 
+asyncio (``for_asyncio()``, ``_AsyncRedisLeases``): the same scripts through ``redis.asyncio``, one
+client per event loop. A waiter awaits its wake-up list and holds no thread; the coroutines of one
+loop that want the same object pass a gate on the loop first, so one of them at a time is queued
+in Redis (one blocked connection per object and loop). Cancellation leaves the queue as giving up
+does.
+
 Kept from python-redis-lock: its lock key layout, and the signal on release when no waiter of ours
 takes the lease (a ``redis_lock.Lock`` client on the same name is woken as its UNLOCK would).
 Not inherited (its traps): timeouts are milliseconds end to end (it truncates ``0.5`` to ``0`` and
@@ -77,8 +83,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
-import weakref
 from base64 import b64encode
 from collections.abc import Awaitable, Callable, Iterator
 from functools import cached_property, partial
@@ -161,6 +167,8 @@ class RedisLockBackend(LockBackend):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self._location = config.location
+        self._loops: dict[asyncio.AbstractEventLoop, _AsyncRedisLeases] = {}  # for_asyncio()
+        self._loops_lock = threading.Lock()
 
     # -- client ----------------------------------------------------------------------------------
 
@@ -361,14 +369,15 @@ class RedisLockBackend(LockBackend):
         """The lease calls on the running loop: ``redis.asyncio``, one client per event loop (its
         connections belong to the loop that opened them)."""
         loop = asyncio.get_running_loop()
-        leases = self._loops.get(loop)
-        if leases is None:
-            leases = self._loops[loop] = _AsyncRedisLeases(self, self._async_client())
+        with self._loops_lock:
+            leases = self._loops.get(loop)
+            if leases is None:
+                # Clients of loops closed since are dropped (their connections reference their loop:
+                # kept, a process that runs one loop per call, as async_to_sync does, would pile them up).
+                for closed in [other for other in self._loops if other.is_closed()]:
+                    del self._loops[closed]
+                leases = self._loops[loop] = _AsyncRedisLeases(self, self._async_client())
         return leases
-
-    @cached_property
-    def _loops(self) -> weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AsyncRedisLeases]:
-        return weakref.WeakKeyDictionary()
 
     def _async_client(self) -> Any:
         import redis.asyncio as aioredis
@@ -408,7 +417,8 @@ class RedisLockBackend(LockBackend):
             self.client.close()
         self.__dict__.pop("client", None)
         self.__dict__.pop("_scripts", None)
-        self.__dict__.pop("_loops", None)  # their clients close with their loops
+        with self._loops_lock:
+            self._loops.clear()  # their clients are dropped with their loops
 
 
 class _AsyncRedisLeases:
