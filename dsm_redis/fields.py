@@ -2,8 +2,9 @@
 
 Not a database column: the state lives in an ordinary field named by ``state_field_name``. The
 bound machine is the entry point of every transition: synchronous ones run through ``protocol``,
-asyncio ones (``atransition_to``, ``a<edge>``) through ``aio``, Celery ones are sent by ``tasks`` (imported when first used: importing it imports Celery,
-whose presence the system checks take as the project using it).
+asyncio ones (``atransition_to``, ``a<edge>``) through ``aio``, Celery ones are sent by ``tasks``
+(imported when first used: importing it imports Celery, whose presence the system checks take as
+the project using it).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class BoundStateMachine:
         edges = self.machine.edge_names
         if not name.startswith("_") and name in edges:
             return partial(self._call_edge, name)
-        if name.startswith("a") and name[1:] in edges:  # a<edge>: the edge for asyncio code
+        if name.startswith("a") and not name.startswith("a_") and name[1:] in edges:  # a<edge>: for asyncio code
             return partial(self._acall_edge, name[1:])
         raise AttributeError(f"{type(self.machine).__name__} has no edge {name!r} (edges: {', '.join(sorted(edges))})")
 
