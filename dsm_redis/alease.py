@@ -170,10 +170,18 @@ async def ahold(key: str, *, timeout: float | None = DEFAULT, ttl: float | None 
         if registered is not None:
             _HELD.reset(registered)
         if lease is None:
-            await shielded(calls.release(key, grant.owner))
+            await shielded(_give_back(calls, key, grant.owner))
         else:
             lease.record.depth = 0
             await shielded(_release_then_signal(lease))
+
+
+async def _give_back(calls: AsyncLeases, key: str, owner: str) -> None:
+    # Cut off between the acquire and the lease: never raise over the exception that cut it off.
+    try:
+        await calls.release(key, owner)
+    except LockBackendUnavailable:
+        logger.warning("could not give back the lease on %s: Redis unreachable; it expires in its TTL", key)
 
 
 async def _release_then_signal(lease: AsyncLease) -> None:
