@@ -38,7 +38,7 @@ from dsm_redis import (
 from dsm_redis.keys import redis_name
 from tests.helpers import WAIT, dsm_options, effects, fresh, key_prefix, wait_for
 from tests.procs import run_workers
-from tests.testapp.models import ALIVE, DEAD, Account, AuditLog, Cat, Order, OrderStatus
+from tests.testapp.models import ALIVE, DEAD, Account, AuditLog, Cat, Order, OrderStatus, Parcel
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -189,6 +189,19 @@ def test_edges_walks_and_object_lock_are_awaitable_with_the_same_results():
     unsaved = Cat(age=3)  # no row to lock: inserted by its transition, as the blocking call does
     assert run(lambda: unsaved.state_machine.atransition_to(ALIVE)) == ALIVE
     assert fresh(unsaved).state == ALIVE
+
+
+def test_a_side_effect_driving_another_machine_of_the_object_reenters_the_lease():
+    parcel = Parcel.objects.create()
+
+    async def main() -> int:
+        async with aobject_lock(parcel, timeout=5) as lease:
+            await parcel.state_machine.aship()  # its side effect calls parcel.billing.charge(), blocking
+            return lease.fencing_token
+
+    token = run(main)
+    row = fresh(parcel)
+    assert (row.state, row.billing_state, row.charged_with) == ("shipped", "charged", token)
 
 
 def test_the_same_errors_as_the_blocking_calls(settings):
