@@ -1,7 +1,7 @@
 """``python -m bench.cuts``: a quick A/B probe for hot-path changes, lighter than ``python -m bench``.
 
 Uncontended latency of dsm_redis, the floor and the seed, call by call in a rotated order (so
-noise lands on all alike), as median µs per round; optionally (``--race N``) the floor and
+noise lands on all alike), as median µs per round, and the calling thread's CPU per call; optionally (``--race N``) the floor and
 dsm_redis racing on one hot object with N processes, checked for lost updates. Run it on two
 checkouts in turn: the floor is the same code in both, so dsm_redis/floor compares them even when
 the machine's load drifts between runs.
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                 first = next((r["first_error"] for r in results if r["first_error"]), None)
                 print(f"race {name:<10} {args.race} proc: ok {ok} lost {ok - final} errors {errors} {first or ''}")
         medians: dict[str, list[float]] = {name: [] for name in NAMES}
+        cpu: dict[str, list[float]] = {name: [] for name in NAMES}
         for name in NAMES:  # warm
             model, pk = model_for(name), layout[name]["probe"]
             for _ in range(50):
@@ -54,18 +55,26 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             order = NAMES[r % 3 :] + NAMES[: r % 3]
             times: dict[str, list[float]] = {name: [] for name in order}
+            spent: dict[str, list[float]] = {name: [] for name in order}
             for _ in range(args.calls):
                 for name in order:
                     model, pk = model_for(name), layout[name]["probe"]
                     obj = model.objects.get(pk=pk)
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.thread_time()
                     CALLS[name](obj, pk, time.monotonic() + 60)
+                    spent[name].append(time.thread_time() - c0)
                     times[name].append(time.perf_counter() - t0)
             for name in order:
                 medians[name].append(statistics.median(times[name]))
+                cpu[name].append(statistics.mean(spent[name]))
         med = {name: statistics.median(v) * 1e6 for name, v in medians.items()}
         print(" ".join(f"{name} {med[name]:.0f}us" for name in NAMES),
               f"dsm/floor {med['dsm_redis'] / med['floor']:.3f} dsm/seed {med['dsm_redis'] / med['seed']:.3f}")  # fmt: skip
+        # The caller's own CPU per call (its thread: the Python around the round trips), which the
+        # machine's load moves far less than the wall-clock times above.
+        used = {name: statistics.median(v) * 1e6 for name, v in cpu.items()}
+        print("cpu " + " ".join(f"{name} {used[name]:.0f}us" for name in NAMES),
+              f"dsm/floor {used['dsm_redis'] / used['floor']:.3f} dsm/seed {used['dsm_redis'] / used['seed']:.3f}")  # fmt: skip
         if args.profile:
             import cProfile
             import pstats

@@ -19,8 +19,10 @@ from .exceptions import (
 )
 from .fence import FencingTokenField
 from .fields import BoundStateMachine, StateMachineField
+from .history import actor
 from .lease import Lease, object_lock
 from .machine import State, StateMachine, StateValue, Transition, precondition
+from .permissions import permission
 from .signals import emit_signal_on_state, state_changed
 
 __version__ = "0.1.0"
@@ -47,6 +49,7 @@ __all__ = [
     "FencingTokenField",
     "Transition",
     "precondition",
+    "permission",
     # exceptions
     "DsmRedisError",
     "TransitionException",
@@ -64,4 +67,6 @@ __all__ = [
     # signals
     "state_changed",
     "emit_signal_on_state",
+    # history
+    "actor",
 ]

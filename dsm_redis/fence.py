@@ -56,6 +56,7 @@ from .exceptions import LockTimeout, StaleFencingToken
 from .keys import object_of, root_model
 from .marks import MarkTable, column_value, column_verdict, execute, mark_table
 from .rowlock import locked_row, row_for_update
+from .rowwrite import save_fields
 from .token import Token
 
 __all__ = ["FencingTokenField"]
@@ -228,13 +229,13 @@ def save_judged(instance: Model, token: Token, using: str, update_fields: set[st
     """
     column = fencing_column(type(instance))
     if column is None:
-        instance.save(using=using, update_fields=sorted(update_fields))
+        save_fields(instance, using, sorted(update_fields))
         return
     mark = column_value(token)
     setattr(instance, column, mark)
     scope = _JUDGED_WRITE.set((id(instance), mark))
     try:
-        instance.save(using=using, update_fields=sorted(update_fields | {column}))
+        save_fields(instance, using, sorted(update_fields | {column}))
     finally:
         _JUDGED_WRITE.reset(scope)
 

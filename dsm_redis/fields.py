@@ -39,6 +39,18 @@ class BoundStateMachine:
         """Edges allowed from the in-memory state, preconditions applied (no lock, no query)."""
         return self.machine.possible_transitions(self.instance)
 
+    def allowed_transitions(self, user: Any) -> list[Transition]:
+        """The edges ``user`` may take from the in-memory state: preconditions and ``@permission``."""
+        from .permissions import has_permission
+
+        return [t for t in self.get_possible_transitions() if has_permission(t, user, self.instance)]
+
+    def history(self) -> Any:
+        """This machine's ``TransitionRecord``s of the object, newest first (a queryset)."""
+        from .history import history_of
+
+        return history_of(self.machine, self.instance)
+
     def transition_to(self, state: StateValue | Transition, *args: Any, **kwargs: Any) -> Any:
         """Take the one edge from the current state (read under the lock) to ``state``."""
         if isinstance(state, Transition):
@@ -126,13 +138,20 @@ class BoundStateMachine:
 
 
 class StateMachineField:
-    """``state_machine = StateMachineField(CatStateMachine, "state")`` on a model."""
+    """``state_machine = StateMachineField(CatStateMachine, "state")`` on a model.
 
-    def __init__(self, state_machine_class: type[StateMachine], state_field_name: str) -> None:
+    ``history=True`` records every transition of it (``dsm_redis.history``).
+    """
+
+    def __init__(
+        self, state_machine_class: type[StateMachine], state_field_name: str, *, history: bool | None = None
+    ) -> None:
         if not (isinstance(state_machine_class, type) and issubclass(state_machine_class, StateMachine)):
             raise ImproperlyConfigured(f"StateMachineField needs a StateMachine subclass, not {state_machine_class!r}")
         self.state_machine_class = state_machine_class
         self.state_field_name = state_field_name
+        # None: as the machine class says (``history = True``); see dsm_redis.history.
+        self.history = getattr(state_machine_class, "history", False) is True if history is None else history
         self.machine: StateMachine | None = None
         self.name = ""
         self.model: type[Model] | None = None
@@ -141,6 +160,11 @@ class StateMachineField:
         self.name = name
         self.model = cls
         self.machine = self.state_machine_class(name, self.state_field_name)
+        self.machine.history = self.history
+        if self.history:
+            from .history import track_creation
+
+            track_creation(cls, self.machine)
         setattr(cls, name, self)  # machine.attached_machine(cls, name) finds the machine here
 
     def __get__(self, instance: Model | None, owner: type[Model]) -> Any:

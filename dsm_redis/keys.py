@@ -1,19 +1,21 @@
 """Naming: one object, one lease, one fencing mark.
 
 ``object_key(obj)`` is ``app_label.model:pk`` of the row's root concrete model (proxies and
-multi-table-inheritance children share their parent's key) — the unit of mutual exclusion and of
-fencing. Every
-Redis key of one object carries it as a hash tag (``{app_label.model:pk}``) so that, on Redis
-Cluster, the lock, its signal list and its fencing counter share a slot and one Lua script may
-touch all three.
+multi-table-inheritance children share their parent's key), the primary key in the form the row is
+read back in (an instance may hold it as it was given: ``"7.5"``, an upper-case UUID) — the unit of
+mutual exclusion and of fencing. Every Redis key of one object carries it as a hash tag
+(``{app_label.model:pk}``) so that, on Redis Cluster, the lock, its signal list and its fencing
+counter share a slot and one Lua script may touch all three.
 """
 
 from __future__ import annotations
 
+from decimal import Decimal
 from hashlib import sha256
 from typing import Any
 
-from django.db.models import Model
+from django.core.exceptions import ValidationError
+from django.db.models import DecimalField, Model
 
 __all__ = ["object_key"]
 
@@ -34,7 +36,23 @@ def object_key(obj: Model | type[Model], pk: Any = None) -> str:
         pk = getattr(obj, "pk", None)
     if pk is None:
         raise ValueError(f"{meta.label_lower} object has no primary key yet; save it first")
-    return f"{meta.label_lower}:{pk}"
+    return f"{meta.label_lower}:{_stored_form(meta.pk, pk)}"
+
+
+def _stored_form(field: Any, pk: Any) -> Any:
+    """``pk`` as the row read back holds it. An instance keeps its primary key as it was given
+    (``create(pk="7.5")``, an upper-case UUID string): keyed as given, one row would have two
+    leases and two marks, and a holder of one would not exclude, nor be fenced by, the other."""
+    while field.is_relation:  # a one-to-one primary key: its target's form
+        field = field.target_field
+    try:
+        value = field.to_python(pk)
+        if isinstance(field, DecimalField) and isinstance(value, Decimal):
+            # The database keeps decimal_places digits (7.5 is read back as 7.50).
+            value = value.quantize(Decimal(1).scaleb(-field.decimal_places), context=field.context)
+    except (ValidationError, ArithmeticError, TypeError, ValueError):
+        return pk  # not a value of this field: the database refuses it anyway
+    return value
 
 
 def object_of(key: str) -> tuple[type[Model] | None, Any]:

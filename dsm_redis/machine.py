@@ -92,6 +92,8 @@ RESERVED_EDGE_NAMES = frozenset(
         "machine",
         "instance",
         "state_machine",
+        "history",
+        "allowed_transitions",
     }
 )
 
@@ -199,6 +201,8 @@ class StateMachine:
     """
 
     start: ClassVar[StateValue] = None
+    #: Record every transition (``dsm_redis.history``); the field's ``history=`` overrides it.
+    history: bool = False
     transitions: ClassVar[Iterable[Any] | None] = None
 
     # Filled by __init_subclass__.

@@ -69,22 +69,25 @@ class MarkTable:
 
 
 class SqliteMarkTable(MarkTable):
-    """One upsert that raises the mark only when the token is accepted (``RETURNING`` says so)."""
+    """One upsert that raises the mark only when the token is accepted (its row count says so)."""
 
     vendor = "sqlite"
 
     def verdict(self, token: Token, using: str, timeout: str | None) -> int | None:
         key = stored_key(token.key)
-        accepted = execute(
-            using,
-            "INSERT INTO dsm_redis_fencing_mark (object_key, token, owner) VALUES (%s, %s, %s) "
-            "ON CONFLICT (object_key) DO UPDATE SET token = excluded.token, owner = excluded.owner "
-            "WHERE dsm_redis_fencing_mark.token < excluded.token "
-            "OR (dsm_redis_fencing_mark.token = excluded.token AND dsm_redis_fencing_mark.owner = excluded.owner) "
-            "RETURNING token",
-            [key, token.number, token.owner],
-        )
-        if accepted is not None:
+        # The row count, not RETURNING: SQLite parses RETURNING from 3.35 on, and Django supports
+        # older SQLite (upserts need 3.24). A DO UPDATE whose WHERE is false changes no row.
+        with connections[using].cursor() as cursor:
+            cursor.execute(
+                "INSERT INTO dsm_redis_fencing_mark (object_key, token, owner) VALUES (%s, %s, %s) "
+                "ON CONFLICT (object_key) DO UPDATE SET token = excluded.token, owner = excluded.owner "
+                "WHERE dsm_redis_fencing_mark.token < excluded.token "
+                "OR (dsm_redis_fencing_mark.token = excluded.token "
+                "AND dsm_redis_fencing_mark.owner = excluded.owner)",
+                [key, token.number, token.owner],
+            )
+            accepted = cursor.rowcount == 1
+        if accepted:
             return None
         return int(execute(using, "SELECT token FROM dsm_redis_fencing_mark WHERE object_key = %s", [key]))
 

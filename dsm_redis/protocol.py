@@ -13,7 +13,8 @@ For a saved object, one transition (or the outermost of nested ones):
                fresh row, run the precondition, validate the side effect's arguments, then run
                the side effect;
 4. write       save only the columns that changed (``pre_save``/``post_save`` fire), and refuse
-               to commit if the lease was lost meanwhile (``LockLost``);
+               to commit if the lease was lost meanwhile (``LockLost``); with history on, write
+               the transition's record in the same transaction (``history.record``);
 5. commit      leave the atomic block; then release the lease (owner-checked); then send
                ``state_changed`` (queued with ``transaction.on_commit``, so a rolled-back
                transition never signals; dsm_redis's hooks run before the caller's, and an
@@ -39,6 +40,7 @@ from django.db import connections, router, transaction
 from django.db.models import Model
 from django.db.models.fields.mixins import FieldCacheMixin
 
+from . import history
 from .commit_hooks import commit_hook, on_commit_first
 from .exceptions import LockLost, TransitionException, TransitionFailed
 from .fence import save_judged
@@ -150,6 +152,7 @@ def _step(
     in_caller_transaction = connections[using].in_atomic_block
     original = _snapshot(instance)
     committed: list[bool] = []
+    transition: Transition | None = None  # the edge a TransitionFailed diverts from (history.diverted)
     if lease is not None:
         lease.record.wrote(using)  # if this is a caller's transaction, its commit releases the lease
     try:
@@ -177,7 +180,8 @@ def _step(
                 _run_side_effect(machine, instance, transition, lease, args, kwargs, nested)
             setattr(instance, machine.state_field_name, transition.end)
             if lease is None:
-                instance.save(using=using)  # unsaved: inserted, as deus-state-machina did
+                with history.inserting(instance):  # this transition's record stands for the creation
+                    instance.save(using=using)  # unsaved: inserted, as deus-state-machina did
             else:
                 _write(instance, before, machine.state_field_name, using, lease)  # 4. write
                 try:
@@ -185,6 +189,7 @@ def _step(
                 except LockLost:
                     logger.error("refusing to commit %s on %s: lease lost", transition, lease.key)
                     raise
+            history.record(machine, instance, transition, lease, kwargs, using)  # commits with the write, or not at all
             key, token = (lease.key, lease.fencing_token) if lease is not None else (None, None)
             # Ahead of every hook of the caller's: one that raises cannot drop the signal, and a
             # transition one of them makes cannot signal before this one (signals.py).
@@ -195,7 +200,8 @@ def _step(
         _restore(instance, original)
         target = machine.check_known(failed.error_state)
         resolve_error = partial(machine.edge_for_target, target=target)
-        return _step(machine, instance, resolve_error, (), failed.kwargs, using, lease, on_step)[0], True
+        with history.diverted(machine, instance, transition):  # its record names the failed edge
+            return _step(machine, instance, resolve_error, (), failed.kwargs, using, lease, on_step)[0], True
     except BaseException:
         if not committed:
             _restore(instance, original)

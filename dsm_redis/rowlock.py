@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.core.exceptions import EmptyResultSet
 from django.db import connections
 from django.db.models import Model
 from django.db.models.expressions import RawSQL
@@ -44,6 +45,7 @@ class _Statement:
 # (model, alias, vendor) -> its statement, or None where the ORM path is kept (a custom base
 # manager, a relation as primary key, a compiled query not of the expected shape).
 _STATEMENTS: dict[tuple[type[Model], str, str], _Statement | None] = {}
+_UNCOMPILED: Any = object()
 
 
 def row_for_update(model: type[Model], using: str, pk: Any) -> Any:
@@ -54,10 +56,14 @@ def locked_row(model: type[Model], using: str, pk: Any, alias: str, in_scan: Raw
     """``row_for_update(model, using, pk).annotate(**{alias: in_scan}).get()``, compiled once."""
     connection = connections[using]
     cache_key = (model, using, connection.vendor)
-    try:
-        statement = _STATEMENTS[cache_key]
-    except KeyError:
-        statement = _STATEMENTS[cache_key] = _compile(row_for_update(model, using, pk), using, pk, alias, in_scan)
+    statement = _STATEMENTS.get(cache_key, _UNCOMPILED)
+    if statement is _UNCOMPILED:
+        try:
+            statement = _STATEMENTS[cache_key] = _compile(row_for_update(model, using, pk), using, pk, alias, in_scan)
+        except EmptyResultSet:
+            # A key no row can have (out of the column's range): Django sends no query, and get()
+            # finds nothing. Compiled with another key next time.
+            statement = None
     if statement is None:
         return row_for_update(model, using, pk).annotate(**{alias: in_scan}).get()
     with connection.cursor() as cursor:

@@ -34,6 +34,8 @@ imports without Celery; enqueueing without it raises ``ImproperlyConfigured``.
   task returns the object's state afterwards (a JSON value). In eager mode the task has run when
   the transaction commits; its result is kept only with ``task_store_eager_result``. The calling
   instance is not updated: ``refresh_from_db()`` to see the new state.
+- The actor of the call (``dsm_redis.actor``, ``history.py``) travels as a reference (a model label
+  and primary key, or a string id): the worker's transitions record it, and the task id.
 - If sending fails (broker down), the exception is raised from the commit, as Django raises any
   ``on_commit`` callback's: the transaction has committed, the transition was not enqueued.
 """
@@ -49,7 +51,7 @@ from django.apps import apps
 from django.core.exceptions import ImproperlyConfigured, ValidationError
 from django.db import IntegrityError, connections, router, transaction
 
-from . import protocol
+from . import history, protocol
 from .conf import get_config
 from .exceptions import TransitionException
 from .fence import bounded_row_locks
@@ -117,6 +119,9 @@ def enqueue(machine: StateMachine, instance: Model, kind: Kind, target: Any, kwa
         "kwargs": kwargs,
         "using": using,
     }
+    ref = history.actor_ref()
+    if ref is not None:  # the actor who enqueued it, by reference (history.py): never the object
+        payload["actor"] = ref
     _check_json("the task's payload (state values or primary key)", payload)
     # A copy of what was checked: arguments mutated between the call and the commit are not sent.
     payload = json.loads(json.dumps(payload))
@@ -149,6 +154,14 @@ def _transition(
     expected: Any,
     kwargs: dict[str, Any] | None = None,
     using: str | None = None,
+    actor: Any = None,
+) -> Any:
+    with history.for_task(actor, str(self.request.id)):  # an untrusted reference: stored, never resolved
+        return _run_transition(self, model, pk, field, kind, target, expected, kwargs, using)
+
+
+def _run_transition(
+    self: Any, model: str, pk: Any, field: str, kind: Kind, target: Any, expected: Any, kwargs: Any, using: Any
 ) -> Any:
     from .celery import existing_object_key, run_locked
 

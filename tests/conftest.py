@@ -35,6 +35,17 @@ def _both_databases(django_db_blocker: Any, request: pytest.FixtureRequest) -> N
     )
 
 
+@pytest.fixture(scope="module")
+def worker(django_db_setup: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real Celery worker (prefork) on the suite's queue, for the module's tests."""
+    from tests.celery_app import QUEUE
+    from tests.celery_worker import Worker
+
+    w = Worker(tmp_path_factory.mktemp("celery") / "worker.log", "main", QUEUE, concurrency=3)
+    yield w
+    w.stop()
+
+
 @pytest.fixture
 def queries() -> Any:
     """``with queries("default") as ctx: ...; ctx.captured_queries`` (BEGIN and COMMIT included)."""
@@ -54,3 +65,14 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]
         dsm_tasks.transition, "apply_async", lambda kwargs, **options: sent.append((options["task_id"], kwargs))
     )
     return sent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_permissions_on_flush() -> None:
+    """Transactional tests flush the database after each test, and ``post_migrate`` then creates
+    every model's permissions again: a cost per test that only test_admin.py's permissions need.
+    Those tests create them themselves (``create_permissions``)."""
+    from django.contrib.auth.management import create_permissions
+    from django.db.models.signals import post_migrate
+
+    post_migrate.disconnect(create_permissions, dispatch_uid="django.contrib.auth.management.create_permissions")

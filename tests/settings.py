@@ -38,7 +38,40 @@ SECRET_KEY = "tests"
 DEBUG = True
 USE_TZ = True
 TIME_ZONE = "UTC"
-INSTALLED_APPS = ["django.contrib.contenttypes", "dsm_redis", "tests.testapp"]
+INSTALLED_APPS = [
+    "django.contrib.contenttypes",
+    # The admin of tests/testapp/admin.py (test_admin.py, test_admin_browser.py): sessions live in
+    # signed cookies, so django.contrib.sessions adds no table.
+    "django.contrib.auth",
+    "django.contrib.messages",
+    "django.contrib.admin",
+    "django.contrib.staticfiles",  # the admin's styles in test_admin_browser.py's live server
+    "dsm_redis",
+    "tests.testapp",
+]
+ROOT_URLCONF = "tests.urls"
+SESSION_ENGINE = "django.contrib.sessions.backends.signed_cookies"
+MIDDLEWARE = [
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "dsm_redis.middleware.ActorMiddleware",
+]
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+STATIC_URL = "/static/"
 DATABASES = {
     "default": _default,
     "sqlite": {
@@ -53,8 +86,6 @@ DATABASES = {
     },
 }
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
-ROOT_URLCONF = "tests.testapp.urls"  # async views, served by uvicorn in test_asyncio
-ALLOWED_HOSTS = ["127.0.0.1", "localhost", "testserver"]
 DSM_REDIS = {
     # Fault-injection tests point the leases at a Redis of their own, which they restart and stop.
     "LOCATION": os.environ.get("DSM_TEST_LOCK_REDIS_URL", REDIS_URL),

@@ -24,6 +24,7 @@ from asgiref.sync import sync_to_async
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 
+import dsm_redis
 from dsm_redis import (
     LockBackendUnavailable,
     LockLost,
@@ -38,7 +39,7 @@ from dsm_redis import (
 from dsm_redis.keys import redis_name
 from tests.helpers import WAIT, dsm_options, effects, fresh, key_prefix, wait_for
 from tests.procs import run_workers
-from tests.testapp.models import ALIVE, DEAD, Account, AuditLog, Cat, Order, OrderStatus, Parcel
+from tests.testapp.models import ALIVE, DEAD, Account, AuditLog, Cat, Invoice, Order, OrderStatus, Parcel
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -202,6 +203,20 @@ def test_a_side_effect_driving_another_machine_of_the_object_reenters_the_lease(
     token = run(main)
     row = fresh(parcel)
     assert (row.state, row.billing_state, row.charged_with) == ("shipped", "charged", token)
+
+
+def test_history_records_the_actor_of_the_task_and_the_lease():
+    invoice = Invoice.objects.create()
+
+    async def main() -> int:
+        with dsm_redis.actor("cron:nightly"):  # a context variable: it follows the step into its thread
+            async with aobject_lock(invoice) as lease:
+                await invoice.machine.apay(amount=3, card="4242")
+                return lease.fencing_token
+
+    token = run(main)
+    paid = invoice.machine.history().first()
+    assert (paid.edge, paid.actor, paid.fencing_token) == ("pay", "cron:nightly", token)
 
 
 def test_the_same_errors_as_the_blocking_calls(settings):
@@ -441,7 +456,7 @@ def test_an_async_view_under_uvicorn_races_blocking_workers(redis, tmp_path: Pat
     finally:
         server.terminate()
         server.wait(timeout=30)
-    assert answers == ["open"] * requests, log.read_text()[-4000:]
+    assert answers == ["open loop"] * requests, log.read_text()[-4000:]
     committed = requests + sum(r["committed"] for r in results)
     account.refresh_from_db()
     assert account.balance == account.deposits == committed

@@ -57,13 +57,6 @@ ROOT = Path(__file__).resolve().parent.parent
 # -- helpers ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def worker(django_db_setup: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    w = Worker(tmp_path_factory.mktemp("celery") / "worker.log", "main", QUEUE, concurrency=3)
-    yield w
-    w.stop()
-
-
 @pytest.fixture
 def published() -> Any:
     """Messages this process publishes: [(task id, task name, kwargs)]."""

@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 from django.db import connections, transaction
 
-from dsm_redis import StaleFencingToken, object_lock
+from dsm_redis import LockTimeout, StaleFencingToken, object_lock
 from dsm_redis.backends import get_backend
 from dsm_redis.fence import fencing_column
 from dsm_redis.keys import counter_key, object_key, redis_name
 from dsm_redis.lease import hold
 from dsm_redis.models import FencingMark
-from tests.helpers import dsm_options, pg_connect
+from tests.helpers import dsm_options, fresh, pg_connect
 from tests.procs import in_background
 from tests.testapp.models import Account, Cat, DecimalAccount, FencedAccount, KeyedAccount, UuidAccount
 
@@ -594,3 +594,58 @@ def test_compiled_row_lock_select_missing_row():
     for _ in range(2):  # compiling, then compiled
         with transaction.atomic(), pytest.raises(Account.DoesNotExist, match="Account matching query does not exist"):
             locked_row(Account, "default", 10**9, MARK, mark_table("default").judge_in_scan(Token("x:1", 1, "o"), None))
+
+
+@pytest.mark.parametrize(
+    ("model", "given"),
+    [(DecimalAccount, "7.5"), (UuidAccount, "6F9619FF-8B86-D011-B42D-00CF4FC964FF")],
+    ids=["decimal", "uuid"],
+)
+def test_one_row_has_one_lease_and_one_mark_whatever_form_an_instance_holds_its_pk_in(model, given, db_alias):
+    """An instance keeps its primary key as it was given ("7.5", an upper-case UUID); the row read
+    back has the stored form (7.50, lower case). Both name one row: one lease, one fencing mark,
+    or a holder's fenced write is judged against a mark the other holder never raised."""
+    mine = model.objects.using(db_alias).create(pk=given)
+    theirs = model.objects.using(db_alias).get(pk=mine.pk)
+    busy: list[LockTimeout] = []
+
+    def other_holder() -> None:
+        try:
+            with object_lock(theirs, timeout=0):
+                theirs.machine.deposit(amount=10)
+        except LockTimeout as exc:
+            busy.append(exc)
+
+    with object_lock(mine) as lease:
+        balance = fresh(mine).balance  # read under our lease
+        in_other_thread(other_holder)
+        with transaction.atomic(using=db_alias):
+            lease.fence(db_alias)
+            model.objects.using(db_alias).filter(pk=mine.pk).update(balance=balance + 1)
+    row = fresh(mine)
+    assert row.balance == 1 + 10 * row.deposits, "a deposit was overwritten by a write from an older read"
+    assert len(busy) == 1
+
+
+def _sqlite_before_3_35(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+    # SQLite parses RETURNING from 3.35 on; before, the clause is a syntax error.
+    from django.db import OperationalError
+
+    if " RETURNING " in sql.upper():
+        raise OperationalError('near "RETURNING": syntax error')
+    return execute(sql, params, many, context)
+
+
+def test_the_sqlite_mark_needs_no_sqlite_newer_than_djangos_minimum():
+    """Django supports SQLite older than 3.35 (5.2: 3.31; 4.2: 3.21) and deployments run it (Debian
+    11 ships 3.34): the upsert that judges a token must not need RETURNING, on acceptance or refusal."""
+    obj = Account.objects.using("sqlite").create()
+    with connections["sqlite"].execute_wrapper(_sqlite_before_3_35):
+        obj.machine.deposit()
+        with object_lock(obj) as lease:
+            obj.machine.deposit()
+            expire(lease)
+            in_other_thread(lambda: Account.objects.using("sqlite").get(pk=obj.pk).machine.deposit(amount=10))
+            with pytest.raises(StaleFencingToken):
+                obj.machine.deposit(amount=100)
+    assert (fresh(obj).balance, fresh(obj).deposits) == (12, 3)

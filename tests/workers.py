@@ -26,13 +26,17 @@ def cowboy_deposit(index: int, account_ids: int | list[int], rounds: int, work: 
     return {"committed": committed}
 
 
-def dsm_deposit(index: int, account_ids: list[int], rounds: int, work: float) -> dict[str, Any]:
+def dsm_deposit(
+    index: int, account_ids: list[int], rounds: int, work: float, model: str = "testapp.Account"
+) -> dict[str, Any]:
     """The same work through dsm_redis; retries only when the lock backend is unavailable."""
     import redis
+    from django.apps import apps
     from django.conf import settings
 
     from dsm_redis import LockBackendUnavailable, LockLost, StaleFencingToken
-    from tests.testapp.models import Account
+
+    Account = apps.get_model(model)
 
     effects = redis.Redis.from_url(settings.REDIS_URL)
     reanchors = _count_log_records("re-anchored")
@@ -136,11 +140,12 @@ def hold_across_two_transitions(inbox: Any, outbox: Any, account_id: int, model:
     return "committed"
 
 
-def hold_forever(inbox: Any, outbox: Any, account_id: int) -> None:
+def hold_forever(inbox: Any, outbox: Any, account_id: int, model: str = "testapp.Account") -> None:
     """Take the object's lease and never give it back (the test SIGKILLs us)."""
-    from dsm_redis import object_lock
-    from tests.testapp.models import Account
+    from django.apps import apps
 
-    with object_lock(Account.objects.get(pk=account_id)) as lease:
+    from dsm_redis import object_lock
+
+    with object_lock(apps.get_model(model).objects.get(pk=account_id)) as lease:
         outbox.put(("ok", lease.fencing_token))
         inbox.get(timeout=300)

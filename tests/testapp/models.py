@@ -5,7 +5,15 @@ import uuid
 from django.db import models
 from django.utils.timezone import now
 
-from dsm_redis import FencingTokenField, State, StateMachine, StateMachineField, TransitionFailed, precondition
+from dsm_redis import (
+    FencingTokenField,
+    State,
+    StateMachine,
+    StateMachineField,
+    TransitionFailed,
+    permission,
+    precondition,
+)
 
 UNKNOWN, ALIVE, DEAD = 0, 1, 2
 
@@ -285,3 +293,66 @@ class DecimalAccount(models.Model):
     balance = models.IntegerField(default=0)
     deposits = models.IntegerField(default=0)
     machine = StateMachineField(AccountMachine, "state")
+
+
+class InvoiceMachine(StateMachine):
+    """History on, edges with permissions: the admin's test machine."""
+
+    history = True
+    history_redact = ("card",)
+
+    def pay(self, instance, transition, *, amount: int, card: str = ""):
+        if amount <= 0:
+            raise TransitionFailed("failed", reason=f"bad amount {amount}")
+        instance.paid = amount
+
+    def fail(self, instance, transition, *, reason=""):
+        instance.failure = reason
+
+    @permission("testapp.ship_invoice")
+    def ship(self, instance, transition):
+        pass
+
+    @permission(lambda user, invoice: user.is_superuser)
+    def refund(self, instance, transition):
+        instance.paid = 0
+
+    transitions = [
+        State("new") | pay | State("paid"),
+        State("new") | fail | State("failed"),
+        State("paid") | ship | State("shipped"),
+        State("paid") | refund | State("new"),
+        State("new") | None | State("cancelled"),
+    ]
+
+
+class Invoice(models.Model):
+    status = models.CharField(
+        max_length=20,
+        default="new",
+        choices=[
+            ("new", "New"),
+            ("paid", "Paid"),
+            ("shipped", "Shipped"),
+            ("failed", "Failed"),
+            ("cancelled", "Cancelled"),
+        ],
+    )
+    paid = models.IntegerField(default=0)
+    failure = models.CharField(max_length=100, blank=True)
+    machine = StateMachineField(InvoiceMachine, "status")
+
+    class Meta:
+        permissions = [("ship_invoice", "Can ship invoices")]
+
+    def __str__(self) -> str:
+        return f"Invoice {self.pk}"
+
+
+class HistoryAccount(models.Model):
+    """An Account whose machine records its history (the field's ``history=True``)."""
+
+    state = models.CharField(max_length=10, default="open")
+    balance = models.IntegerField(default=0)
+    deposits = models.IntegerField(default=0)
+    machine = StateMachineField(AccountMachine, "state", history=True)

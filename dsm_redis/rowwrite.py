@@ -1,0 +1,131 @@
+"""The transition's UPDATE: ``save(update_fields=...)``, with its statement compiled once per
+(model, database, columns).
+
+Owns one thing: sending what ``instance.save(using=..., update_fields=...)`` sends for a saved
+object, without building and compiling an update query per transition (``fence.save_judged``
+decides *what* is written; ``rowlock.py`` reads the row this writes).
+
+Contract: the same as that ``save()`` — ``pre_save`` and ``post_save`` with the same arguments,
+each field's ``pre_save`` (``auto_now``), the related-object checks, the ORM's own SQL and bound
+parameters (checked against the ORM when a statement is compiled), "did not affect any rows" when
+the row is gone, ``_state`` set as after a save. Where that cannot be guaranteed, ``save()`` itself
+runs: a model that overrides ``save`` (or the methods it calls), a custom base manager,
+multi-table inheritance, ``select_on_save``, a composite or generated field; and, per call, a value
+that is an expression (``F()``, a ``FencingTokenField`` outside its judged write) or a statement
+the ORM compiled to another shape.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from django.db import DatabaseError, connections, transaction
+from django.db.models import Model
+from django.db.models.signals import post_save, pre_save
+from django.db.models.sql import UpdateQuery
+
+__all__: list[str] = []
+
+# Model methods that save() runs on the way to its UPDATE: overridden, the model keeps save().
+_SAVE_PATH = ("save", "save_base", "_save_table", "_do_update", "_save_parents", "_prepare_related_fields_for_save")
+
+
+class _Plan:
+    """What is fixed per model: its fields to write, and its compiled statements."""
+
+    __slots__ = ("names", "non_pks", "pk_field", "related", "statements")
+
+    def __init__(self, model: type[Model]) -> None:
+        meta = model._meta
+        self.pk_field = meta.pk
+        self.non_pks = [f for f in meta.local_concrete_fields if not f.primary_key]
+        # What save() accepts in update_fields (a primary key, say, it refuses: its error is kept).
+        self.names = frozenset(n for f in self.non_pks for n in (f.name, f.attname))
+        self.related = any(f.is_relation for f in meta.concrete_fields)
+        # (alias, vendor, columns) -> SQL, or None where the ORM compiled something else.
+        self.statements: dict[tuple[str, str, tuple[str, ...]], str | None] = {}
+
+
+@functools.cache
+def _plan(model: type[Model]) -> _Plan | None:
+    concrete: Any = model._meta.concrete_model
+    meta = concrete._meta
+    if any(getattr(model, name) is not getattr(Model, name) for name in _SAVE_PATH):
+        return None  # the model's own save() must run
+    if meta.parents or meta.base_manager_name is not None or meta.select_on_save or meta.auto_created:
+        return None  # several tables; a manager that may filter; a SELECT first; an m2m row
+    if len(getattr(meta, "pk_fields", [meta.pk])) != 1 or meta.pk.is_relation:
+        return None
+    if any(getattr(f, "generated", False) or hasattr(f, "get_placeholder") for f in meta.local_concrete_fields):
+        return None  # refreshed after the write; a placeholder other than %s
+    return _Plan(concrete)
+
+
+def save_fields(instance: Model, using: str, update_fields: list[str]) -> None:
+    """``instance.save(using=using, update_fields=update_fields)`` for a saved object."""
+    plan = _plan(type(instance))
+    fields = frozenset(update_fields)
+    if plan is None or not fields <= plan.names:
+        instance.save(using=using, update_fields=update_fields)
+        return
+    if plan.related:
+        # save()'s own check: an unsaved related object must not be written as a NULL key.
+        instance._prepare_related_fields_for_save(operation_name="save")  # type: ignore[attr-defined]
+    origin = type(instance)
+    pre_save.send(sender=origin, instance=instance, raw=False, using=using, update_fields=fields)
+    with transaction.mark_for_rollback_on_error(using=using):
+        columns = [f for f in plan.non_pks if f.name in fields or f.attname in fields]
+        values = [f.pre_save(instance, False) for f in columns]
+        if not _update(instance, plan, using, columns, values):
+            raise DatabaseError("Save with update_fields did not affect any rows.")
+    instance._state.db = using
+    instance._state.adding = False
+    post_save.send(sender=origin, instance=instance, created=False, update_fields=fields, raw=False, using=using)
+
+
+def _update(instance: Model, plan: _Plan, using: str, columns: list[Any], values: list[Any]) -> bool:
+    pk = getattr(instance, plan.pk_field.attname)
+    if not columns:
+        return True  # as save() does: update_fields naming no column of this table
+    if any(hasattr(v, "resolve_expression") or hasattr(v, "prepare_database_save") for v in values):
+        return _orm_update(instance, using, pk, columns, values)
+    connection = connections[using]
+    params = [f.get_db_prep_save(v, connection=connection) for f, v in zip(columns, values, strict=True)]
+    if any(hasattr(p, "as_sql") for p in params):
+        return _orm_update(instance, using, pk, columns, values)
+    field = plan.pk_field
+    params.append(field.get_db_prep_value(field.get_prep_value(pk), connection, prepared=True))
+    cache_key = (using, connection.vendor, tuple(f.attname for f in columns))
+    try:
+        sql = plan.statements[cache_key]
+    except KeyError:
+        sql = plan.statements[cache_key] = _compile(instance, using, pk, columns, values, params)
+    if sql is None:
+        return _orm_update(instance, using, pk, columns, values)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return bool(cursor.rowcount > 0)
+
+
+def _rows(instance: Model, using: str, pk: Any) -> Any:
+    # As _save_table filters them: the concrete model's base manager.
+    model: Any = type(instance)._meta.concrete_model
+    return model._base_manager.using(using).filter(pk=pk)
+
+
+def _orm_update(instance: Model, using: str, pk: Any, columns: list[Any], values: list[Any]) -> bool:
+    return bool(_rows(instance, using, pk)._update([(f, None, v) for f, v in zip(columns, values, strict=True)]) > 0)
+
+
+def _compile(instance: Model, using: str, pk: Any, columns: list[Any], values: list[Any], params: list[Any]) -> str | None:
+    """The ORM's SQL for this UPDATE, if it binds exactly ``params``; else None (the ORM path)."""
+    query: Any = _rows(instance, using, pk).query.chain(UpdateQuery)
+    query.add_update_fields([(f, None, v) for f, v in zip(columns, values, strict=True)])
+    query.annotations = {}
+    if query.related_updates:
+        return None
+    sql, orm_params = query.get_compiler(using).as_sql()
+    if [type(p) for p in orm_params] != [type(p) for p in params] or list(orm_params) != params:
+        return None
+    return str(sql)

@@ -1,0 +1,155 @@
+"""The compiled row-lock statement (``rowlock.py``) against the ORM's own, on PostgreSQL, where the
+fence runs inside it: every kind of column, a statement compiled by another thread's connection, and
+the row a waiting transition reads when the object has no fencing mark yet; and the row read under
+the lock adopted by a caller's instance with deferred fields, on both databases.
+
+The basic shapes (UUID, Decimal and string keys, a missing row) are in ``test_fencing.py``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+from typing import Any
+
+import pytest
+from django.db import connections, models, transaction
+from django.test.utils import CaptureQueriesContext, isolate_apps
+
+from dsm_redis.fence import MARK
+from dsm_redis.keys import object_key
+from dsm_redis.marks import mark_table
+from dsm_redis.models import FencingMark
+from dsm_redis.rowlock import _STATEMENTS, locked_row
+from dsm_redis.token import Token
+from tests.helpers import fresh, pg_connect, wait_for
+from tests.procs import in_background
+from tests.testapp.models import DEAD, Account, Cat, Lion
+
+pytestmark = pytest.mark.django_db(databases=["default", "sqlite"], transaction=True)
+postgresql = pytest.mark.skipif(
+    "connections['default'].vendor != 'postgresql'", reason="the fence runs in the scan on PostgreSQL"
+)
+
+
+class Shouting(models.CharField):
+    """A column with a converter of its own (``from_db_value``)."""
+
+    def from_db_value(self, value: Any, expression: Any, connection: Any) -> Any:
+        return None if value is None else value.upper()
+
+
+def _both_ways(model: type[models.Model], pk: Any) -> list[tuple[list[str], models.Model]]:
+    """The row read by the ORM's ``.annotate(...).get()``, then by the compiled statement."""
+    token = Token(object_key(model, pk), 5, "owner")
+    found = []
+    for compiled in (False, True):
+        _STATEMENTS.clear()
+        with transaction.atomic(), CaptureQueriesContext(connections["default"]) as queries:
+            in_scan = mark_table("default").judge_in_scan(token, "1000ms")
+            rows = model._base_manager.db_manager("default").select_for_update().filter(pk=pk)
+            row = (
+                locked_row(model, "default", pk, MARK, in_scan) if compiled else rows.annotate(**{MARK: in_scan}).get()
+            )
+        assert not compiled or _STATEMENTS[(model, "default", "postgresql")] is not None
+        found.append(([q["sql"] for q in queries], row))
+    return found
+
+
+def _values(model: type[models.Model], row: models.Model) -> dict[str, tuple[type, Any]]:
+    return {f.attname: (type(getattr(row, f.attname)), getattr(row, f.attname)) for f in model._meta.concrete_fields}
+
+
+@postgresql
+@isolate_apps("tests.testapp")
+def test_compiled_row_lock_reads_every_kind_of_column_as_the_orm_does():
+    class Ledger(models.Model):
+        code = models.CharField(primary_key=True, max_length=20, db_column="The Code")
+        state = models.CharField(max_length=10, default="open", db_column="St")
+        data = models.JSONField(default=dict)
+        at = models.DateTimeField(null=True)
+        day = models.DateField(null=True)
+        took = models.DurationField(null=True)
+        amount = models.DecimalField(max_digits=10, decimal_places=3, default=decimal.Decimal("1.5"))
+        label = Shouting(max_length=10, default="abc")
+
+        class Meta:
+            app_label = "testapp"
+            db_table = "Mixed Case Ledger"
+
+    with connections["default"].schema_editor() as editor:
+        editor.create_model(Ledger)
+    try:
+        at = datetime.datetime(2020, 1, 1, 12, tzinfo=datetime.timezone.utc)
+        Ledger.objects.create(code="k1", data={"a": [1, {"b": None}]}, at=at, day=at.date(), took=datetime.timedelta(3))
+        (orm_sql, orm_row), (sql, row) = _both_ways(Ledger, "k1")
+        assert sql == orm_sql
+        assert _values(Ledger, row) == _values(Ledger, orm_row)
+        assert row.label == "ABC" and row.amount == decimal.Decimal("1.500") and row.at == at
+        assert getattr(row, MARK) == getattr(orm_row, MARK) == 5
+    finally:
+        _STATEMENTS.clear()
+        with connections["default"].schema_editor() as editor:
+            editor.delete_model(Ledger)
+
+
+@postgresql
+def test_a_statement_compiled_on_another_threads_connection_reads_on_this_one():
+    obj = Account.objects.create(balance=3)
+    _STATEMENTS.clear()
+    in_background(lambda: Account.objects.get(pk=obj.pk).machine.deposit())()  # compiled there, connection closed
+    assert _STATEMENTS[(Account, "default", "postgresql")] is not None
+    obj.machine.deposit()
+    assert (fresh(obj).balance, fresh(obj).deposits) == (5, 2)
+
+
+@postgresql
+def test_a_transition_waiting_for_the_row_with_no_mark_yet_reads_the_row_committed_meanwhile():
+    """The fence raises (here: inserts) the mark in the scan, then FOR UPDATE waits for the row; the
+    row it returns is the one committed while it waited, not the one its scan first saw."""
+    obj = Account.objects.create()
+    FencingMark.objects.filter(pk=object_key(obj)).delete()
+    with pg_connect() as other, pg_connect() as watcher:
+        other.autocommit = False
+        other.execute("UPDATE testapp_account SET balance = balance + 100 WHERE id = %s", [obj.pk])
+        join = in_background(lambda: Account.objects.get(pk=obj.pk).machine.deposit(amount=1))
+        wait_for(
+            lambda: watcher.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+                ["%dsm_redis_fence%"],
+            ).fetchone(),
+            "the transition to wait for the row lock",
+        )
+        other.commit()
+        join()
+    assert (fresh(obj).balance, fresh(obj).deposits) == (101, 1)
+    assert FencingMark.objects.filter(pk=object_key(obj)).exists()
+
+
+@postgresql
+def test_a_primary_key_no_row_can_have_is_a_missing_row_as_for_the_orm():
+    """Django (5.0+) compiles ``pk=<out of the column's range>`` to no query at all; ``.get()`` raises
+    ``DoesNotExist``, and so must the compiled statement, compiling or compiled."""
+    in_scan = mark_table("default").judge_in_scan(Token("testapp.account:1", 1, "owner"), None)
+    _STATEMENTS.clear()
+    for pk in (2**31, 1, 2**31):  # compiling on it; compiled, then given it
+        with transaction.atomic(), pytest.raises(Account.DoesNotExist):
+            locked_row(Account, "default", pk, MARK, in_scan)
+
+
+def test_an_instance_with_deferred_fields_adopts_the_whole_row_read_under_the_lock(db_alias):
+    obj = Account.objects.using(db_alias).create()
+    deferred = Account.objects.using(db_alias).only("pk").get(pk=obj.pk)
+    Account.objects.using(db_alias).filter(pk=obj.pk).update(balance=5)  # after the instance was read
+    deferred.machine.deposit(amount=1)
+    assert (fresh(obj).balance, deferred.balance, deferred.deposits) == (6, 6, 1)
+    assert not deferred.get_deferred_fields()
+
+
+def test_an_inherited_instance_with_deferred_fields_adopts_the_whole_row_read_under_the_lock(db_alias):
+    lion = Lion.objects.using(db_alias).create()
+    deferred = Lion.objects.using(db_alias).only("pk").get(pk=lion.pk)
+    Cat.objects.using(db_alias).filter(pk=lion.pk).update(age=7)  # the parent's row, after the read
+    deferred.state_machine.rip(reason="old")
+    assert (fresh(lion).state, fresh(lion).cause, deferred.age, deferred.mane) == (DEAD, "old", 7, "short")
+    assert not deferred.get_deferred_fields()

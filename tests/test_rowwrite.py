@@ -1,0 +1,138 @@
+"""The transition's UPDATE (``rowwrite.py``) behaves as ``save(update_fields=...)`` does: the same
+SQL, signals, ``auto_now``, errors; and ``save()`` itself runs where a model needs it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.db import DatabaseError, connection, models, transaction
+from django.db.models import F
+from django.db.models.signals import post_save, pre_save
+from django.test.utils import CaptureQueriesContext, isolate_apps
+
+from dsm_redis import rowwrite
+from tests.testapp.models import Account, Cat, Lion, Order, ProxyCat
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def updates(queries: CaptureQueriesContext) -> list[str]:
+    return [q["sql"] for q in queries.captured_queries if q["sql"].startswith("UPDATE")]
+
+
+def test_the_compiled_update_is_the_orms_own(monkeypatch):
+    account = Account.objects.create()
+    with CaptureQueriesContext(connection) as compiled:
+        account.machine.deposit()
+    assert rowwrite._plan(Account) is not None and rowwrite._plan(Account).statements  # the fast path ran
+    Account.objects.filter(pk=account.pk).update(balance=0, deposits=0)  # the same transition again
+    monkeypatch.setattr(rowwrite, "_plan", lambda model: None)  # save() itself
+    with CaptureQueriesContext(connection) as orm:
+        account.machine.deposit()
+    assert updates(compiled) == updates(orm) and len(updates(orm)) == 1
+    assert Account.objects.get(pk=account.pk).balance == 1
+
+
+def test_pre_and_post_save_fire_as_for_save():
+    seen: list[tuple[str, Any, Any]] = []
+
+    def before(sender: Any, instance: Any, update_fields: Any, raw: bool, using: str, **kw: Any) -> None:
+        seen.append(("pre", sender, update_fields))
+
+    def after(sender: Any, instance: Any, created: bool, update_fields: Any, **kw: Any) -> None:
+        seen.append(("post", created, update_fields))
+
+    pre_save.connect(before, sender=Account)
+    post_save.connect(after, sender=Account)
+    try:
+        account = Account.objects.create()
+        seen.clear()
+        account.machine.deposit()
+    finally:
+        pre_save.disconnect(before, sender=Account)
+        post_save.disconnect(after, sender=Account)
+    fields = frozenset({"state", "balance", "deposits"})
+    assert seen == [("pre", Account, fields), ("post", False, fields)]
+
+
+def test_a_proxy_signals_with_the_proxy_as_sender():
+    senders: list[Any] = []
+
+    def before(sender: Any, **kw: Any) -> None:
+        senders.append(sender)
+
+    pre_save.connect(before)
+    try:
+        cat = ProxyCat.objects.create()
+        senders.clear()
+        cat.state_machine.survive()
+    finally:
+        pre_save.disconnect(before)
+    assert senders == [ProxyCat]
+    assert Cat.objects.get(pk=cat.pk).state == cat.state
+
+
+def test_auto_now_moves_on_every_transition():
+    order = Order.objects.create()
+    before = Order.objects.get(pk=order.pk).updated
+    order.machine.pay(amount=5)
+    assert Order.objects.get(pk=order.pk).updated > before
+
+
+def test_an_expression_written_by_a_side_effect_goes_through_the_orm():
+    account = Account.objects.create(balance=10)
+    with transaction.atomic():
+        account.balance = F("balance") + 5
+        rowwrite.save_fields(account, "default", ["balance"])
+    assert Account.objects.get(pk=account.pk).balance == 15
+
+
+def test_a_row_gone_is_refused_as_save_refuses_it():
+    account = Account.objects.create()
+    Account.objects.filter(pk=account.pk).delete()
+    with pytest.raises(DatabaseError, match="did not affect any rows"), transaction.atomic():
+        rowwrite.save_fields(account, "default", ["balance"])
+
+
+def test_a_primary_key_in_update_fields_gets_saves_own_error():
+    account = Account.objects.create()
+    with pytest.raises(ValueError, match="primary keys"), transaction.atomic():
+        rowwrite.save_fields(account, "default", ["id", "balance"])
+
+
+def test_multi_table_inheritance_keeps_save():
+    assert rowwrite._plan(Lion) is None
+    lion = Lion.objects.create()
+    lion.state_machine.survive()
+    assert Lion.objects.get(pk=lion.pk).state == lion.state
+
+
+@isolate_apps("tests.testapp", attr_name="apps")
+def test_a_model_with_its_own_save_keeps_it(apps: Any = None):
+    class Audited(models.Model):
+        state = models.CharField(max_length=10)
+
+        class Meta:
+            app_label = "testapp"
+
+        def save(self, *args: Any, **kwargs: Any) -> None:
+            super().save(*args, **kwargs)
+
+    class Plain(models.Model):
+        state = models.CharField(max_length=10)
+
+        class Meta:
+            app_label = "testapp"
+
+    class Filtered(models.Model):
+        state = models.CharField(max_length=10)
+        payload = models.JSONField(default=dict)
+
+        class Meta:
+            app_label = "testapp"
+            select_on_save = True
+
+    assert rowwrite._plan(Audited) is None
+    assert rowwrite._plan(Filtered) is None
+    assert rowwrite._plan(Plain) is not None
