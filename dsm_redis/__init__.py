@@ -5,6 +5,7 @@ This module's ``__all__`` is the public API; a name of a submodule that is not i
 (``dsm_redis.conf``, ``dsm_redis.backends`` and ``dsm_redis.celery`` document their own public names).
 """
 
+from .aio import aobject_lock
 from .exceptions import (
     DsmRedisError,
     LockBackendUnavailable,
@@ -64,6 +65,7 @@ __all__ = [
     # leases
     "Lease",
     "object_lock",
+    "aobject_lock",
     # signals
     "state_changed",
     "emit_signal_on_state",

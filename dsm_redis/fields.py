@@ -2,8 +2,9 @@
 
 Not a database column: the state lives in an ordinary field named by ``state_field_name``. The
 bound machine is the entry point of every transition: synchronous ones run through ``protocol``,
-asynchronous ones are sent by ``tasks`` (imported when first used: importing it imports Celery,
-whose presence the system checks take as the project using it).
+asyncio ones (``atransition_to``, ``a<edge>``) through ``aio``, Celery ones are sent by ``tasks``
+(imported when first used: importing it imports Celery, whose presence the system checks take as
+the project using it).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 from django.core.exceptions import ImproperlyConfigured
 from django.db.models import Model
 
-from . import protocol
+from . import aio, protocol
 from .exceptions import TransitionException
 from .machine import StateMachine, StateValue, Transition, plain
 
@@ -63,6 +64,20 @@ class BoundStateMachine:
         """Walk a shortest path to ``state``, one committed transition per step, under one lease."""
         return protocol.run_through(self.machine, self.instance, self.machine.check_known(state))
 
+    async def atransition_to(self, state: StateValue | Transition, *args: Any, **kwargs: Any) -> Any:
+        """``transition_to`` for asyncio code: the lease awaited on the loop, BEGIN..COMMIT in one
+        worker-thread call (``aio.py``). Not ``async_transition_to``, which sends a Celery task."""
+        return await aio.run(self.machine, self.instance, self._resolver(state), args, kwargs)
+
+    async def atransition_through(self, state: StateValue) -> Any:
+        """``transition_through`` for asyncio code (the whole walk in one worker-thread call)."""
+        return await aio.run_through(self.machine, self.instance, self.machine.check_known(state))
+
+    def _resolver(self, state: StateValue | Transition) -> protocol.Resolve:
+        if isinstance(state, Transition):
+            return partial(self._exactly, state)
+        return partial(self.machine.edge_for_target, target=self.machine.check_known(state))
+
     def async_transition_to(self, state: StateValue, **kwargs: Any) -> Any:
         """``transition_to`` in a Celery task sent when the transaction commits; an ``AsyncResult``.
 
@@ -80,11 +95,16 @@ class BoundStateMachine:
         return enqueue(self.machine, self.instance, "through", state, {})
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
-        if name.startswith("_") or name not in self.machine.edge_names:
-            raise AttributeError(
-                f"{type(self.machine).__name__} has no edge {name!r} (edges: {', '.join(sorted(self.machine.edge_names))})"
-            )
-        return partial(self._call_edge, name)
+        edges = self.machine.edge_names
+        if not name.startswith("_") and name in edges:
+            return partial(self._call_edge, name)
+        if name.startswith("a") and not name.startswith("a_") and name[1:] in edges:  # a<edge>: for asyncio code
+            return partial(self._acall_edge, name[1:])
+        raise AttributeError(f"{type(self.machine).__name__} has no edge {name!r} (edges: {', '.join(sorted(edges))})")
+
+    async def _acall_edge(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        resolve = partial(self.machine.edge_by_name, name=name)
+        return await aio.run(self.machine, self.instance, resolve, args, kwargs)
 
     @property
     def state_machine(self) -> Any:

@@ -302,6 +302,24 @@ def require_managed_transactions(using: str) -> None:
         )
 
 
+@contextmanager
+def lent(lease: Lease) -> Iterator[None]:
+    """This thread works for ``lease``'s asyncio holder for the block (``aio.py``'s database step):
+    a blocking call nested in it (a side effect's transition of another machine of the object)
+    re-enters that lease instead of queueing behind it, and the commit's ``state_changed`` waits for
+    its release, as under ``hold``."""
+    leases = _held()
+    previous = leases.get(lease.key)
+    leases[lease.key] = lease
+    try:
+        yield
+    finally:
+        if previous is None:
+            leases.pop(lease.key, None)
+        else:
+            leases[lease.key] = previous
+
+
 def enter_barrier(lease: Lease, using: str) -> None:
     """Judge a lease that spans several transactions before its holder reads (``Lease.enter_barrier``)."""
     lease.enter_barrier(using)

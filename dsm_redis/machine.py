@@ -87,6 +87,8 @@ RESERVED_EDGE_NAMES = frozenset(
         "get_current_state",
         "async_transition_to",
         "async_transition_through",
+        "atransition_to",
+        "atransition_through",
         "machine",
         "instance",
         "state_machine",
@@ -407,15 +409,36 @@ def _validated(machine: str, transitions: Iterable[Any], start: Any) -> tuple[Tr
             raise ImproperlyConfigured(
                 f"{machine}: side effect {t.name!r} shadows a method of the bound state machine; rename it"
             )
+        if _is_async(t.side_effect) or _is_async(t.precondition):
+            raise ImproperlyConfigured(
+                f"{machine}: side effect {t.name!r} (or its precondition) is an async function; side effects "
+                f"run inside the transition's database transaction, which is synchronous in Django: make it a "
+                f"plain function (await obj.<field>.a{t.name}() runs it in a worker thread)"
+            )
         if (t.start, t.name) in seen:
             raise ImproperlyConfigured(
                 f"{machine}: two edges from {t.start!r} use the side effect {t.name!r} "
                 f"({seen[(t.start, t.name)]} and {t}); calling {t.name}() would be ambiguous"
             )
         seen[(t.start, t.name)] = t
+    names = {t.name for t in result if t.name is not None}
+    for name in sorted(names):
+        if f"a{name}" in names:
+            raise ImproperlyConfigured(
+                f"{machine}: edges {name!r} and {'a' + name!r} collide: obj.<field>.a{name}() is the asyncio "
+                f"call of {name!r}; rename {'a' + name!r}"
+            )
     if start is not None and plain(start) not in {s for t in result for s in (t.start, t.end)}:
         raise ImproperlyConfigured(f"{machine}.start is {plain(start)!r}, which no transition names")
     return tuple(result)
+
+
+def _is_async(func: Callable[..., Any] | None) -> bool:
+    return func is not None and (
+        inspect.iscoroutinefunction(func)
+        or inspect.isasyncgenfunction(func)
+        or inspect.iscoroutinefunction(getattr(func, "__call__", None))  # noqa: B004 - an instance's async __call__
+    )
 
 
 def attached_machine(model: type, name: str) -> StateMachine | None:

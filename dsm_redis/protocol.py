@@ -51,7 +51,7 @@ from .signals import deliver, state_changed
 if TYPE_CHECKING:
     from .machine import StateMachine, Transition
 
-__all__: list[str] = []  # internal: machines call run() and run_through()
+__all__: list[str] = []  # internal: machines call run() and run_through(); aio.py run_held() and walk()
 
 logger = logging.getLogger("dsm_redis")
 
@@ -80,28 +80,52 @@ def run(machine: StateMachine, instance: Model, resolve: Resolve, args: tuple[An
 @telemetry.traced(walk=True)
 def run_through(machine: StateMachine, instance: Model, target: Any, *, on_step: OnStep | None = None) -> Any:
     """Walk the shortest path to ``target`` one transaction per step, all under one lease."""
-
-    def resolve(row: Model) -> Transition | None:
-        return machine.edge_toward(row, target)
-
-    def step(lease: Lease | None) -> tuple[Any, bool]:
-        state, done = _step(machine, instance, resolve, (), {}, using, lease, on_step)
-        # Each step is its own fenced transaction; stop at the target — judged on the row read
-        # under the lock, not on the instance, which may be older than the row — or where a
-        # TransitionFailed diverted the walk to its error state (as deus-state-machina did).
-        return state, done or state == target
-
     using = router.db_for_write(type(instance), instance=instance)
     if instance.pk is None or instance._state.adding:
-        state, done = step(None)  # no row to lock yet: this step inserts it
+        # No row to lock yet: this step inserts it.
+        state, done = _step_toward(machine, instance, target, using, None, on_step)
         if done:
             return state
     require_managed_transactions(using)
     with hold(object_key(instance)) as lease:
-        while True:
-            state, done = step(lease)
-            if done:
-                return state
+        return walk(machine, instance, target, using, lease, on_step)
+
+
+def run_held(
+    machine: StateMachine,
+    instance: Model,
+    resolve: Resolve,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    using: str,
+    lease: Lease,
+) -> Any:
+    """Steps 2-5 of one transition under ``lease``, which the caller holds (the asyncio path,
+    ``aio.py``, runs this as its one call in a worker thread)."""
+    return _step(machine, instance, resolve, args, kwargs, using, lease)[0]
+
+
+def walk(
+    machine: StateMachine, instance: Model, target: Any, using: str, lease: Lease, on_step: OnStep | None = None
+) -> Any:
+    """The steps of ``run_through`` under ``lease``, which the caller holds, until the walk is over."""
+    while True:
+        state, done = _step_toward(machine, instance, target, using, lease, on_step)
+        if done:
+            return state
+
+
+def _step_toward(
+    machine: StateMachine, instance: Model, target: Any, using: str, lease: Lease | None, on_step: OnStep | None
+) -> tuple[Any, bool]:
+    def resolve(row: Model) -> Transition | None:
+        return machine.edge_toward(row, target)
+
+    state, done = _step(machine, instance, resolve, (), {}, using, lease, on_step)
+    # Each step is its own fenced transaction; stop at the target — judged on the row read
+    # under the lock, not on the instance, which may be older than the row — or where a
+    # TransitionFailed diverted the walk to its error state (as deus-state-machina did).
+    return state, done or state == target
 
 
 def _step(

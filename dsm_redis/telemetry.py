@@ -53,7 +53,7 @@ from __future__ import annotations
 import enum
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -124,6 +124,7 @@ BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 
 _NULL: AbstractContextManager[None] = nullcontext()
 F = TypeVar("F", bound=Callable[..., Any])
+A = TypeVar("A", bound=Callable[..., Awaitable[Any]])
 
 
 def _histogram(meter: Any, name: str, description: str) -> Any:
@@ -315,6 +316,27 @@ def traced(*, walk: bool = False) -> Callable[[F], F]:
                 return run(machine, instance, *args, **kwargs)
 
         return cast(F, recorded)
+
+    return decorate
+
+
+def traced_async(*, walk: bool = False) -> Callable[[A], A]:
+    """``traced`` for the asyncio transitions (``aio.run``, ``aio.run_through``): the span is
+    current on the loop, and the database step, run in a worker thread with a copy of the
+    context, records its step span under it."""
+
+    def decorate(run: A) -> A:
+        if not AVAILABLE:
+            return run
+
+        @functools.wraps(run)
+        async def recorded(machine: StateMachine, instance: Model, *args: Any, **kwargs: Any) -> Any:
+            if not (get_config().telemetry and _sdk()):
+                return await run(machine, instance, *args, **kwargs)
+            with _Transition(machine, instance, walk):
+                return await run(machine, instance, *args, **kwargs)
+
+        return cast(A, recorded)
 
     return decorate
 

@@ -7,11 +7,12 @@ setup.cfg); the Celery worker harness in ``tests/celery_worker.py``; real OS pro
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from django.conf import settings as django_settings
@@ -20,6 +21,7 @@ from dsm_redis.backends.redis import RedisLockBackend
 from dsm_redis.conf import parse
 
 WAIT = 60  # seconds: generous bounds on polls, never asserted as durations
+T = TypeVar("T")
 
 
 def wait_for(check: Callable[[], Any], what: str, logs: Sequence[Path] = (), timeout: float = WAIT) -> Any:
@@ -91,3 +93,18 @@ def killing_when_alive(x: Any, y: Any) -> Any:
             Cat.objects.get(pk=y.pk).state_machine.transition_to(DEAD)
 
     return kill_y
+
+
+def run_async(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """``asyncio.run(main())``, then close the connections of Django's worker thread (the test
+    database is dropped at the end of the session)."""
+    from asgiref.sync import sync_to_async
+    from django.db import connections
+
+    async def wrapped() -> T:
+        try:
+            return await main()
+        finally:
+            await sync_to_async(connections.close_all)()
+
+    return asyncio.run(wrapped())

@@ -35,7 +35,7 @@ from dsm_redis.backends import get_backend
 from dsm_redis.celery import locked_task
 from dsm_redis.keys import counter_key, object_key
 from tests.celery_app import app
-from tests.helpers import WAIT, dsm_options, key_prefix
+from tests.helpers import WAIT, dsm_options, key_prefix, run_async
 from tests.procs import in_background, start_worker
 from tests.test_fencing import expire
 from tests.testapp import tasks
@@ -185,6 +185,30 @@ def test_a_contended_run_yields_a_span_per_transition_and_the_wait_histogram(ote
         telemetry.TRANSITION_DURATION, durations, model="testapp.account", machine="machine", outcome="committed"
     )
     assert count == 16 and total > 0
+
+
+def test_asyncio_transitions_yield_the_same_spans_and_points(otel):
+    """The async path: the transition span on the loop, the lease wait under it, and the database
+    step, run in a worker thread, under it too (the context travels with ``sync_to_async``)."""
+    import asyncio
+
+    account = Account.objects.create()
+    copies = [Account.objects.get(pk=account.pk) for _ in range(4)]
+    durations = otel.points(telemetry.TRANSITION_DURATION)
+
+    async def main() -> None:
+        await asyncio.gather(*(copy.machine.adeposit() for copy in copies))
+
+    run_async(main)
+    transitions = otel.spans(telemetry.SPAN_TRANSITION)
+    assert len(transitions) == 4  # one each: not one more for the blocking run inside
+    for span in transitions:
+        assert span.attributes["dsm_redis.outcome"] == "committed"
+        assert sorted(c.name for c in children(otel, span)) == sorted([telemetry.SPAN_LEASE_WAIT, telemetry.SPAN_STEP])
+    count, _ = otel.delta(
+        telemetry.TRANSITION_DURATION, durations, model="testapp.account", machine="machine", outcome="committed"
+    )
+    assert count == 4
 
 
 def test_each_outcome_of_a_transition(otel, settings):

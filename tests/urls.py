@@ -1,10 +1,13 @@
-"""The test suite's URLs: the admin (``tests/testapp/admin.py``) and a view that transitions as its user."""
+"""The test suite's URLs: the admin (``tests/testapp/admin.py``), a view that transitions as its user,
+and async views (``tests/testapp/views.py``, served by uvicorn in ``test_asyncio.py``)."""
 
 from __future__ import annotations
 
 from django.contrib import admin
 from django.http import HttpRequest, HttpResponse
 from django.urls import path
+
+from tests.testapp import views
 
 
 def pay_invoice(request: HttpRequest, pk: int) -> HttpResponse:
@@ -19,4 +22,6 @@ def pay_invoice(request: HttpRequest, pk: int) -> HttpResponse:
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("invoices/<int:pk>/pay/", pay_invoice),
+    path("ping", views.ping),
+    path("deposit/<int:pk>", views.deposit),
 ]

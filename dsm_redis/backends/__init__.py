@@ -6,12 +6,13 @@ one ``DSM_REDIS['BACKEND']`` names, created lazily and re-created after a fork o
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
@@ -20,7 +21,9 @@ from django.utils.module_loading import import_string
 from ..conf import Config, get_config
 
 # What a custom backend implements and returns; get_backend() and load_backend_class() serve the core.
-__all__ = ["Grant", "LeaseInfo", "LockBackend"]
+__all__ = ["AsyncLeases", "Grant", "LeaseInfo", "LockBackend"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,96 @@ class LockBackend(ABC):
 
     def close(self) -> None:  # noqa: B027 - an optional hook, not abstract
         """Drop connections (tests, settings changes)."""
+
+    def for_asyncio(self) -> AsyncLeases:
+        """This backend's lease calls for the running event loop (``alease.py``).
+
+        The default runs the blocking calls in a worker thread each (``asyncio.to_thread``): correct
+        for any backend, but a waiter holds a thread. The Redis backend overrides it with
+        ``redis.asyncio`` (no thread at all).
+        """
+        return _ThreadedLeases(self)
+
+
+class AsyncLeases(Protocol):
+    """The calls an asyncio lease makes, with the semantics of ``LockBackend``'s namesakes.
+
+    ``acquire`` cancelled while it waits leaves nothing behind: not its place in a queue, and not a
+    lease granted to it meanwhile.
+    """
+
+    async def acquire(self, key: str, *, ttl: float, timeout: float | None) -> Grant: ...
+
+    async def renew(self, key: str, owner: str, ttl: float) -> bool: ...
+
+    async def release(self, key: str, owner: str) -> bool: ...
+
+
+class _ThreadedLeases:
+    """``AsyncLeases`` for a backend with blocking calls only: each acquire waits in a thread of its
+    own (not the loop's shared executor, whose threads would all be taken by waiters while the
+    release that would free them queued behind them); renew and release in the shared executor."""
+
+    def __init__(self, backend: LockBackend) -> None:
+        self._backend = backend
+
+    async def acquire(self, key: str, *, ttl: float, timeout: float | None) -> Grant:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Grant] = loop.create_future()
+        state = threading.Lock()
+        abandoned = False
+
+        def deliver(grant: Grant | None, error: BaseException | None) -> None:
+            if future.cancelled():
+                if grant is not None:  # the waiter was cancelled as the lease arrived
+                    threading.Thread(target=_give_back, args=(self._backend, key, grant.owner), daemon=True).start()
+            elif error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(grant)  # type: ignore[arg-type]
+
+        def wait() -> None:
+            grant, error = None, None
+            try:
+                grant = self._backend.acquire(key, ttl=ttl, timeout=timeout)
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting coroutine
+                error = exc
+            with state:
+                if abandoned:
+                    if grant is not None:  # nobody will hold it: give it back now, not after a TTL
+                        _give_back(self._backend, key, grant.owner)
+                    return
+            loop.call_soon_threadsafe(deliver, grant, error)
+
+        threading.Thread(target=wait, name=f"dsm_redis acquire {key}", daemon=True).start()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            with state:
+                abandoned = True
+            raise
+
+    async def renew(self, key: str, owner: str, ttl: float) -> bool:
+        return await asyncio.to_thread(self._backend.renew, key, owner, ttl)
+
+    async def release(self, key: str, owner: str) -> bool:
+        return await asyncio.to_thread(self._backend.release, key, owner)
+
+
+def _give_back(backend: LockBackend, key: str, owner: str) -> None:
+    try:
+        backend.release(key, owner)
+    except Exception:  # noqa: BLE001 - the lease then expires by its TTL
+        pass
+
+
+async def shielded(work: Awaitable[T]) -> T:
+    """Await ``work`` to its end even if the caller is cancelled meanwhile (it then goes on as a task).
+
+    For what must happen once started: a release, leaving a queue. A caller cancelled again while
+    it waits gets ``CancelledError``; the work is not cut short.
+    """
+    return await asyncio.shield(asyncio.ensure_future(work))
 
 
 _lock = threading.Lock()

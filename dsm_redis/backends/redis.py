@@ -72,6 +72,12 @@ During a rolling upgrade, a process of the previous version neither queues nor h
 overtake waiters, and a waiter may wait up to ``_max_wait`` for a release that did not wake it.
 At most one owner per key still holds: every version sets the lock only where it is free.
 
+asyncio (``for_asyncio()``, ``_AsyncRedisLeases``): the same scripts through ``redis.asyncio``, one
+client per event loop. A waiter awaits its wake-up list and holds no thread; the coroutines of one
+loop that want the same object pass a gate on the loop first, so one of them at a time is queued
+in Redis (one blocked connection per object and loop). Cancellation leaves the queue as giving up
+does.
+
 Kept from python-redis-lock: its lock key layout, and the signal on release when no waiter of ours
 takes the lease (a ``redis_lock.Lock`` client on the same name is woken as its UNLOCK would).
 Not inherited (its traps): timeouts are milliseconds end to end (it truncates ``0.5`` to ``0`` and
@@ -83,11 +89,13 @@ cannot renew (its thread dies silently); release returns False instead of raisin
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import threading
 import time
 from base64 import b64encode
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from functools import cached_property, partial
 from importlib import resources
 from os import urandom
@@ -102,7 +110,7 @@ from redis.retry import Retry
 from ..conf import Config, parse_sentinel_location
 from ..exceptions import LockBackendUnavailable, LockNotReplicated, LockTimeout
 from ..keys import counter_key, redis_name
-from . import Grant, LeaseInfo, LockBackend
+from . import AsyncLeases, Grant, LeaseInfo, LockBackend, shielded
 
 logger = logging.getLogger("dsm_redis")
 T = TypeVar("T")
@@ -115,11 +123,23 @@ def _lua(name: str) -> str:
     return (resources.files("dsm_redis") / "lua" / f"{name}.lua").read_text()
 
 
+def _script_texts() -> dict[str, str]:
+    """Each script's text, for the blocking and the asyncio client alike (one copy of the Lua)."""
+    texts = {name: _lua(name) for name in ("renew", "reanchor", "holders")}
+    # The queue's functions run inside each script that uses them: one atomic call each.
+    for name in ("acquire", "release"):
+        texts[name] = _lua("queue") + "\n" + _lua(name)
+    return texts
+
+
 def _new_owner() -> str:
     # python-redis-lock's owner id: 18 random bytes, base64 (no braces: a waiter's wake-up list,
     # named after it, keeps the object's hash tag).
     return b64encode(urandom(18)).decode("ascii")
 
+
+# Redis connections of one event loop's asyncio leases: calls in flight, and one waiter per busy object.
+_ASYNC_CONNECTIONS = 256
 
 # python-redis-lock's signal-list lifetime after a release (ms): long enough for a waiter that was
 # between its failed SET and its BLPOP to still find the wake-up.
@@ -157,6 +177,8 @@ class RedisLockBackend(LockBackend):
         super().__init__(config)
         self._location = config.location
         self._sentinel: Any = None  # the redis.sentinel.Sentinel behind a redis+sentinel:// client
+        self._loops: dict[asyncio.AbstractEventLoop, _AsyncRedisLeases] = {}  # for_asyncio()
+        self._loops_lock = threading.Lock()
 
     # -- client ----------------------------------------------------------------------------------
 
@@ -213,11 +235,7 @@ class RedisLockBackend(LockBackend):
 
     @cached_property
     def _scripts(self) -> dict[str, Any]:
-        scripts = {name: self.client.register_script(_lua(name)) for name in ("renew", "reanchor", "holders")}
-        # The queue's functions run inside each script that uses them: one atomic call each.
-        for name in ("acquire", "release"):
-            scripts[name] = self.client.register_script(_lua("queue") + "\n" + _lua(name))
-        return scripts
+        return {name: self.client.register_script(text) for name, text in _script_texts().items()}
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         try:
@@ -447,6 +465,87 @@ class RedisLockBackend(LockBackend):
             "fencing_token": int(token) if token else None,
         }
 
+    def for_asyncio(self) -> AsyncLeases:
+        """The lease calls on the running loop: ``redis.asyncio``, one client per event loop (its
+        connections belong to the loop that opened them)."""
+        loop = asyncio.get_running_loop()
+        with self._loops_lock:
+            leases = self._loops.get(loop)
+            if leases is None:
+                # Clients of loops closed since are dropped (their connections reference their loop:
+                # kept, a process that runs one loop per call, as async_to_sync does, would pile them up).
+                for closed in [other for other in self._loops if other.is_closed()]:
+                    del self._loops[closed]
+                leases = self._loops[loop] = _AsyncRedisLeases(self, self._async_client())
+        return leases
+
+    def _async_client(self) -> Any:
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry as AsyncRetry
+
+        options: dict[str, Any] = {
+            "socket_timeout": self.config.socket_timeout,
+            "socket_connect_timeout": self.config.socket_connect_timeout,
+            "retry": AsyncRetry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+        }
+        if self.config.replica_acks:
+            # WAIT must run on the connection that ran the acquire script; the asyncio calls do not
+            # pin one yet. Refused rather than granting leases no replica was asked to acknowledge.
+            raise ImproperlyConfigured(
+                "DSM_REDIS['OPTIONS']['REPLICA_ACKS'] is not supported by asyncio leases yet "
+                "(atransition_to, aobject_lock): use the blocking calls, or REPLICA_ACKS 0"
+            )
+        location = self._location
+        if not callable(location) and not location.startswith("cache:"):
+            scheme, sep, rest = location.partition("://")
+            if scheme.lower().endswith("+cluster"):
+                return aioredis.RedisCluster.from_url(f"{scheme[: -len('+cluster')]}{sep}{rest}", **options)
+            if scheme.lower().endswith("+sentinel"):
+                return self._async_sentinel_client(location, options)
+        # A waiter blocks one connection on its wake-up (one per object per loop: _AsyncRedisLeases'
+        # gate). Past the pool's size, a call waits for a connection (bounded) instead of failing.
+        pool_options: dict[str, Any] = {
+            "max_connections": _ASYNC_CONNECTIONS,
+            "timeout": self.config.socket_timeout + self._max_wait,
+        }
+        if callable(location) or location.startswith("cache:"):
+            # A client built elsewhere: the same server, reached with the same credentials.
+            kwargs = getattr(getattr(self.client, "connection_pool", None), "connection_kwargs", None)
+            if kwargs is None or "host" not in kwargs:
+                raise ImproperlyConfigured(
+                    "DSM_REDIS['LOCATION']: asyncio leases need a redis:// URL, or a client on a host and port"
+                )
+            portable = {k: kwargs[k] for k in ("host", "port", "db", "username", "password") if k in kwargs}
+            pool = aioredis.BlockingConnectionPool(**pool_options, **portable, **options)
+        else:
+            pool = aioredis.BlockingConnectionPool.from_url(location, **pool_options, **options)
+        return aioredis.Redis(connection_pool=pool)
+
+    def _async_sentinel_client(self, location: str, options: dict[str, Any]) -> Any:
+        """``_sentinel_client`` on the running loop (``redis.asyncio.sentinel``): a pool that asks
+        the sentinels where the primary is at each new connection."""
+        from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+
+        where = parse_sentinel_location(location)
+        sentinel_kwargs: dict[str, Any] = {
+            "socket_timeout": self.config.socket_timeout,
+            "socket_connect_timeout": self.config.socket_connect_timeout,
+            "username": where.sentinel_username,
+            "password": where.sentinel_password,
+        }
+        if where.ssl:
+            sentinel_kwargs["ssl"] = True
+            options["ssl"] = True
+        sentinel = AsyncSentinel(list(where.sentinels), sentinel_kwargs=sentinel_kwargs)
+        return sentinel.master_for(
+            where.service,
+            db=where.db,
+            username=where.username,
+            password=where.password,
+            max_connections=_ASYNC_CONNECTIONS,
+            **options,
+        )
+
     def close(self) -> None:
         if "client" in self.__dict__ and not callable(self._location) and not str(self._location).startswith("cache:"):
             self.client.close()
@@ -455,6 +554,144 @@ class RedisLockBackend(LockBackend):
         self._sentinel = None
         self.__dict__.pop("client", None)
         self.__dict__.pop("_scripts", None)
+        with self._loops_lock:
+            self._loops.clear()  # their clients are dropped with their loops
+
+
+class _AsyncRedisLeases:
+    """A ``RedisLockBackend``'s acquire, renew and release on one event loop (``redis.asyncio``).
+
+    The same scripts, keys and queue as the blocking calls above, so asyncio and blocking holders
+    of one object queue in one FIFO. A waiter awaits its wake-up list (``BLPOP`` on a connection of
+    its own) and holds no thread. Cancelled anywhere in ``acquire``, it leaves the queue and gives
+    back a grant that reached it (the release script, owner-checked), shielded from a second
+    cancellation; if Redis cannot be reached then, the entry lapses at its deadline.
+    """
+
+    def __init__(self, backend: RedisLockBackend, client: Any) -> None:
+        self._backend = backend
+        self.client = client
+        self._scripts = {name: client.register_script(text) for name, text in _script_texts().items()}
+        # key -> (the gate, coroutines at it). Only the coroutine through an object's gate is in
+        # Redis's queue: the others wait on the loop (FIFO, no connection, no Redis call), so a
+        # hot object costs one waiting connection per loop, not one per coroutine.
+        self._gates: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    async def acquire(self, key: str, *, ttl: float, timeout: float | None) -> Grant:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        gate, users = self._gates.get(key) or (asyncio.Lock(), 0)
+        self._gates[key] = (gate, users + 1)
+        try:
+            await self._through(gate, key, timeout, deadline)
+            try:
+                return await self._acquire(key, ttl=ttl, deadline=deadline, timeout=timeout)
+            finally:
+                gate.release()
+        finally:
+            gate, users = self._gates[key]
+            if users == 1:
+                del self._gates[key]
+            else:
+                self._gates[key] = (gate, users - 1)
+
+    @staticmethod
+    async def _through(gate: asyncio.Lock, key: str, timeout: float | None, deadline: float | None) -> None:
+        """Pass ``gate`` before ``deadline`` (``LockTimeout``); cancelled, never left holding it."""
+        if not gate.locked():
+            await gate.acquire()  # free: taken without a switch
+            return
+        if timeout == 0:
+            raise LockTimeout(f"lease on {key} not acquired within {timeout}s")
+        passing = asyncio.ensure_future(gate.acquire())
+        try:
+            done, _ = await asyncio.wait([passing], timeout=None if deadline is None else deadline - time.monotonic())
+        except BaseException:
+            done = set()
+            raise
+        finally:
+            if not done:
+                passing.cancel()  # passed meanwhile anyway: give it back
+                passing.add_done_callback(partial(_give_back_gate, gate))
+        if not done:
+            raise LockTimeout(f"lease on {key} not acquired within {timeout}s")
+
+    async def _call(self, what: str, work: Awaitable[T]) -> T:
+        try:
+            return await work
+        except (redis.ConnectionError, redis.TimeoutError, ClusterDownError, RedisClusterException) as exc:
+            raise LockBackendUnavailable(f"Redis unreachable while trying to {what}: {type(exc).__name__}") from exc
+        except redis.RedisError as exc:
+            raise LockBackendUnavailable(f"Redis refused to {what}: {type(exc).__name__}: {exc}") from exc
+
+    async def _acquire(self, key: str, *, ttl: float, deadline: float | None, timeout: float | None) -> Grant:
+        backend = self._backend
+        lock_key, _, counter = backend._keys(key)
+        queue, waiters, grant_prefix = backend._queue_keys(key)
+        owner = _new_owner()
+        wake = grant_prefix + owner
+        ttl_ms = _ttl_ms(ttl)
+        queued = False
+        try:
+            while True:
+                sent = time.monotonic()
+                stay_ms = backend._stay_ms(None if deadline is None else deadline - sent)
+                queued = queued or stay_ms > 0
+                ok, value = await self._call(
+                    "acquire a lease",
+                    self._scripts["acquire"](
+                        keys=[lock_key, counter, queue, waiters, wake],
+                        args=[owner, ttl_ms, stay_ms, backend._grace_ms, backend._idle_ms, grant_prefix],
+                    ),
+                )
+                if ok:
+                    return Grant(owner=owner, fencing_token=int(value), valid_until=sent + ttl)
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    break
+                wait = _wait_time(int(value), backend._max_wait, None if deadline is None else deadline - now)
+                # Woken by a hand-over, the holder's TTL or our deadline; the next call tells which.
+                await self._call("wait for a lease", self.client.blpop([wake], timeout=wait))
+        except BaseException:
+            # Cancelled (or the reply lost) while queued or just granted: leave nothing behind.
+            await shielded(self._leave(key, owner))
+            raise
+        if queued:
+            await self._leave(key, owner)
+        raise LockTimeout(f"lease on {key} not acquired within {timeout}s")
+
+    async def _leave(self, key: str, owner: str) -> None:
+        try:
+            await self.release(key, owner)
+        except LockBackendUnavailable:
+            pass  # the entry lapses at its deadline, a late grant after the grace
+
+    async def renew(self, key: str, owner: str, ttl: float) -> bool:
+        lock_key, _, counter = self._backend._keys(key)
+        return bool(
+            await self._call(
+                "renew a lease",
+                self._scripts["renew"](keys=[lock_key, counter], args=[owner, _ttl_ms(ttl), self._backend._idle_ms]),
+            )
+        )
+
+    async def release(self, key: str, owner: str) -> bool:
+        backend = self._backend
+        lock_key, signal_key, counter = backend._keys(key)
+        queue, waiters, grant_prefix = backend._queue_keys(key)
+        return bool(
+            await self._call(
+                "release a lease",
+                self._scripts["release"](
+                    keys=[lock_key, counter, queue, waiters, signal_key],
+                    args=[owner, backend._grace_ms, backend._idle_ms, grant_prefix, _SIGNAL_EXPIRE_MS],
+                ),
+            )
+        )
+
+
+def _give_back_gate(gate: asyncio.Lock, passing: asyncio.Future[Any]) -> None:
+    if not passing.cancelled():
+        gate.release()
 
 
 def _client_from_cache(alias: str) -> Any:

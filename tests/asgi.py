@@ -1,0 +1,8 @@
+"""The test app as an ASGI application (``uvicorn tests.asgi:application``), for ``tests/test_asyncio.py``."""
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
+application = get_asgi_application()
