@@ -3,6 +3,7 @@ SQL, signals, ``auto_now``, errors; and ``save()`` itself runs where a model nee
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -97,7 +98,10 @@ def test_a_row_gone_is_refused_as_save_refuses_it():
 
 def test_a_primary_key_in_update_fields_gets_saves_own_error():
     account = Account.objects.create()
-    with pytest.raises(ValueError, match="primary keys"), transaction.atomic():
+    with pytest.raises(ValueError) as by_save, transaction.atomic():
+        account.save(using="default", update_fields=["id", "balance"])
+    # Django's own message (it differs between 4.2 and 5.x), not one of ours.
+    with pytest.raises(ValueError, match=f"^{re.escape(str(by_save.value))}$"), transaction.atomic():
         rowwrite.save_fields(account, "default", ["id", "balance"])
 
 
