@@ -140,3 +140,32 @@ def test_a_model_with_its_own_save_keeps_it(apps: Any = None):
     assert rowwrite._plan(Audited) is None
     assert rowwrite._plan(Filtered) is None
     assert rowwrite._plan(Plain) is not None
+
+
+
+def test_an_instance_without_primary_key_gets_saves_error():
+    # After delete(), or a pre_save receiver that unset it: save() refuses to write, it does not
+    # UPDATE "WHERE id IS NULL" (nor cache that statement's mismatch as "not compilable").
+    account = Account.objects.create()
+    account.pk = None
+    with pytest.raises(ValueError, match="no primary key"), transaction.atomic():
+        rowwrite.save_fields(account, "default", ["deposits"])
+    plan = rowwrite._plan(Account)
+    assert plan is not None and None not in plan.statements.values()
+
+
+@pytest.mark.parametrize(("owner", "method"), [(Account, "save"), (models.Model, "save_base")])
+def test_a_save_path_patched_after_the_first_transition_runs(monkeypatch, owner, method):
+    account = Account.objects.create()
+    account.machine.deposit()  # the model's plan is made, its statement compiled
+    calls: list[Any] = []
+    original = getattr(owner, method)
+
+    def patched(self: Any, *args: Any, **kwargs: Any) -> None:
+        calls.append(sorted(kwargs["update_fields"]))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(owner, method, patched)  # as mock.patch.object does in a test suite
+    account.machine.deposit()
+    assert calls == [["balance", "deposits", "state"]]
+    assert Account.objects.get(pk=account.pk).balance == 2
