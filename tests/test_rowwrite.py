@@ -3,6 +3,7 @@ SQL, signals, ``auto_now``, errors; and ``save()`` itself runs where a model nee
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -169,3 +170,18 @@ def test_a_save_path_patched_after_the_first_transition_runs(monkeypatch, owner,
     account.machine.deposit()
     assert calls == [["balance", "deposits", "state"]]
     assert Account.objects.get(pk=account.pk).balance == 2
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "sqlite"])
+def test_a_primary_key_beyond_sqlites_integers_fails_as_save_fails():
+    # Django 5 compiles it to no query (no row can have it): "did not affect any rows"; Django 4.2
+    # sends it, and the driver refuses it. The compiled statement must do as the ORM does.
+    account = Account.objects.using("sqlite").create()
+    rowwrite.save_fields(account, "sqlite", ["balance"])  # the statement is compiled
+    account.pk = 2**64
+    outcomes = []
+    for write in (account.save, functools.partial(rowwrite.save_fields, account)):
+        with pytest.raises((DatabaseError, OverflowError)) as raised, transaction.atomic(using="sqlite"):
+            write(using="sqlite", update_fields=["balance"])
+        outcomes.append((type(raised.value), str(raised.value)))
+    assert outcomes[0] == outcomes[1]
