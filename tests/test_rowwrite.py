@@ -172,16 +172,24 @@ def test_a_save_path_patched_after_the_first_transition_runs(monkeypatch, owner,
     assert Account.objects.get(pk=account.pk).balance == 2
 
 
+@pytest.mark.parametrize("alias", ["default", "sqlite"])
 @pytest.mark.django_db(transaction=True, databases=["default", "sqlite"])
-def test_a_primary_key_beyond_sqlites_integers_fails_as_save_fails():
+def test_a_primary_key_beyond_64_bit_integers_fails_as_save_fails(monkeypatch, alias):
     # Django 5 compiles it to no query (no row can have it): "did not affect any rows"; Django 4.2
-    # sends it, and the driver refuses it. The compiled statement must do as the ORM does.
-    account = Account.objects.using("sqlite").create()
-    rowwrite.save_fields(account, "sqlite", ["balance"])  # the statement is compiled
+    # sends it, and SQLite's driver refuses it. The compiled statement must do as the ORM does,
+    # whether this key is the one it is compiled with or it was compiled before.
+    plan = rowwrite._plan(Account)
+    assert plan is not None
+    monkeypatch.setattr(plan, "statements", {})
+    account = Account.objects.using(alias).create()
     account.pk = 2**64
-    outcomes = []
-    for write in (account.save, functools.partial(rowwrite.save_fields, account)):
-        with pytest.raises((DatabaseError, OverflowError)) as raised, transaction.atomic(using="sqlite"):
-            write(using="sqlite", update_fields=["balance"])
-        outcomes.append((type(raised.value), str(raised.value)))
-    assert outcomes[0] == outcomes[1]
+    for _ in range(2):
+        outcomes = []
+        for write in (account.save, functools.partial(rowwrite.save_fields, account)):
+            with pytest.raises((DatabaseError, OverflowError)) as raised, transaction.atomic(using=alias):
+                write(using=alias, update_fields=["balance"])
+            outcomes.append((type(raised.value), str(raised.value)))
+        assert outcomes[0] == outcomes[1]
+        account.pk = Account.objects.using(alias).get().pk
+        rowwrite.save_fields(account, alias, ["balance"])  # now compiled with a key a row can have
+        account.pk = 2**64
