@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from django.core.exceptions import EmptyResultSet
 from django.db import DatabaseError, connections, transaction
 from django.db.models import Model
 from django.db.models.signals import post_save, pre_save
@@ -34,9 +35,10 @@ _SAVE_PATH = ("save", "save_base", "_save_table", "_do_update", "_save_parents",
 class _Plan:
     """What is fixed per model: its fields to write, and its compiled statements."""
 
-    __slots__ = ("names", "non_pks", "pk_field", "related", "statements")
+    __slots__ = ("model", "names", "non_pks", "pk_field", "related", "statements")
 
     def __init__(self, model: type[Model]) -> None:
+        self.model: Any = model
         meta = model._meta
         self.pk_field = meta.pk
         self.non_pks = [f for f in meta.local_concrete_fields if not f.primary_key]
@@ -75,52 +77,71 @@ def save_fields(instance: Model, using: str, update_fields: list[str]) -> None:
     origin = type(instance)
     pre_save.send(sender=origin, instance=instance, raw=False, using=using, update_fields=fields)
     with transaction.mark_for_rollback_on_error(using=using):
+        pk = _pk_on_save(instance, plan.pk_field)
         columns = [f for f in plan.non_pks if f.name in fields or f.attname in fields]
         values = [f.pre_save(instance, False) for f in columns]
-        if not _update(instance, plan, using, columns, values):
+        if not _update(plan, using, pk, columns, values):
             raise DatabaseError("Save with update_fields did not affect any rows.")
     instance._state.db = using
     instance._state.adding = False
     post_save.send(sender=origin, instance=instance, created=False, update_fields=fields, raw=False, using=using)
 
 
-def _update(instance: Model, plan: _Plan, using: str, columns: list[Any], values: list[Any]) -> bool:
-    pk = getattr(instance, plan.pk_field.attname)
+def _pk_on_save(instance: Model, field: Any) -> Any:
+    """The primary key to UPDATE, as ``_save_table`` takes it: an unset one (the object deleted, a
+    ``pre_save`` receiver) gets the field's default, or there is no UPDATE "WHERE pk IS NULL"."""
+    pk = getattr(instance, field.attname)
+    if pk is None:
+        pk = field.get_pk_value_on_save(instance)
+        setattr(instance, field.attname, pk)
+        if pk is None:
+            raise ValueError("Cannot force an update in save() with no primary key.")
+    return pk
+
+
+def _update(plan: _Plan, using: str, pk: Any, columns: list[Any], values: list[Any]) -> bool:
     if not columns:
         return True  # as save() does: update_fields naming no column of this table
     if any(hasattr(v, "resolve_expression") or hasattr(v, "prepare_database_save") for v in values):
-        return _orm_update(instance, using, pk, columns, values)
+        return _orm_update(plan, using, pk, columns, values)
     connection = connections[using]
     params = [f.get_db_prep_save(v, connection=connection) for f, v in zip(columns, values, strict=True)]
     if any(hasattr(p, "as_sql") for p in params):
-        return _orm_update(instance, using, pk, columns, values)
+        return _orm_update(plan, using, pk, columns, values)
     field = plan.pk_field
     params.append(field.get_db_prep_value(field.get_prep_value(pk), connection, prepared=True))
     cache_key = (using, connection.vendor, tuple(f.attname for f in columns))
     try:
         sql = plan.statements[cache_key]
     except KeyError:
-        sql = plan.statements[cache_key] = _compile(instance, using, pk, columns, values, params)
+        try:
+            sql = plan.statements[cache_key] = _compile(plan, using, pk, columns, values, params)
+        except EmptyResultSet:  # a key no row can have (Django 5): the ORM's "no query"; not cached
+            return _orm_update(plan, using, pk, columns, values)
     if sql is None:
-        return _orm_update(instance, using, pk, columns, values)
+        return _orm_update(plan, using, pk, columns, values)
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        try:
+            cursor.execute(sql, params)
+        except OverflowError:
+            # A key beyond the driver's integers (SQLite): Django 5 compiles it to no query and
+            # reports no row, Django 4.2 sends it and fails as here. The ORM does either.
+            return _orm_update(plan, using, pk, columns, values)
         return bool(cursor.rowcount > 0)
 
 
-def _rows(instance: Model, using: str, pk: Any) -> Any:
+def _rows(plan: _Plan, using: str, pk: Any) -> Any:
     # As _save_table filters them: the concrete model's base manager.
-    model: Any = type(instance)._meta.concrete_model
-    return model._base_manager.using(using).filter(pk=pk)
+    return plan.model._base_manager.using(using).filter(pk=pk)
 
 
-def _orm_update(instance: Model, using: str, pk: Any, columns: list[Any], values: list[Any]) -> bool:
-    return bool(_rows(instance, using, pk)._update([(f, None, v) for f, v in zip(columns, values, strict=True)]) > 0)
+def _orm_update(plan: _Plan, using: str, pk: Any, columns: list[Any], values: list[Any]) -> bool:
+    return bool(_rows(plan, using, pk)._update([(f, None, v) for f, v in zip(columns, values, strict=True)]) > 0)
 
 
-def _compile(instance: Model, using: str, pk: Any, columns: list[Any], values: list[Any], params: list[Any]) -> str | None:
+def _compile(plan: _Plan, using: str, pk: Any, columns: list[Any], values: list[Any], params: list[Any]) -> str | None:
     """The ORM's SQL for this UPDATE, if it binds exactly ``params``; else None (the ORM path)."""
-    query: Any = _rows(instance, using, pk).query.chain(UpdateQuery)
+    query: Any = _rows(plan, using, pk).query.chain(UpdateQuery)
     query.add_update_fields([(f, None, v) for f, v in zip(columns, values, strict=True)])
     query.annotations = {}
     if query.related_updates:
