@@ -18,6 +18,7 @@ the ORM compiled to another shape.
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any
 
 from django.core.exceptions import EmptyResultSet
@@ -30,6 +31,18 @@ __all__: list[str] = []
 
 # Model methods that save() runs on the way to its UPDATE: overridden, the model keeps save().
 _SAVE_PATH = ("save", "save_base", "_save_table", "_do_update", "_save_parents", "_prepare_related_fields_for_save")
+# Django's own, compared on every call, not once per model: a method patched in later (on the
+# model or on Model, as mock.patch.object does in a test suite) must run from then on. One patched
+# on Model before this module was imported is not Django's code: it never matches (save() runs).
+_DJANGOS = tuple(
+    method if getattr(getattr(method, "__code__", None), "co_filename", None) == sys.modules[Model.__module__].__file__
+    else object()
+    for method in (getattr(Model, name) for name in _SAVE_PATH)
+)
+
+
+def _saves_as_django(model: type[Model]) -> bool:
+    return all(getattr(model, name) is own for name, own in zip(_SAVE_PATH, _DJANGOS, strict=True))
 
 
 class _Plan:
@@ -53,7 +66,7 @@ class _Plan:
 def _plan(model: type[Model]) -> _Plan | None:
     concrete: Any = model._meta.concrete_model
     meta = concrete._meta
-    if any(getattr(model, name) is not getattr(Model, name) for name in _SAVE_PATH):
+    if not _saves_as_django(model):
         return None  # the model's own save() must run
     if meta.parents or meta.base_manager_name is not None or meta.select_on_save or meta.auto_created:
         return None  # several tables; a manager that may filter; a SELECT first; an m2m row
@@ -68,7 +81,7 @@ def save_fields(instance: Model, using: str, update_fields: list[str]) -> None:
     """``instance.save(using=using, update_fields=update_fields)`` for a saved object."""
     plan = _plan(type(instance))
     fields = frozenset(update_fields)
-    if plan is None or not fields <= plan.names:
+    if plan is None or not fields <= plan.names or not _saves_as_django(type(instance)):
         instance.save(using=using, update_fields=update_fields)
         return
     if plan.related:
