@@ -14,7 +14,7 @@ from django.db.models.signals import post_save, pre_save
 from django.test.utils import CaptureQueriesContext, isolate_apps
 
 from dsm_redis import rowwrite
-from tests.testapp.models import Account, Cat, Lion, Order, ProxyCat
+from tests.testapp.models import Account, Cat, Lion, Order, ProxyCat, UuidAccount
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -153,6 +153,14 @@ def test_an_instance_without_primary_key_gets_saves_error():
         rowwrite.save_fields(account, "default", ["deposits"])
     plan = rowwrite._plan(Account)
     assert plan is not None and None not in plan.statements.values()
+
+
+def test_an_instance_never_saved_is_written_as_save_writes_it():
+    # save(update_fields=...) of an instance still being added, whose primary key has a default,
+    # skips the UPDATE and inserts it: not an UPDATE that finds no row.
+    account = UuidAccount(balance=3)
+    rowwrite.save_fields(account, "default", ["balance"])
+    assert UuidAccount.objects.get(pk=account.pk).balance == 3 and not account._state.adding
 
 
 @pytest.mark.parametrize(("owner", "method"), [(Account, "save"), (models.Model, "save_base")])
