@@ -81,7 +81,12 @@ def save_fields(instance: Model, using: str, update_fields: list[str]) -> None:
     """``instance.save(using=using, update_fields=update_fields)`` for a saved object."""
     plan = _plan(type(instance))
     fields = frozenset(update_fields)
-    if plan is None or not fields <= plan.names or not _saves_as_django(type(instance)):
+    if (
+        plan is None
+        or not fields <= plan.names
+        or not _saves_as_django(type(instance))
+        or instance._state.adding  # not saved yet: save() may INSERT it (a primary key with a default)
+    ):
         instance.save(using=using, update_fields=update_fields)
         return
     if plan.related:
