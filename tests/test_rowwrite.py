@@ -8,13 +8,13 @@ import re
 from typing import Any
 
 import pytest
-from django.db import DatabaseError, connection, models, transaction
+from django.db import DatabaseError, connection, connections, models, transaction
 from django.db.models import F
 from django.db.models.signals import post_save, pre_save
 from django.test.utils import CaptureQueriesContext, isolate_apps
 
 from dsm_redis import rowwrite
-from tests.testapp.models import Account, Cat, Lion, Order, ProxyCat, UuidAccount
+from tests.testapp.models import Account, Cat, DecimalAccount, Lion, Order, ProxyCat, UuidAccount
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -201,3 +201,28 @@ def test_a_primary_key_beyond_64_bit_integers_fails_as_save_fails(monkeypatch, a
         account.pk = Account.objects.using(alias).get().pk
         rowwrite.save_fields(account, alias, ["balance"])  # now compiled with a key a row can have
         account.pk = 2**64
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "sqlite"])
+def test_what_the_database_layer_is_given_is_the_orms_own(db_alias):
+    # What an execute wrapper (a tracer, a query logger) sees: the same SQL and the same
+    # parameters, a tuple as the ORM passes it, for primary keys held in another form than stored.
+    account = Account.objects.using(db_alias).create()
+    uuid_account = UuidAccount.objects.using(db_alias).create()
+    decimal_account = DecimalAccount.objects.using(db_alias).create(number="7.5")
+    cases = [(account, account.pk), (uuid_account, str(uuid_account.pk).upper()), (decimal_account, "7.50")]
+    seen: list[tuple[str, Any]] = []
+
+    def wrapper(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        if sql.startswith("UPDATE"):
+            seen.append((sql, params))
+        return execute(sql, params, many, context)
+
+    for obj, pk in cases:
+        seen.clear()
+        for write in (obj.save, functools.partial(rowwrite.save_fields, obj)):
+            obj.pk, obj.balance = pk, 5
+            with connections[db_alias].execute_wrapper(wrapper), transaction.atomic(using=db_alias):
+                write(using=db_alias, update_fields=["balance"])
+        assert len(seen) == 2 and seen[0] == seen[1] and type(seen[0][1]) is type(seen[1][1]), seen
+        assert type(obj).objects.using(db_alias).get().balance == 5
