@@ -140,7 +140,7 @@ def _update(plan: _Plan, using: str, pk: Any, columns: list[Any], values: list[A
         return _orm_update(plan, using, pk, columns, values)
     with connection.cursor() as cursor:
         try:
-            cursor.execute(sql, params)
+            cursor.execute(sql, tuple(params))  # as the ORM passes them: execute wrappers see a tuple
         except OverflowError:
             # A key beyond the driver's integers (SQLite): Django 5 compiles it to no query and
             # reports no row, Django 4.2 sends it and fails as here. The ORM does either.
