@@ -12,6 +12,7 @@ from django.db import DatabaseError, connection, connections, models, transactio
 from django.db.models import F
 from django.db.models.signals import post_save, pre_save
 from django.test.utils import CaptureQueriesContext, isolate_apps
+from django.utils import timezone
 
 from dsm_redis import rowwrite
 from tests.testapp.models import Account, Cat, DecimalAccount, Lion, Order, ProxyCat, UuidAccount
@@ -206,11 +207,19 @@ def test_a_primary_key_beyond_64_bit_integers_fails_as_save_fails(monkeypatch, a
 @pytest.mark.django_db(transaction=True, databases=["default", "sqlite"])
 def test_what_the_database_layer_is_given_is_the_orms_own(db_alias):
     # What an execute wrapper (a tracer, a query logger) sees: the same SQL and the same
-    # parameters, a tuple as the ORM passes it, for primary keys held in another form than stored.
+    # parameters, a tuple as the ORM passes it, for primary keys held in another form than stored,
+    # and for a NULL (the ORM writes it into the SQL) after the statement was compiled with a value.
     account = Account.objects.using(db_alias).create()
     uuid_account = UuidAccount.objects.using(db_alias).create()
     decimal_account = DecimalAccount.objects.using(db_alias).create(number="7.5")
-    cases = [(account, account.pk), (uuid_account, str(uuid_account.pk).upper()), (decimal_account, "7.50")]
+    cat = Cat.objects.using(db_alias).create(time_of_death=timezone.now())
+    rowwrite.save_fields(cat, db_alias, ["time_of_death"])  # compiled with a value
+    cases = [
+        (account, account.pk, "balance", 5),
+        (uuid_account, str(uuid_account.pk).upper(), "balance", 5),
+        (decimal_account, "7.50", "balance", 5),
+        (cat, cat.pk, "time_of_death", None),
+    ]
     seen: list[tuple[str, Any]] = []
 
     def wrapper(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
@@ -218,11 +227,12 @@ def test_what_the_database_layer_is_given_is_the_orms_own(db_alias):
             seen.append((sql, params))
         return execute(sql, params, many, context)
 
-    for obj, pk in cases:
+    for obj, pk, name, value in cases:
         seen.clear()
         for write in (obj.save, functools.partial(rowwrite.save_fields, obj)):
-            obj.pk, obj.balance = pk, 5
+            obj.pk = pk
+            setattr(obj, name, value)
             with connections[db_alias].execute_wrapper(wrapper), transaction.atomic(using=db_alias):
-                write(using=db_alias, update_fields=["balance"])
+                write(using=db_alias, update_fields=[name])
         assert len(seen) == 2 and seen[0] == seen[1] and type(seen[0][1]) is type(seen[1][1]), seen
-        assert type(obj).objects.using(db_alias).get().balance == 5
+        assert getattr(type(obj).objects.using(db_alias).get(), name) == value
