@@ -58,8 +58,8 @@ class _Plan:
         # What save() accepts in update_fields (a primary key, say, it refuses: its error is kept).
         self.names = frozenset(n for f in self.non_pks for n in (f.name, f.attname))
         self.related = any(f.is_relation for f in meta.concrete_fields)
-        # (alias, vendor, columns) -> SQL, or None where the ORM compiled something else.
-        self.statements: dict[tuple[str, str, tuple[str, ...]], str | None] = {}
+        # (alias, vendor, columns, which are NULL) -> SQL, or None where the ORM compiled something else.
+        self.statements: dict[tuple[str, str, tuple[str, ...], tuple[bool, ...]], str | None] = {}
 
 
 @functools.cache
@@ -126,9 +126,13 @@ def _update(plan: _Plan, using: str, pk: Any, columns: list[Any], values: list[A
     params = [f.get_db_prep_save(v, connection=connection) for f, v in zip(columns, values, strict=True)]
     if any(hasattr(p, "as_sql") for p in params):
         return _orm_update(plan, using, pk, columns, values)
+    # The ORM writes NULL into the SQL, not as a parameter: which columns are NULL is the statement's.
+    nulls = tuple(p is None for p in params)
+    if any(nulls):
+        params = [p for p in params if p is not None]
     field = plan.pk_field
     params.append(field.get_db_prep_value(field.get_prep_value(pk), connection, prepared=True))
-    cache_key = (using, connection.vendor, tuple(f.attname for f in columns))
+    cache_key = (using, connection.vendor, tuple(f.attname for f in columns), nulls)
     try:
         sql = plan.statements[cache_key]
     except KeyError:
