@@ -236,3 +236,22 @@ def test_what_the_database_layer_is_given_is_the_orms_own(db_alias):
                 write(using=db_alias, update_fields=[name])
         assert len(seen) == 2 and seen[0] == seen[1] and type(seen[0][1]) is type(seen[1][1]), seen
         assert getattr(type(obj).objects.using(db_alias).get(), name) == value
+
+
+@isolate_apps("tests.testapp", attr_name="apps")
+def test_a_json_column_keeps_the_compiled_statement(apps: Any = None):
+    # On PostgreSQL the driver's JSON wrapper has no equality: the check that the ORM binds the
+    # same parameters must not take it for another statement (the ORM path for ever after).
+    class Document(models.Model):
+        state = models.CharField(max_length=10)
+        payload = models.JSONField(default=dict)
+
+        class Meta:
+            app_label = "testapp"
+
+    document = Document(pk=1, state="a", payload={"lines": [1, 2]})
+    document._state.adding = False
+    with pytest.raises(DatabaseError), transaction.atomic():  # no table: only the statement matters
+        rowwrite.save_fields(document, "default", ["payload", "state"])
+    plan = rowwrite._plan(Document)
+    assert plan is not None and len(plan.statements) == 1 and None not in plan.statements.values()
