@@ -169,6 +169,12 @@ def _compile(plan: _Plan, using: str, pk: Any, columns: list[Any], values: list[
     if query.related_updates:
         return None
     sql, orm_params = query.get_compiler(using).as_sql()
-    if [type(p) for p in orm_params] != [type(p) for p in params] or list(orm_params) != params:
+    if len(orm_params) != len(params) or not all(map(_same, orm_params, params)):
         return None
     return str(sql)
+
+
+def _same(orm: Any, ours: Any) -> bool:
+    # A type without an equality of its own (a driver's wrapper: psycopg's Jsonb) was made by the
+    # same get_db_prep_save from the same value: its type is what could differ.
+    return type(orm) is type(ours) and (type(ours).__eq__ is object.__eq__ or bool(orm == ours))
