@@ -1,5 +1,5 @@
 """The transition's UPDATE: ``save(update_fields=...)``, with its statement compiled once per
-(model, database, columns).
+(model, database, columns, which of them are NULL).
 
 Owns one thing: sending what ``instance.save(using=..., update_fields=...)`` sends for a saved
 object, without building and compiling an update query per transition (``fence.save_judged``
@@ -7,12 +7,14 @@ decides *what* is written; ``rowlock.py`` reads the row this writes).
 
 Contract: the same as that ``save()`` — ``pre_save`` and ``post_save`` with the same arguments,
 each field's ``pre_save`` (``auto_now``), the related-object checks, the ORM's own SQL and bound
-parameters (checked against the ORM when a statement is compiled), "did not affect any rows" when
-the row is gone, ``_state`` set as after a save. Where that cannot be guaranteed, ``save()`` itself
-runs: a model that overrides ``save`` (or the methods it calls), a custom base manager,
-multi-table inheritance, ``select_on_save``, a composite or generated field; and, per call, a value
-that is an expression (``F()``, a ``FencingTokenField`` outside its judged write) or a statement
-the ORM compiled to another shape.
+parameters (checked against the ORM when a statement is compiled; NULL written into the SQL, the
+parameters a tuple), "did not affect any rows" when the row is gone, ``save()``'s ``ValueError``
+when the primary key is unset, ``_state`` set as after a save. Where that cannot be guaranteed,
+``save()`` itself runs: a model that overrides ``save`` (or the methods it calls; checked per call,
+so a method patched in later runs too), a custom base manager, multi-table inheritance,
+``select_on_save``, a composite or generated field, an instance still being added (``save()`` may
+insert it); and, per call, a value that is an expression (``F()``, a ``FencingTokenField`` outside
+its judged write), a primary key no row can have, or a statement the ORM compiled to another shape.
 """
 
 from __future__ import annotations
