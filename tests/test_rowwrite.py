@@ -255,3 +255,22 @@ def test_a_json_column_keeps_the_compiled_statement(apps: Any = None):
         rowwrite.save_fields(document, "default", ["payload", "state"])
     plan = rowwrite._plan(Document)
     assert plan is not None and len(plan.statements) == 1 and None not in plan.statements.values()
+
+
+def test_no_fields_to_write_is_no_save_as_for_save():
+    # save(update_fields=[]) returns before signalling or writing anything.
+    account = Account.objects.create()
+    senders: list[Any] = []
+
+    def receiver(sender: Any, **kw: Any) -> None:
+        senders.append(sender)
+
+    pre_save.connect(receiver, sender=Account)
+    post_save.connect(receiver, sender=Account)
+    try:
+        with CaptureQueriesContext(connection) as ctx:
+            rowwrite.save_fields(account, "default", [])
+    finally:
+        pre_save.disconnect(receiver, sender=Account)
+        post_save.disconnect(receiver, sender=Account)
+    assert senders == [] and ctx.captured_queries == []
