@@ -85,6 +85,7 @@ def save_fields(instance: Model, using: str, update_fields: list[str]) -> None:
     fields = frozenset(update_fields)
     if (
         plan is None
+        or not fields  # save() returns at once, unsignalled (after its related-object checks)
         or not fields <= plan.names
         or not _saves_as_django(type(instance))
         or instance._state.adding  # not saved yet: save() may INSERT it (a primary key with a default)
