@@ -274,3 +274,22 @@ def test_no_fields_to_write_is_no_save_as_for_save():
         pre_save.disconnect(receiver, sender=Account)
         post_save.disconnect(receiver, sender=Account)
     assert senders == [] and ctx.captured_queries == []
+
+
+def test_a_related_object_unsaved_or_saved_since_is_checked_as_save_checks_it():
+    # save()'s related-object checks, on a model with a nullable foreign key (the admin's LogEntry):
+    # an unsaved object is refused, one saved after it was assigned gives its key.
+    from django.contrib.admin.models import LogEntry
+    from django.contrib.auth.models import User
+    from django.contrib.contenttypes.models import ContentType
+
+    entry = LogEntry.objects.create(user=User.objects.create(username="u"), action_flag=1, object_repr="r")
+    assert rowwrite._plan(LogEntry) is not None
+    kind = ContentType(app_label="testapp", model="nothing")
+    entry.content_type = kind
+    with pytest.raises(ValueError, match="unsaved related object 'content_type'"), transaction.atomic():
+        rowwrite.save_fields(entry, "default", ["action_flag"])
+    entry.content_type = kind
+    kind.save()
+    rowwrite.save_fields(entry, "default", ["content_type"])
+    assert LogEntry.objects.get(pk=entry.pk).content_type_id == kind.pk
