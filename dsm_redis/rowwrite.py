@@ -37,8 +37,7 @@ _SAVE_PATH = ("save", "save_base", "_save_table", "_do_update", "_save_parents",
 # model or on Model, as mock.patch.object does in a test suite) must run from then on. One patched
 # on Model before this module was imported is not Django's code: it never matches (save() runs).
 _DJANGOS = tuple(
-    method if getattr(getattr(method, "__code__", None), "co_filename", None) == sys.modules[Model.__module__].__file__
-    else object()
+    method if getattr(method, "__globals__", None) is vars(sys.modules[Model.__module__]) else object()
     for method in (getattr(Model, name) for name in _SAVE_PATH)
 )
 
