@@ -20,6 +20,7 @@ its judged write), a primary key no row can have, or a statement the ORM compile
 from __future__ import annotations
 
 import functools
+import operator
 import sys
 from typing import Any
 
@@ -42,8 +43,11 @@ _DJANGOS = tuple(
 )
 
 
+_save_path_of = operator.attrgetter(*_SAVE_PATH)
+
+
 def _saves_as_django(model: type[Model]) -> bool:
-    return all(getattr(model, name) is own for name, own in zip(_SAVE_PATH, _DJANGOS, strict=True))
+    return bool(_save_path_of(model) == _DJANGOS)  # functions compare by identity
 
 
 class _Plan:
