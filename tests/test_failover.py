@@ -177,6 +177,33 @@ def test_a_holder_whose_lease_the_promoted_replica_never_saw_is_refused(group, s
     wait_for(lambda: group.in_sync(primary), "the old primary to follow the new one")
 
 
+@pytest.mark.django_db(transaction=True)
+def test_asyncio_leases_follow_a_failover_that_demotes_their_primary(group):
+    """A loop's pooled connection still on the demoted primary answers READONLY from inside the
+    script: the asyncio calls drop it and go to the promoted replica, as the blocking ones do."""
+    import asyncio
+
+    backend = redis_backend_for(group.url)
+
+    async def main() -> None:
+        leases = backend.for_asyncio()
+        grant = await leases.acquire("fo.test:5", ttl=30, timeout=0)  # a pooled connection to the primary
+        assert await leases.release("fo.test:5", grant.owner)
+        primary, replica = group.primary(), group.replica()
+        admin(group.sentinels[0]).execute_command("SENTINEL", "FAILOVER", group.service)
+        await asyncio.to_thread(wait_for, lambda: group.primary() is replica, "the sentinels to promote the replica")
+        admin(primary).execute_command("REPLICAOF", "127.0.0.1", replica.port)  # demoted, still up
+        assert await asyncio.to_thread(group.wait_for_new_primary, primary) is replica
+        grant = await leases.acquire("fo.test:5", ttl=30, timeout=0)
+        assert await leases.release("fo.test:5", grant.owner)
+
+    try:
+        run_async(main)
+    finally:
+        backend.close()
+    wait_for(lambda: group.in_sync(group.replica()), "the old primary to follow the new one")
+
+
 def fresh_mark(obj: Any) -> int:
     from dsm_redis.models import FencingMark
 
