@@ -615,9 +615,22 @@ class _AsyncRedisLeases:
         if not done:
             raise LockTimeout(f"lease on {key} not acquired within {timeout}s")
 
-    async def _call(self, what: str, work: Awaitable[T]) -> T:
+    async def _call(self, what: str, work: Callable[[], Awaitable[T]]) -> T:
         try:
-            return await work
+            try:
+                return await work()
+            except redis.ResponseError as exc:
+                if "READONLY" not in str(exc):
+                    raise
+                # A pooled connection still on a demoted primary (a failover): kept, it would
+                # answer READONLY to every call that draws it, for as long as the loop runs. As
+                # RedisLockBackend._call: drop the pool's connections, so the next one asks the
+                # sentinels where the primary is; once, since the script stopped at its first write.
+                logger.warning("Redis answered READONLY (a failover demoted it): reconnecting to the primary")
+                pool = getattr(self.client, "connection_pool", None)
+                if pool is not None:
+                    await pool.disconnect()
+                return await work()
         except (redis.ConnectionError, redis.TimeoutError, ClusterDownError, RedisClusterException) as exc:
             raise LockBackendUnavailable(f"Redis unreachable while trying to {what}: {type(exc).__name__}") from exc
         except redis.RedisError as exc:
@@ -638,7 +651,8 @@ class _AsyncRedisLeases:
                 queued = queued or stay_ms > 0
                 ok, value = await self._call(
                     "acquire a lease",
-                    self._scripts["acquire"](
+                    partial(
+                        self._scripts["acquire"],
                         keys=[lock_key, counter, queue, waiters, wake],
                         args=[owner, ttl_ms, stay_ms, backend._grace_ms, backend._idle_ms, grant_prefix],
                     ),
@@ -650,7 +664,7 @@ class _AsyncRedisLeases:
                     break
                 wait = _wait_time(int(value), backend._max_wait, None if deadline is None else deadline - now)
                 # Woken by a hand-over, the holder's TTL or our deadline; the next call tells which.
-                await self._call("wait for a lease", self.client.blpop([wake], timeout=wait))
+                await self._call("wait for a lease", partial(self.client.blpop, [wake], timeout=wait))
         except BaseException:
             # Cancelled (or the reply lost) while queued or just granted: leave nothing behind.
             await shielded(self._leave(key, owner))
@@ -670,7 +684,9 @@ class _AsyncRedisLeases:
         return bool(
             await self._call(
                 "renew a lease",
-                self._scripts["renew"](keys=[lock_key, counter], args=[owner, _ttl_ms(ttl), self._backend._idle_ms]),
+                partial(
+                    self._scripts["renew"], keys=[lock_key, counter], args=[owner, _ttl_ms(ttl), self._backend._idle_ms]
+                ),
             )
         )
 
@@ -681,7 +697,8 @@ class _AsyncRedisLeases:
         return bool(
             await self._call(
                 "release a lease",
-                self._scripts["release"](
+                partial(
+                    self._scripts["release"],
                     keys=[lock_key, counter, queue, waiters, signal_key],
                     args=[owner, backend._grace_ms, backend._idle_ms, grant_prefix, _SIGNAL_EXPIRE_MS],
                 ),
