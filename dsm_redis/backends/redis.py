@@ -11,7 +11,8 @@ Clients: a ``redis://``/``rediss://``/``unix://`` URL, ``redis+cluster://`` (red
 ``RedisCluster``, which follows a failover by re-reading the slot map), ``redis+sentinel://``
 (redis-py's ``Sentinel(...).master_for(service)``: each new connection asks the sentinels for the
 primary; a connection still on a demoted primary is dropped when a script answers ``READONLY``,
-which redis-py's Sentinel pool only notices for plain commands), ``cache:<alias>`` or a callable.
+which redis-py's Sentinel pool only notices for plain commands, or a wait answers ``UNBLOCKED``;
+the asyncio calls alike), ``cache:<alias>`` or a callable.
 With ``REPLICA_ACKS``, a granted lease is returned only once ``WAIT`` (on the connection that ran
 the acquire script) counts that many replicas holding it; otherwise it is given back and
 ``LockNotReplicated`` raised.
@@ -242,12 +243,13 @@ class RedisLockBackend(LockBackend):
             try:
                 return fn()
             except redis.ResponseError as exc:
-                if "READONLY" not in str(exc):
+                if not _demoted(exc):
                     raise
                 # Our connections reach a demoted primary (a failover). A write inside a script
                 # comes back as a script error, which redis-py's Sentinel pool does not take for
                 # READONLY: drop them, so the next one asks the sentinels where the primary is.
-                # Once: the script stopped at its first write, so it changed nothing.
+                # Once: the script stopped at its first write, so it changed nothing; a BLPOP
+                # unblocked by the demotion popped nothing, and waits on in the new primary.
                 self._drop_connections()
                 return fn()
         except (redis.ConnectionError, redis.TimeoutError, ClusterDownError, RedisClusterException) as exc:
@@ -261,7 +263,7 @@ class RedisLockBackend(LockBackend):
     def _drop_connections(self) -> None:
         pool = getattr(self.client, "connection_pool", None)
         if pool is not None:
-            logger.warning("Redis answered READONLY (a failover demoted it): reconnecting to the primary")
+            logger.warning("Redis answered as a demoted primary (a failover): reconnecting to the primary")
             pool.disconnect()
 
     @cached_property
@@ -620,13 +622,13 @@ class _AsyncRedisLeases:
             try:
                 return await work()
             except redis.ResponseError as exc:
-                if "READONLY" not in str(exc):
+                if not _demoted(exc):
                     raise
                 # A pooled connection still on a demoted primary (a failover): kept, it would
                 # answer READONLY to every call that draws it, for as long as the loop runs. As
                 # RedisLockBackend._call: drop the pool's connections, so the next one asks the
                 # sentinels where the primary is; once, since the script stopped at its first write.
-                logger.warning("Redis answered READONLY (a failover demoted it): reconnecting to the primary")
+                logger.warning("Redis answered as a demoted primary (a failover): reconnecting to the primary")
                 pool = getattr(self.client, "connection_pool", None)
                 if pool is not None:
                     await pool.disconnect()
@@ -704,6 +706,13 @@ class _AsyncRedisLeases:
                 ),
             )
         )
+
+
+def _demoted(exc: redis.ResponseError) -> bool:
+    """Whether Redis answered as a primary a failover demoted: a write refused (READONLY, inside a
+    script's error on Redis 6), or a blocked BLPOP released when it turned replica (UNBLOCKED)."""
+    message = str(exc)
+    return "READONLY" in message or message.startswith("UNBLOCKED")
 
 
 def _give_back_gate(gate: asyncio.Lock, passing: asyncio.Future[Any]) -> None:
