@@ -4,6 +4,7 @@ own transaction; none for a rolled-back one; the actor from the context, a reque
 from __future__ import annotations
 
 import json
+from typing import Any
 from io import StringIO
 
 import pytest
@@ -258,3 +259,18 @@ def test_a_primary_key_or_task_id_longer_than_the_record_columns_still_commits(m
     assert run_transition(payload, long_id) == "paid"
     paid = records(invoice)[0]
     assert (paid.edge, paid.task_id) == ("pay", stored_key(long_id))
+
+
+@pytest.mark.django_db
+def test_a_transition_run_by_any_celery_task_records_its_id():
+    from celery import shared_task
+
+    @shared_task(bind=True, name="tests.test_history.pay")
+    def pay(self: Any, pk: int) -> None:  # a project's own task, not dsm_redis's
+        Invoice.objects.get(pk=pk).machine.pay(amount=1)
+
+    invoice = Invoice.objects.create()
+    pay.apply(args=[invoice.pk], task_id="a-task-of-the-project", throw=True)
+    assert records(invoice)[0].task_id == "a-task-of-the-project"
+    invoice.machine.refund()  # outside any task
+    assert records(invoice)[0].task_id == ""
