@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -193,9 +194,17 @@ def record(
 
 
 def _task_id() -> str:
+    """The id of the Celery task this transition runs for: dsm_redis's own (``for_task``), else a
+    project's task running in this thread, if any."""
+    task_id = _TASK.get()
+    if task_id is None and "celery" in sys.modules:  # never imports Celery for a project without it
+        from celery import current_task
+
+        request = getattr(current_task, "request", None)
+        task_id = getattr(request, "id", None)
     # A caller's own task id may be longer than the column (apply_async(task_id=...)): a record
     # that does not fit would roll its transition back, on every delivery.
-    return stored_key(_TASK.get() or "")
+    return stored_key(str(task_id or ""))
 
 
 @contextmanager
