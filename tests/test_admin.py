@@ -254,3 +254,21 @@ def test_an_edge_permission_is_judged_on_the_row_the_transition_runs_on(client, 
     client.force_login(staff)
     click(client, invoice, "refund")
     assert Invoice.objects.get(pk=invoice.pk).status == "paid"  # not refunded: 500 is not under 100
+
+
+def test_saving_the_change_form_never_writes_back_a_state_a_transition_changed(admin_client, monkeypatch):
+    from tests.testapp.admin import InvoiceAdmin
+
+    invoice = Invoice.objects.create()
+    save_form = InvoiceAdmin.save_form
+
+    def meanwhile(self: Any, request: Any, form: Any, change: bool) -> Any:
+        # The form holds the invoice as the POST read it (new); a transition commits now.
+        Invoice.objects.get(pk=invoice.pk).machine.pay(amount=5)
+        return save_form(self, request, form, change)
+
+    monkeypatch.setattr(InvoiceAdmin, "save_form", meanwhile)
+    response = admin_client.post(change_url(invoice), {"paid": "0", "failure": "checked", "_save": "Save"})
+    assert response.status_code == 302
+    saved = Invoice.objects.get(pk=invoice.pk)
+    assert (saved.status, saved.paid, saved.failure) == ("paid", 5, "checked")  # the edit, and the transition
