@@ -162,6 +162,26 @@ class StateMachineAdminMixin:
 
     # -- the change form ----------------------------------------------------------------------
 
+    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
+        """Save an edited object's changed columns only, never its state columns nor its fencing
+        mark: a plain ``save()`` writes every column as the form read it, undoing a transition
+        that committed since (its history record would then disagree with the row)."""
+        if not change or obj._meta.pk.name in form.changed_data:  # a new row (an edited key inserts one)
+            super().save_model(request, obj, form, change)  # type: ignore[misc]
+            return
+        from .fence import FencingTokenField
+
+        owned = {f.state_field_name for f in machine_fields(self.model).values()}
+        columns = [
+            f.name
+            for f in obj._meta.concrete_fields
+            if f.name not in owned
+            and not isinstance(f, FencingTokenField)
+            and (f.name in form.changed_data or getattr(f, "auto_now", False))
+        ]
+        obj.save(update_fields=columns)
+
+
     def render_change_form(
         self, request: HttpRequest, context: dict[str, Any], add: bool = False, change: bool = False,
         form_url: str = "", obj: Any = None,
