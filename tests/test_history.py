@@ -4,8 +4,8 @@ own transaction; none for a rolled-back one; the actor from the context, a reque
 from __future__ import annotations
 
 import json
-from typing import Any
 from io import StringIO
+from typing import Any
 
 import pytest
 from django.core.management import call_command
