@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from django import forms
@@ -29,6 +30,7 @@ from django.db.models import Model
 from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
 from django.urls import path, reverse
 
+from . import protocol
 from .backends import get_backend
 from .exceptions import DsmRedisError, LockError, TransitionException
 from .history import actor, history_of
@@ -151,7 +153,34 @@ class StateMachineAdminMixin:
         bound = getattr(obj, field.name)
         return list(bound.allowed_transitions(request.user))
 
+    def may_take(self, request: HttpRequest, obj: Any, transition: Transition) -> bool:
+        """Whether the user may run ``transition`` on ``obj``: the object-level change permission
+        (as the change form asks it) and the edge's ``@permission``."""
+        return bool(self.has_change_permission(request, obj)) and has_permission(  # type: ignore[attr-defined]
+            transition, request.user, obj
+        )
+
     # -- the change form ----------------------------------------------------------------------
+
+    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
+        """Save an edited object's changed columns only, never its state columns nor its fencing
+        mark: a plain ``save()`` writes every column as the form read it, undoing a transition
+        that committed since (its history record would then disagree with the row)."""
+        if not change or obj._meta.pk.name in form.changed_data:  # a new row (an edited key inserts one)
+            super().save_model(request, obj, form, change)  # type: ignore[misc]
+            return
+        from .fence import FencingTokenField
+
+        owned = {f.state_field_name for f in machine_fields(self.model).values()}
+        columns = [
+            f.name
+            for f in obj._meta.concrete_fields
+            if f.name not in owned
+            and not isinstance(f, FencingTokenField)
+            and (f.name in form.changed_data or getattr(f, "auto_now", False))
+        ]
+        obj.save(update_fields=columns)
+
 
     def render_change_form(
         self, request: HttpRequest, context: dict[str, Any], add: bool = False, change: bool = False,
@@ -250,9 +279,13 @@ class StateMachineAdminMixin:
         before = state_text(machine, obj, machine.current_state(obj))
         try:
             # The lease first, bounded: a busy object is reported within the timeout, not after the
-            # lock's default wait; the transition inside re-enters it.
+            # lock's default wait; the transition inside re-enters it,
+            # and judges the permissions again on the row it locks (_judged).
             with actor(request.user), object_lock(obj, timeout=self.transition_lock_timeout):
-                state = getattr(obj, field.name).transition_to(transition, **kwargs)
+                state = protocol.run(machine, obj, partial(self._judged, request, obj, field, transition), (), kwargs)
+        except PermissionDenied:
+            messages.error(request, f"{obj}: you may not take {label}.")
+            return False
         except LockError as exc:
             messages.error(request, f"{obj}: {label} not run: {_lock_message(exc)}")
             return False
@@ -265,6 +298,20 @@ class StateMachineAdminMixin:
             return False
         messages.success(request, f"{obj}: {label}: {before} → {after}.")
         return True
+
+    def _judged(
+        self, request: HttpRequest, obj: Any, field: StateMachineField, transition: Transition, row: Any
+    ) -> Any:
+        """``transition`` on ``row`` (read under the row lock), if the user may take it there.
+
+        The view judged the permissions on the object as it read it; another holder may have
+        changed the row since, and a check on its fields would pass on stale values. Judged again
+        here, inside the transition's transaction, on the row the edge runs on.
+        """
+        chosen = getattr(obj, field.name)._exactly(transition, row)
+        if not self.may_take(request, row, chosen):
+            raise PermissionDenied  # rolls the transaction back: nothing ran
+        return chosen
 
     # -- the bulk actions -----------------------------------------------------------------------
 
@@ -297,7 +344,7 @@ class StateMachineAdminMixin:
                 if edge is None:
                     messages.error(request, f"{obj}: no edge {ident!r} from {state_text(machine, obj, current)}.")
                     refused += 1
-                elif not has_permission(edge, request.user, obj):
+                elif not self.may_take(request, obj, edge):  # per object, as a button click is
                     messages.error(request, f"{obj}: you may not take {edge_label(machine, obj, edge)}.")
                     refused += 1
                 elif self.run_transition(request, obj, field, edge, {}):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -26,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import transaction
 from django.db.models import Model
+
+from .keys import object_key, stored_key
 
 if TYPE_CHECKING:
     from .machine import HeldLease, StateMachine, Transition
@@ -152,9 +155,12 @@ def _actor_fields() -> dict[str, Any]:
 
 
 def _object_fields(instance: Model) -> dict[str, Any]:
-    # The concrete model: a proxy's record is its row's, as its lease is (keys.object_key).
-    model = instance._meta.concrete_model or type(instance)
-    return {"model": model._meta.label_lower, "object_id": str(instance.pk)}
+    # The row as its lease names it (keys.object_key): the root model, so a proxy or a
+    # multi-table-inheritance child and its parent share one history; the primary key in the form
+    # the row holds it ("7.5" given is 7.50 read back), else one row's records split between two
+    # ids; a key longer than the column is stored as its head and digest, never refused by it.
+    label, _, pk = object_key(instance).partition(":")
+    return {"model": label, "object_id": stored_key(pk)}
 
 
 def record(
@@ -182,9 +188,23 @@ def record(
         kwargs=redact(machine, transition, kwargs),
         fencing_token=lease.fencing_token if lease is not None else None,
         lease_owner=lease.owner if lease is not None else "",
-        task_id=_TASK.get() or "",
+        task_id=_task_id(),
         **_actor_fields(),
     )
+
+
+def _task_id() -> str:
+    """The id of the Celery task this transition runs for: dsm_redis's own (``for_task``), else a
+    project's task running in this thread, if any."""
+    task_id = _TASK.get()
+    if task_id is None and "celery" in sys.modules:  # never imports Celery for a project without it
+        from celery import current_task
+
+        request = getattr(current_task, "request", None)
+        task_id = getattr(request, "id", None)
+    # A caller's own task id may be longer than the column (apply_async(task_id=...)): a record
+    # that does not fit would roll its transition back, on every delivery.
+    return stored_key(str(task_id or ""))
 
 
 @contextmanager
@@ -249,7 +269,7 @@ def _record_creation(instance: Model, machine: StateMachine, using: str) -> None
         source=None,
         target=_jsonable(machine.current_state(instance)),
         kwargs={},
-        task_id=_TASK.get() or "",
+        task_id=_task_id(),
         **_actor_fields(),
     )
 
@@ -261,6 +281,8 @@ def history_of(machine: StateMachine, instance: Model) -> Any:
     from .models import TransitionRecord
 
     using = instance._state.db or router.db_for_read(type(instance), instance=instance)
+    if instance.pk is None:
+        return TransitionRecord.objects.using(using).none()  # unsaved: nothing recorded yet
     return (
         TransitionRecord.objects.using(using)
         .filter(

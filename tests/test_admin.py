@@ -220,3 +220,55 @@ def test_the_bulk_actions_offered(admin_client, client, staff):
         {"action": "dsm_machine_ship", "_selected_action": list(Invoice.objects.values_list("pk", flat=True))},
     )
     assert "you may not take ship" in texts(response)[0]
+
+
+def test_the_bulk_action_asks_the_object_level_change_permission_as_the_button_does(admin_client, monkeypatch):
+    from tests.testapp.admin import InvoiceAdmin
+
+    free, kept = Invoice.objects.create(), Invoice.objects.create()
+
+    def may_change(self: Any, request: Any, obj: Any = None) -> bool:
+        return obj is None or obj.pk != kept.pk  # a project's per-object rule
+
+    monkeypatch.setattr(InvoiceAdmin, "has_change_permission", may_change)
+    assert click(admin_client, kept, "to:\"cancelled\"").status_code == 403
+    response = admin_client.post(
+        "/admin/testapp/invoice/", {"action": "dsm_machine_to_cancelled", "_selected_action": [free.pk, kept.pk]}
+    )
+    assert texts(response)[-1] == "1 transitioned, 1 refused."
+    assert Invoice.objects.get(pk=kept.pk).status == "new"
+    assert Invoice.objects.get(pk=free.pk).status == "cancelled"
+
+
+def test_an_edge_permission_is_judged_on_the_row_the_transition_runs_on(client, staff, monkeypatch):
+    invoice = Invoice.objects.create(status="paid", paid=50)
+    (refund,) = [t for t in Invoice.machine.machine.edges if t.name == "refund"]
+
+    def small_refunds(user: Any, row: Invoice) -> bool:  # staff may refund invoices under 100
+        allowed = row.paid < 100
+        # Another holder raises the invoice after the view read it, before the click's lease.
+        Invoice.objects.filter(pk=invoice.pk).update(paid=500)
+        return allowed
+
+    monkeypatch.setattr(refund.side_effect, "_permissions", (small_refunds,))
+    client.force_login(staff)
+    click(client, invoice, "refund")
+    assert Invoice.objects.get(pk=invoice.pk).status == "paid"  # not refunded: 500 is not under 100
+
+
+def test_saving_the_change_form_never_writes_back_a_state_a_transition_changed(admin_client, monkeypatch):
+    from tests.testapp.admin import InvoiceAdmin
+
+    invoice = Invoice.objects.create()
+    save_form = InvoiceAdmin.save_form
+
+    def meanwhile(self: Any, request: Any, form: Any, change: bool) -> Any:
+        # The form holds the invoice as the POST read it (new); a transition commits now.
+        Invoice.objects.get(pk=invoice.pk).machine.pay(amount=5)
+        return save_form(self, request, form, change)
+
+    monkeypatch.setattr(InvoiceAdmin, "save_form", meanwhile)
+    response = admin_client.post(change_url(invoice), {"paid": "0", "failure": "checked", "_save": "Save"})
+    assert response.status_code == 302
+    saved = Invoice.objects.get(pk=invoice.pk)
+    assert (saved.status, saved.paid, saved.failure) == ("paid", 5, "checked")  # the edit, and the transition

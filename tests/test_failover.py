@@ -36,7 +36,7 @@ from dsm_redis.backends import get_backend
 from dsm_redis.keys import object_key, redis_name
 from dsm_redis.tools.servers import RedisServer, SentinelGroup
 from tests.cluster import RedisCluster
-from tests.helpers import dsm_options, fresh, key_prefix, redis_backend_for, run_async, wait_for
+from tests.helpers import WAIT, dsm_options, fresh, key_prefix, redis_backend_for, run_async, wait_for
 from tests.procs import committed_per_account, in_background, run_workers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,6 +175,46 @@ def test_a_holder_whose_lease_the_promoted_replica_never_saw_is_refused(group, s
         admin(primary).execute_command("ACL", "SETUSER", "default", "+psync", "+sync")
     assert fresh(account).balance == 10
     wait_for(lambda: group.in_sync(primary), "the old primary to follow the new one")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_leases_follow_a_failover_that_demotes_their_primary(group):
+    """The demoted primary stays up as a replica. A waiter blocked on it is unblocked (UNBLOCKED)
+    and waits on in the promoted replica; an event loop's pooled connection to it answers READONLY
+    from inside the script, is dropped and the call goes to the promoted replica (as the blocking
+    calls do)."""
+    import asyncio
+
+    holder = redis_backend_for(group.url)
+    waiter = redis_backend_for(group.url, prefix=holder.config.key_prefix)
+    held = holder.acquire("fo.test:5", ttl=30, timeout=0)
+    grants: list[Any] = []
+    joined = in_background(lambda: grants.append(waiter.acquire("fo.test:5", ttl=30, timeout=WAIT)))
+    queue = f"{redis_name(holder.config.key_prefix, 'fo.test:5')}:queue"
+    wait_for(lambda: admin(group.primary()).zcard(queue), "the waiter to queue on the primary")
+
+    async def main() -> None:
+        leases = holder.for_asyncio()
+        grant = await leases.acquire("fo.test:6", ttl=30, timeout=0)  # a pooled connection to the primary
+        assert await leases.release("fo.test:6", grant.owner)
+        primary, replica = group.primary(), group.replica()
+        admin(group.sentinels[0]).execute_command("SENTINEL", "FAILOVER", group.service)
+        await asyncio.to_thread(wait_for, lambda: group.primary() is replica, "the sentinels to promote the replica")
+        admin(primary).execute_command("REPLICAOF", "127.0.0.1", replica.port)  # demoted, still up
+        assert await asyncio.to_thread(group.wait_for_new_primary, primary) is replica
+        grant = await leases.acquire("fo.test:6", ttl=30, timeout=0)
+        assert await leases.release("fo.test:6", grant.owner)
+
+    try:
+        run_async(main)
+        assert holder.release("fo.test:5", held.owner)  # on the promoted replica: handed to the waiter
+        joined()
+        assert grants and grants[0].fencing_token > held.fencing_token
+        assert waiter.release("fo.test:5", grants[0].owner)
+    finally:
+        holder.close()
+        waiter.close()
+    wait_for(lambda: group.in_sync(group.replica()), "the old primary to follow the new one")
 
 
 def fresh_mark(obj: Any) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from io import StringIO
+from typing import Any
 
 import pytest
 from django.core.management import call_command
@@ -213,3 +214,63 @@ def test_the_redaction_hook_and_values_that_are_not_json():
             return {name: "***" for name in kwargs}
 
     assert redact(Masking("machine", "status"), edge, {"amount": 1}) == {"amount": "***"}
+
+
+def history_on(monkeypatch, field):
+    """Turn history on for a model's machine (as ``history=True`` does, less the creation record)."""
+    monkeypatch.setattr(field.machine, "history", True)
+
+
+@pytest.mark.django_db
+def test_one_row_has_one_history_whichever_instance_or_model_reaches_it(monkeypatch):
+    from tests.testapp.models import DEAD, Cat, DecimalAccount, Lion
+
+    history_on(monkeypatch, Cat.state_machine)
+    lion = Lion.objects.create()
+    lion.state_machine.survive()  # through the child
+    cat = Cat.objects.get(pk=lion.pk)
+    cat.state_machine.transition_to(DEAD)  # the same row, through its parent (one lease, one mark)
+    assert [r.edge for r in lion.state_machine.history()] == ["", "survive"]
+    assert [r.edge for r in cat.state_machine.history()] == ["", "survive"]
+
+    history_on(monkeypatch, DecimalAccount.machine)
+    given = DecimalAccount.objects.create(number="7.5")  # the instance keeps "7.5"; the row holds 7.50
+    given.machine.deposit()
+    read = DecimalAccount.objects.get(pk="7.50")
+    read.machine.deposit()
+    assert len(given.machine.history()) == len(read.machine.history()) == 2
+
+
+@pytest.mark.django_db(transaction=True)  # the task is sent when the transaction commits
+def test_a_primary_key_or_task_id_longer_than_the_record_columns_still_commits(monkeypatch, captured):
+    from dsm_redis.keys import stored_key
+    from tests.testapp.models import KeyedAccount
+
+    history_on(monkeypatch, KeyedAccount.machine)
+    account = KeyedAccount.objects.create(key="k" * 300)
+    account.machine.deposit()
+    (deposit,) = account.machine.history()
+    assert (deposit.edge, deposit.object_id) == ("deposit", stored_key("k" * 300))
+
+    invoice = Invoice.objects.create()
+    invoice.machine.pay(amount=7, as_task=True)
+    ((_, payload),) = captured
+    long_id = "t" * 300  # apply_async(task_id=...) with an id of the caller's own
+    assert run_transition(payload, long_id) == "paid"
+    paid = records(invoice)[0]
+    assert (paid.edge, paid.task_id) == ("pay", stored_key(long_id))
+
+
+@pytest.mark.django_db
+def test_a_transition_run_by_any_celery_task_records_its_id():
+    from celery import shared_task
+
+    @shared_task(bind=True, name="tests.test_history.pay")
+    def pay(self: Any, pk: int) -> None:  # a project's own task, not dsm_redis's
+        Invoice.objects.get(pk=pk).machine.pay(amount=1)
+
+    invoice = Invoice.objects.create()
+    pay.apply(args=[invoice.pk], task_id="a-task-of-the-project", throw=True)
+    assert records(invoice)[0].task_id == "a-task-of-the-project"
+    invoice.machine.refund()  # outside any task
+    assert records(invoice)[0].task_id == ""

@@ -11,7 +11,8 @@ Clients: a ``redis://``/``rediss://``/``unix://`` URL, ``redis+cluster://`` (red
 ``RedisCluster``, which follows a failover by re-reading the slot map), ``redis+sentinel://``
 (redis-py's ``Sentinel(...).master_for(service)``: each new connection asks the sentinels for the
 primary; a connection still on a demoted primary is dropped when a script answers ``READONLY``,
-which redis-py's Sentinel pool only notices for plain commands), ``cache:<alias>`` or a callable.
+which redis-py's Sentinel pool only notices for plain commands, or a wait answers ``UNBLOCKED``;
+the asyncio calls alike), ``cache:<alias>`` or a callable.
 With ``REPLICA_ACKS``, a granted lease is returned only once ``WAIT`` (on the connection that ran
 the acquire script) counts that many replicas holding it; otherwise it is given back and
 ``LockNotReplicated`` raised.
@@ -242,12 +243,13 @@ class RedisLockBackend(LockBackend):
             try:
                 return fn()
             except redis.ResponseError as exc:
-                if "READONLY" not in str(exc):
+                if not _demoted(exc):
                     raise
                 # Our connections reach a demoted primary (a failover). A write inside a script
                 # comes back as a script error, which redis-py's Sentinel pool does not take for
                 # READONLY: drop them, so the next one asks the sentinels where the primary is.
-                # Once: the script stopped at its first write, so it changed nothing.
+                # Once: the script stopped at its first write, so it changed nothing; a BLPOP
+                # unblocked by the demotion popped nothing, and waits on in the new primary.
                 self._drop_connections()
                 return fn()
         except (redis.ConnectionError, redis.TimeoutError, ClusterDownError, RedisClusterException) as exc:
@@ -261,7 +263,7 @@ class RedisLockBackend(LockBackend):
     def _drop_connections(self) -> None:
         pool = getattr(self.client, "connection_pool", None)
         if pool is not None:
-            logger.warning("Redis answered READONLY (a failover demoted it): reconnecting to the primary")
+            logger.warning("Redis answered as a demoted primary (a failover): reconnecting to the primary")
             pool.disconnect()
 
     @cached_property
@@ -615,9 +617,22 @@ class _AsyncRedisLeases:
         if not done:
             raise LockTimeout(f"lease on {key} not acquired within {timeout}s")
 
-    async def _call(self, what: str, work: Awaitable[T]) -> T:
+    async def _call(self, what: str, work: Callable[[], Awaitable[T]]) -> T:
         try:
-            return await work
+            try:
+                return await work()
+            except redis.ResponseError as exc:
+                if not _demoted(exc):
+                    raise
+                # A pooled connection still on a demoted primary (a failover): kept, it would
+                # answer READONLY to every call that draws it, for as long as the loop runs. As
+                # RedisLockBackend._call: drop the pool's connections, so the next one asks the
+                # sentinels where the primary is; once, since the script stopped at its first write.
+                logger.warning("Redis answered as a demoted primary (a failover): reconnecting to the primary")
+                pool = getattr(self.client, "connection_pool", None)
+                if pool is not None:
+                    await pool.disconnect()
+                return await work()
         except (redis.ConnectionError, redis.TimeoutError, ClusterDownError, RedisClusterException) as exc:
             raise LockBackendUnavailable(f"Redis unreachable while trying to {what}: {type(exc).__name__}") from exc
         except redis.RedisError as exc:
@@ -638,7 +653,8 @@ class _AsyncRedisLeases:
                 queued = queued or stay_ms > 0
                 ok, value = await self._call(
                     "acquire a lease",
-                    self._scripts["acquire"](
+                    partial(
+                        self._scripts["acquire"],
                         keys=[lock_key, counter, queue, waiters, wake],
                         args=[owner, ttl_ms, stay_ms, backend._grace_ms, backend._idle_ms, grant_prefix],
                     ),
@@ -650,7 +666,7 @@ class _AsyncRedisLeases:
                     break
                 wait = _wait_time(int(value), backend._max_wait, None if deadline is None else deadline - now)
                 # Woken by a hand-over, the holder's TTL or our deadline; the next call tells which.
-                await self._call("wait for a lease", self.client.blpop([wake], timeout=wait))
+                await self._call("wait for a lease", partial(self.client.blpop, [wake], timeout=wait))
         except BaseException:
             # Cancelled (or the reply lost) while queued or just granted: leave nothing behind.
             await shielded(self._leave(key, owner))
@@ -670,7 +686,9 @@ class _AsyncRedisLeases:
         return bool(
             await self._call(
                 "renew a lease",
-                self._scripts["renew"](keys=[lock_key, counter], args=[owner, _ttl_ms(ttl), self._backend._idle_ms]),
+                partial(
+                    self._scripts["renew"], keys=[lock_key, counter], args=[owner, _ttl_ms(ttl), self._backend._idle_ms]
+                ),
             )
         )
 
@@ -681,12 +699,20 @@ class _AsyncRedisLeases:
         return bool(
             await self._call(
                 "release a lease",
-                self._scripts["release"](
+                partial(
+                    self._scripts["release"],
                     keys=[lock_key, counter, queue, waiters, signal_key],
                     args=[owner, backend._grace_ms, backend._idle_ms, grant_prefix, _SIGNAL_EXPIRE_MS],
                 ),
             )
         )
+
+
+def _demoted(exc: redis.ResponseError) -> bool:
+    """Whether Redis answered as a primary a failover demoted: a write refused (READONLY, inside a
+    script's error on Redis 6), or a blocked BLPOP released when it turned replica (UNBLOCKED)."""
+    message = str(exc)
+    return "READONLY" in message or message.startswith("UNBLOCKED")
 
 
 def _give_back_gate(gate: asyncio.Lock, passing: asyncio.Future[Any]) -> None:
