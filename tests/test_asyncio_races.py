@@ -125,3 +125,60 @@ def test_a_backend_without_asyncio_calls_releases_past_threads_busy_waiting_for_
 
     run_async(main)
     assert fresh(account).balance == blocking
+
+
+def test_a_caller_with_a_timeout_never_waits_unbounded_at_the_gate_a_released_waiter_is_about_to_pass(
+    redis, monkeypatch
+):
+    from dsm_redis.backends.redis import _AsyncRedisLeases
+
+    account = Account.objects.create()
+    queue = f"{redis_name(key_prefix(), object_key(account))}:queue"
+    held, go = asyncio.Event(), asyncio.Event()
+    late: list[asyncio.Task[Any]] = []
+    arm: list[Any] = []
+    original = _AsyncRedisLeases._acquire
+
+    async def acquire_then_hook(self: Any, key: str, **kwargs: Any) -> Grant:
+        grant = await original(self, key, **kwargs)
+        while arm:
+            arm.pop()()  # runs before this call passes the gate on (``acquire``'s finally)
+        return grant
+
+    monkeypatch.setattr(_AsyncRedisLeases, "_acquire", acquire_then_hook)
+
+    async def no_wait() -> None:
+        async with aobject_lock(account, timeout=0):
+            pass
+
+    async def no_wait_at_all() -> None:
+        async with aobject_lock(account, timeout=WAIT):
+            pass
+
+    async def holder() -> None:
+        async with aobject_lock(account):
+            held.set()
+            await go.wait()
+
+    async def middle() -> Any:
+        async with aobject_lock(account):
+            # A caller that must not wait arrived as the gate was handed to the next coroutine.
+            done, _ = await asyncio.wait(late, timeout=3)  # a bound against a hung test only
+            return done and late[0].exception()
+
+    async def main() -> Any:
+        first = asyncio.ensure_future(holder())
+        await asyncio.wait_for(held.wait(), WAIT)
+        arm.append(lambda: late.append(asyncio.ensure_future(no_wait())))
+        second = asyncio.ensure_future(middle())
+        await until(lambda: redis.zcard(queue) == 1, "the second holder to queue in Redis")
+        third = asyncio.ensure_future(no_wait_at_all())  # waits at the loop's gate
+        await asyncio.sleep(0.05)
+        go.set()
+        outcome = await asyncio.wait_for(second, WAIT)
+        await asyncio.wait_for(asyncio.gather(first, third), WAIT)
+        await asyncio.wait(late, timeout=WAIT)
+        return outcome
+
+    outcome = run_async(main)
+    assert isinstance(outcome, LockTimeout), outcome
