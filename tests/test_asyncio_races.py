@@ -182,3 +182,26 @@ def test_a_caller_with_a_timeout_never_waits_unbounded_at_the_gate_a_released_wa
 
     outcome = run_async(main)
     assert isinstance(outcome, LockTimeout), outcome
+
+
+def test_an_async_generator_left_inside_its_block_releases_when_the_loop_closes_it(redis):
+    account = Account.objects.create()
+    lock = f"lock:{redis_name(key_prefix(), object_key(account))}"
+
+    async def rows() -> Any:
+        async with aobject_lock(account):
+            yield 1
+            yield 2
+
+    async def main() -> None:
+        async for _ in rows():
+            break  # the generator is dropped inside its block: the loop closes it in a task of its own
+        for _ in range(300):  # bounded: 3 s, against a lease kept (and renewed) while this task lives
+            if not redis.exists(lock):
+                break
+            await asyncio.sleep(0.01)
+        assert not redis.exists(lock), "the lease outlived its block"
+        async with aobject_lock(account, timeout=0):
+            pass
+
+    run_async(main)
