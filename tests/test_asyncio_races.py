@@ -87,6 +87,7 @@ def test_a_transition_cancelled_before_its_database_step_began_does_not_commit(r
         await until(lambda: redis.exists(lock), "the transition to hold its lease")
         await asyncio.sleep(0.05)  # its step is queued for the thread
         task.cancel()  # the caller gives up (asyncio.timeout, a client gone) before the step ran
+        await asyncio.sleep(0.05)  # the cancellation reaches the task while the thread is still busy
         release_thread.set()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(task, WAIT)
