@@ -170,7 +170,14 @@ async def ahold(key: str, *, timeout: float | None = DEFAULT, ttl: float | None 
         yield lease
     finally:
         if registered is not None:
-            _HELD.reset(registered)
+            try:
+                _HELD.reset(registered)
+            except ValueError:
+                # Closed from another context: an async generator dropped inside its block (an
+                # ``async for`` left with ``break``) is closed by the loop in a task of its own.
+                # The holder's entry names a lease released below, never re-entered; the release
+                # must not be skipped (the holder's task lives on, and the renewal with it).
+                pass
         if lease is None:
             await shielded(_give_back(calls, key, grant.owner))
         else:
