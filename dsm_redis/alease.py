@@ -20,7 +20,8 @@ Safety contract:
   nobody will give back). A lease spanning transactions is never parked: the asyncio path refuses
   to run inside a caller's transaction (``aio.py``), so every commit is over before the release.
 - The release runs when the outermost block ends, also when the holder is cancelled (shielded from
-  a second cancellation); then the ``state_changed`` signals its commits queued are delivered.
+  a second cancellation) and when the block is closed from another context (an async generator
+  the loop finalizes); then the ``state_changed`` signals its commits queued are delivered.
 """
 
 from __future__ import annotations
