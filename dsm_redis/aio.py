@@ -17,9 +17,9 @@
 
 Same errors and signals as the blocking calls. Cancelled while waiting for the lease: nothing is
 left queued. Cancelled while its step still waits for the worker thread (busy with other calls):
-the step never runs, and the lease is released. Cancelled during the database step: the step cannot be interrupted (it runs in its
-thread), so the task waits for it to end — committed or rolled back — before the lease is released
-and ``CancelledError`` goes on. Inside a caller's ``transaction.atomic()`` (possible only when
+the step never runs, and the lease is released. Cancelled during the database step: the step
+cannot be interrupted (it runs in its thread), so the task waits for it to end — committed or
+rolled back — before the lease is released and ``CancelledError`` goes on. Inside a caller's ``transaction.atomic()`` (possible only when
 async code is run from synchronous code through ``async_to_sync``), the commit would come after
 the release: refused with ``TransactionManagementError``.
 """

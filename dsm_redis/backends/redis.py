@@ -573,7 +573,7 @@ class _AsyncRedisLeases:
         self._backend = backend
         self.client = client
         self._scripts = {name: client.register_script(text) for name, text in _script_texts().items()}
-        # key -> (the gate, coroutines at it). Only the coroutine through an object's gate is in
+        # key -> its gate (``_Gate``). Only the coroutine through an object's gate is in
         # Redis's queue: the others wait on the loop (FIFO, no connection, no Redis call), so a
         # hot object costs one waiting connection per loop, not one per coroutine.
         self._gates: dict[str, _Gate] = {}
