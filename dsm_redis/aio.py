@@ -16,9 +16,10 @@
                when receivers are connected: they are synchronous code).
 
 Same errors and signals as the blocking calls. Cancelled while waiting for the lease: nothing is
-left queued. Cancelled during the database step: the step cannot be interrupted (it runs in its
-thread), so the task waits for it to end — committed or rolled back — before the lease is released
-and ``CancelledError`` goes on. Inside a caller's ``transaction.atomic()`` (possible only when
+left queued. Cancelled while its step still waits for the worker thread (busy with other calls):
+the step never runs, and the lease is released. Cancelled during the database step: the step
+cannot be interrupted (it runs in its thread), so the task waits for it to end — committed or
+rolled back — before the lease is released and ``CancelledError`` goes on. Inside a caller's ``transaction.atomic()`` (possible only when
 async code is run from synchronous code through ``async_to_sync``), the commit would come after
 the release: refused with ``TransactionManagementError``.
 """
@@ -26,6 +27,7 @@ the release: refused with ``TransactionManagementError``.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -92,13 +94,30 @@ def _held_step(lease: AsyncLease, using: str, work: Callable[[], T]) -> T:
         return work()
 
 
+class _Abandoned(Exception):
+    """The caller was cancelled before the worker thread began its call: it was not run."""
+
+
 async def _in_thread(func: Callable[..., T], *args: Any) -> T:
     """``func(*args)`` in Django's thread-sensitive worker thread; if cancelled meanwhile, wait for it
-    to end first: the lease it runs under must not be released while its transaction is open."""
-    future = asyncio.ensure_future(sync_to_async(func)(*args))
+    to end first: the lease it runs under must not be released while its transaction is open.
+
+    Cancelled while the call still waits for the thread (busy with other calls), it never starts:
+    a caller told ``CancelledError`` (its ``timeout``, a client gone) must not find afterwards that
+    the transition committed anyway, for lack of a thread when it gave up.
+    """
+    abandoned = threading.Event()
+
+    def call() -> T:
+        if abandoned.is_set():
+            raise _Abandoned
+        return func(*args)
+
+    future = asyncio.ensure_future(sync_to_async(call)())
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
+        abandoned.set()  # the thread checks it before it begins; once begun, the call runs to its end
         while not future.done():
             try:
                 await asyncio.wait([future])

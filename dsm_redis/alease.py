@@ -20,7 +20,8 @@ Safety contract:
   nobody will give back). A lease spanning transactions is never parked: the asyncio path refuses
   to run inside a caller's transaction (``aio.py``), so every commit is over before the release.
 - The release runs when the outermost block ends, also when the holder is cancelled (shielded from
-  a second cancellation); then the ``state_changed`` signals its commits queued are delivered.
+  a second cancellation) and when the block is closed from another context (an async generator
+  the loop finalizes); then the ``state_changed`` signals its commits queued are delivered.
 """
 
 from __future__ import annotations
@@ -170,7 +171,14 @@ async def ahold(key: str, *, timeout: float | None = DEFAULT, ttl: float | None 
         yield lease
     finally:
         if registered is not None:
-            _HELD.reset(registered)
+            try:
+                _HELD.reset(registered)
+            except ValueError:
+                # Closed from another context: an async generator dropped inside its block (an
+                # ``async for`` left with ``break``) is closed by the loop in a task of its own.
+                # The holder's entry names a lease released below, never re-entered; the release
+                # must not be skipped (the holder's task lives on, and the renewal with it).
+                pass
         if lease is None:
             await shielded(_give_back(calls, key, grant.owner))
         else:

@@ -10,7 +10,7 @@ import asyncio
 import os
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -105,9 +105,10 @@ class AsyncLeases(Protocol):
 
 
 class _ThreadedLeases:
-    """``AsyncLeases`` for a backend with blocking calls only: each acquire waits in a thread of its
-    own (not the loop's shared executor, whose threads would all be taken by waiters while the
-    release that would free them queued behind them); renew and release in the shared executor."""
+    """``AsyncLeases`` for a backend with blocking calls only: each call runs in a thread of its
+    own, never in the loop's shared executor. Its threads may all be taken by blocking calls
+    waiting for this very lease (an application's ``asyncio.to_thread`` of a blocking transition,
+    or waiters): a release or renewal queued behind them would free them only once they time out."""
 
     def __init__(self, backend: LockBackend) -> None:
         self._backend = backend
@@ -138,7 +139,11 @@ class _ThreadedLeases:
                     if grant is not None:  # nobody will hold it: give it back now, not after a TTL
                         _give_back(self._backend, key, grant.owner)
                     return
-            loop.call_soon_threadsafe(deliver, grant, error)
+            try:
+                loop.call_soon_threadsafe(deliver, grant, error)
+            except RuntimeError:  # the loop was closed while we waited: nobody will take the grant
+                if grant is not None:
+                    _give_back(self._backend, key, grant.owner)
 
         threading.Thread(target=wait, name=f"dsm_redis acquire {key}", daemon=True).start()
         try:
@@ -146,13 +151,46 @@ class _ThreadedLeases:
         except asyncio.CancelledError:
             with state:
                 abandoned = True
+            if future.done() and not future.cancelled() and future.exception() is None:
+                # The grant was delivered, and the cancel landed before this task resumed to take
+                # it: nobody holds it (``deliver`` saw a live future). Give it back now, not at its TTL.
+                grant = future.result()
+                threading.Thread(target=_give_back, args=(self._backend, key, grant.owner), daemon=True).start()
             raise
 
     async def renew(self, key: str, owner: str, ttl: float) -> bool:
-        return await asyncio.to_thread(self._backend.renew, key, owner, ttl)
+        return await _in_own_thread(self._backend.renew, key, owner, ttl)
 
     async def release(self, key: str, owner: str) -> bool:
-        return await asyncio.to_thread(self._backend.release, key, owner)
+        return await _in_own_thread(self._backend.release, key, owner)
+
+
+async def _in_own_thread(call: Callable[..., T], *args: Any) -> T:
+    """``call(*args)`` in a new thread, awaited on the loop (``_ThreadedLeases``)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.cancelled():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        result, error = None, None
+        try:
+            result = call(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop was closed meanwhile: nobody awaits the answer
+            pass
+
+    threading.Thread(target=run, name=f"dsm_redis {call.__name__}", daemon=True).start()
+    return await future
 
 
 def _give_back(backend: LockBackend, key: str, owner: str) -> None:

@@ -96,6 +96,7 @@ import math
 import threading
 import time
 from base64 import b64encode
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from functools import cached_property, partial
 from importlib import resources
@@ -574,48 +575,27 @@ class _AsyncRedisLeases:
         self._backend = backend
         self.client = client
         self._scripts = {name: client.register_script(text) for name, text in _script_texts().items()}
-        # key -> (the gate, coroutines at it). Only the coroutine through an object's gate is in
+        # key -> its gate (``_Gate``). Only the coroutine through an object's gate is in
         # Redis's queue: the others wait on the loop (FIFO, no connection, no Redis call), so a
         # hot object costs one waiting connection per loop, not one per coroutine.
-        self._gates: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._gates: dict[str, _Gate] = {}
 
     async def acquire(self, key: str, *, ttl: float, timeout: float | None) -> Grant:
         deadline = None if timeout is None else time.monotonic() + timeout
-        gate, users = self._gates.get(key) or (asyncio.Lock(), 0)
-        self._gates[key] = (gate, users + 1)
+        gate = self._gates.get(key)
+        if gate is None:
+            gate = self._gates[key] = _Gate()
+        gate.users += 1
         try:
-            await self._through(gate, key, timeout, deadline)
+            await gate.enter(key, timeout, deadline)
             try:
                 return await self._acquire(key, ttl=ttl, deadline=deadline, timeout=timeout)
             finally:
-                gate.release()
+                gate.leave()
         finally:
-            gate, users = self._gates[key]
-            if users == 1:
+            gate.users -= 1
+            if gate.users == 0 and self._gates.get(key) is gate:
                 del self._gates[key]
-            else:
-                self._gates[key] = (gate, users - 1)
-
-    @staticmethod
-    async def _through(gate: asyncio.Lock, key: str, timeout: float | None, deadline: float | None) -> None:
-        """Pass ``gate`` before ``deadline`` (``LockTimeout``); cancelled, never left holding it."""
-        if not gate.locked():
-            await gate.acquire()  # free: taken without a switch
-            return
-        if timeout == 0:
-            raise LockTimeout(f"lease on {key} not acquired within {timeout}s")
-        passing = asyncio.ensure_future(gate.acquire())
-        try:
-            done, _ = await asyncio.wait([passing], timeout=None if deadline is None else deadline - time.monotonic())
-        except BaseException:
-            done = set()
-            raise
-        finally:
-            if not done:
-                passing.cancel()  # passed meanwhile anyway: give it back
-                passing.add_done_callback(partial(_give_back_gate, gate))
-        if not done:
-            raise LockTimeout(f"lease on {key} not acquired within {timeout}s")
 
     async def _call(self, what: str, work: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -715,9 +695,55 @@ def _demoted(exc: redis.ResponseError) -> bool:
     return "READONLY" in message or message.startswith("UNBLOCKED")
 
 
-def _give_back_gate(gate: asyncio.Lock, passing: asyncio.Future[Any]) -> None:
-    if not passing.cancelled():
-        gate.release()
+class _Gate:
+    """One object's gate on one loop (``_AsyncRedisLeases``): passed by one coroutine at a time, in
+    arrival order, handed from one to the next directly.
+
+    Not an ``asyncio.Lock``: released, a Lock stays unlocked until the waiter it woke runs, and a
+    caller arriving in between queues behind that waiter inside ``Lock.acquire``, which takes no
+    timeout: a ``timeout=0`` (or any bounded) caller would wait as long as that waiter's Redis wait.
+    """
+
+    __slots__ = ("passing", "turns", "users")
+
+    def __init__(self) -> None:
+        self.passing = False  # one coroutine is through; while False, nobody waits in ``turns``
+        self.turns: deque[asyncio.Future[None]] = deque()  # the waiting coroutines, oldest first
+        self.users = 0  # coroutines at or through the gate: the entry is dropped at 0
+
+    async def enter(self, key: str, timeout: float | None, deadline: float | None) -> None:
+        """Pass before ``deadline`` (``LockTimeout``); cancelled, never left holding the gate."""
+        if not self.passing:
+            self.passing = True  # free: taken without a switch
+            return
+        if timeout == 0:
+            raise LockTimeout(f"lease on {key} not acquired within {timeout}s")
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.turns.append(turn)
+        try:
+            done, _ = await asyncio.wait([turn], timeout=None if deadline is None else deadline - time.monotonic())
+        except BaseException:
+            self._withdraw(turn)
+            raise
+        if not done:
+            self._withdraw(turn)
+            raise LockTimeout(f"lease on {key} not acquired within {timeout}s")
+
+    def _withdraw(self, turn: asyncio.Future[None]) -> None:
+        if turn.done():
+            self.leave()  # handed to us as we gave up: hand it on
+        else:
+            turn.cancel()
+            self.turns.remove(turn)
+
+    def leave(self) -> None:
+        """The coroutine through the gate is done with Redis: hand the gate to the oldest waiter."""
+        while self.turns:
+            turn = self.turns.popleft()
+            if not turn.done():
+                turn.set_result(None)  # ``passing`` stays True: handed over, never free in between
+                return
+        self.passing = False
 
 
 def _client_from_cache(alias: str) -> Any:
