@@ -218,19 +218,9 @@ class RedisLockBackend(LockBackend):
         from redis.sentinel import Sentinel
 
         where = parse_sentinel_location(location)
-        sentinel_kwargs: dict[str, Any] = {
-            "socket_timeout": self.config.socket_timeout,
-            "socket_connect_timeout": self.config.socket_connect_timeout,
-            "username": where.sentinel_username,
-            "password": where.sentinel_password,
-            # No retries of its own (redis-py's default backs off for seconds): a sentinel that does
-            # not answer is skipped for the next one, and all of them down is "unavailable" at once.
-            "retry": Retry(NoBackoff(), 0),
-        }
-        if where.ssl:
-            sentinel_kwargs["ssl"] = True
-            options["ssl"] = True
-        self._sentinel = Sentinel(list(where.sentinels), sentinel_kwargs=sentinel_kwargs)
+        self._sentinel = Sentinel(
+            list(where.sentinels), sentinel_kwargs=self._sentinel_kwargs(where, options, Retry(NoBackoff(), 0))
+        )
         return self._sentinel.master_for(
             where.service, db=where.db, username=where.username, password=where.password, **options
         )
@@ -524,22 +514,31 @@ class RedisLockBackend(LockBackend):
             pool = aioredis.BlockingConnectionPool.from_url(location, **pool_options, **options)
         return aioredis.Redis(connection_pool=pool)
 
-    def _async_sentinel_client(self, location: str, options: dict[str, Any]) -> Any:
-        """``_sentinel_client`` on the running loop (``redis.asyncio.sentinel``): a pool that asks
-        the sentinels where the primary is at each new connection."""
-        from redis.asyncio.sentinel import Sentinel as AsyncSentinel
-
-        where = parse_sentinel_location(location)
-        sentinel_kwargs: dict[str, Any] = {
+    def _sentinel_kwargs(self, where: Any, options: dict[str, Any], retry: Any) -> dict[str, Any]:
+        """How the sentinels themselves are reached (``options``, for the primary, gains TLS too).
+        No retries of their own (redis-py's default backs off for seconds): a sentinel that does not
+        answer is skipped for the next one, and all of them down is "unavailable" at once."""
+        kwargs: dict[str, Any] = {
             "socket_timeout": self.config.socket_timeout,
             "socket_connect_timeout": self.config.socket_connect_timeout,
             "username": where.sentinel_username,
             "password": where.sentinel_password,
+            "retry": retry,
         }
         if where.ssl:
-            sentinel_kwargs["ssl"] = True
+            kwargs["ssl"] = True
             options["ssl"] = True
-        sentinel = AsyncSentinel(list(where.sentinels), sentinel_kwargs=sentinel_kwargs)
+        return kwargs
+
+    def _async_sentinel_client(self, location: str, options: dict[str, Any]) -> Any:
+        """``_sentinel_client`` on the running loop (``redis.asyncio.sentinel``): a pool that asks
+        the sentinels where the primary is at each new connection."""
+        from redis.asyncio.retry import Retry as AsyncRetry
+        from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+
+        where = parse_sentinel_location(location)
+        kwargs = self._sentinel_kwargs(where, options, AsyncRetry(NoBackoff(), 0))
+        sentinel = AsyncSentinel(list(where.sentinels), sentinel_kwargs=kwargs)
         return sentinel.master_for(
             where.service,
             db=where.db,
