@@ -164,14 +164,17 @@ class SentinelLocation:
         return f"<SentinelLocation {hosts} service={self.service!r} db={self.db} ssl={self.ssl}>"
 
 
+def split_host_port(hostport: str) -> tuple[str, str]:
+    """``host:port``, ``[IPv6]:port`` or a bare host → (host, port or ""), as written."""
+    if hostport.startswith("["):  # [IPv6]:port
+        host, _, rest = hostport[1:].partition("]")
+        return host, rest[1:] if rest.startswith(":") else ""
+    host, colon, port = hostport.rpartition(":")
+    return (host, port) if colon else (hostport, "")
+
+
 def _sentinel_host(part: str) -> tuple[str, int]:
-    if part.startswith("["):  # [IPv6]:port
-        host, _, rest = part[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    else:
-        host, colon, port = part.rpartition(":")
-        if not colon:
-            host, port = part, ""
+    host, port = split_host_port(part)
     if not host:
         raise ValueError("names a sentinel without a host")
     if port and not (port.isdigit() and 0 < int(port) < 65536):

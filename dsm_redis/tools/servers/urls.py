@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from ...conf import split_host_port
+
 _POSTGRES_SCHEMES = frozenset({"postgres", "postgresql", "pgsql"})
 _SQLITE_SCHEMES = frozenset({"sqlite", "sqlite3"})
 
@@ -17,13 +19,7 @@ def _split_netloc(netloc: str) -> tuple[str | None, str | None, str, str]:
         raw_user, colon, raw_password = userinfo.partition(":")
         user = unquote(raw_user)
         password = unquote(raw_password) if colon else None
-    if hostport.startswith("["):  # [IPv6]:port
-        host, _, rest = hostport[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    else:
-        host, colon, port = hostport.rpartition(":")
-        if not colon:
-            host, port = hostport, ""
+    host, port = split_host_port(hostport)
     return user, password, unquote(host), port
 
 
