@@ -526,11 +526,14 @@ def markdown(results: dict[str, Any], chart: str) -> str:
     w("")
     w(FINDINGS.strip())
     w("")
-    probe = Path(__file__).with_name("replica_acks.md")  # python -m bench.replica_acks, measured apart
-    if probe.exists():
-        w("")
-        w(probe.read_text().strip())
-        w("")
+    # Measured apart, kept across runs: the cuts (python -m bench.cuts, each against the code before
+    # it) and python -m bench.replica_acks.
+    for name in ("cuts.md", "replica_acks.md"):
+        probe = Path(__file__).with_name(name)
+        if probe.exists():
+            w("")
+            w(probe.read_text().strip())
+            w("")
     return "\n".join(L)
 
 
@@ -563,10 +566,10 @@ def analysis(results: dict[str, Any]) -> str:
             f"= SQL {_ms(floor['sql'])} + Redis {_ms(floor['redis'])} + Python {_ms(floor['rest'])}; dsm_redis "
             f"{_ms(dsm['total'])} ms = SQL {_ms(dsm['sql'])} + Redis {_ms(dsm['redis'])} + Python {_ms(dsm['rest'])}. "
             f"Both send the same four statements and two Redis commands, so the difference is time spent in "
-            f"Python around them: building each statement with the ORM (query cloning and compiling before the "
-            f"SELECT, `Model.save` with its signals before the UPDATE, model instantiation of the locked row), "
-            f"Django's cursor wrappers and client-side parameter binding, and the library's own bookkeeping "
-            f"(lease registry, renewer, on-commit hooks, snapshots), which is the smallest part.",
+            f"Python around them: the SELECT and the UPDATE are compiled once (`rowlock.py`, `rowwrite.py`), but "
+            f"each call still binds its parameters, sends `pre_save`/`post_save`, turns the locked row into a "
+            f"model instance, and goes through Django's cursor wrappers and client-side binding; then the "
+            f"library's own bookkeeping (lease registry, renewer, on-commit hooks, snapshots).",
             "",
         ]
     lat = next((m for m in missed if m.startswith("uncontended")), None)
@@ -614,20 +617,22 @@ def analysis(results: dict[str, Any]) -> str:
         out += [
             f"**Hot-object goodput ({measured(hot)}).** On one object a correct contender runs its critical "
             f"sections one after another, so goodput is 1 ÷ (critical section + hand-over). With one process "
-            f"dsm_redis's goodput is already {s1:.2f}× seed's (its uncontended transition is longer, above). Its "
-            f"hand-over costs a wake-up from `BLPOP` (the release script's signal) and then the waiter's own "
-            f"acquire round trip before its row-lock SELECT can even be sent, whereas seed's waiters are queued "
-            f"inside PostgreSQL with their SELECT already sent and proceed on the holder's COMMIT. Only the lease "
+            f"dsm_redis's goodput is {s1:.2f}× seed's (its uncontended transition, above). Its hand-over is "
+            f"first come, first served: the release script grants the lease to the oldest waiter and mints its "
+            f"token, and that waiter, asleep in `BLPOP`, must be woken and scheduled, then extend its grant, "
+            f"before its row-lock SELECT is sent; seed's waiters are queued inside PostgreSQL with their SELECT "
+            f"already sent, and whichever process runs first proceeds on the holder's COMMIT (barging). Only the lease "
             f"holder has a transaction open (the waiters sleep in Redis); the CPU per surviving deposit under "
             f"contention (table above) is {d_cpu:.1f} ms for dsm_redis against {s_cpu:.1f} ms for seed. With 8 "
             f"processes, PostgreSQL and Redis on 2 cores every wake-up also waits to be scheduled, so this ratio "
             f"moves more between repeats than the others (lowest–highest in the ratio table).",
             "",
             "What would fix it: everything that shortens the uncontended path (above) shortens the critical "
-            "section; and a direct hand-over: the release script pops the next waiter from a FIFO list, makes "
-            "it the owner and mints its token, and the waiter's `BLPOP` returns the grant, which takes the "
-            "waiter's acquire round trip off the critical path and serves waiters first come, first served "
-            "(see the fairness table for today's spread of waits).",
+            "section. Taking the waiter's extension round trip off the critical path too was tried and gave "
+            "nothing measurable (*Cuts, each measured*). The rest is the price of first come, first served on "
+            "an oversubscribed machine: waking a sleeping waiter costs a scheduling delay that barging, which "
+            "lets a running process go first, does not pay, and which bounds every wait instead (fairness "
+            "table).",
             "",
         ]
     spread_t = next((m for m in missed if m.startswith("goodput over")), None)
