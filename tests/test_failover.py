@@ -223,19 +223,38 @@ def fresh_mark(obj: Any) -> int:
     return int(FencingMark.objects.get(pk=object_key(obj)).token)
 
 
+# The failover races' load: processes x rounds of deposits over two accounts, WORK seconds between
+# each read and its write.
+RACE, WORK = (3, 24), 0.003
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_failover_races_load_makes_unprotected_code_lose_updates():
+    """Without this, the failover races below could pass on a load too light to race at all."""
+    from tests.testapp.models import Account
+
+    accounts = [Account.objects.create() for _ in range(2)]
+    ids = [account.pk for account in accounts]
+    processes, rounds = RACE
+    results = run_workers("tests.workers:cowboy_deposit", processes, ids, rounds, WORK)
+    assert sum(r["committed"] for r in results) == processes * rounds
+    balances = sum(Account.objects.filter(pk__in=ids).values_list("balance", flat=True))
+    assert balances < processes * rounds, "the unprotected code lost nothing: this load cannot show a race"
+
+
 def race_through_a_failover(location: str, kill: Callable[[], None], accounts: list[Any]) -> float:
     """Workers deposit on ``accounts`` through ``location``; ``kill`` runs when a third of the
     deposits committed. Asserts every deposit a worker saw commit is in the database exactly once
     and that the workers carried on after the kill; returns the stall (for the report only)."""
     from tests.testapp.models import Account
 
-    processes, rounds = 3, 24
+    processes, rounds = RACE
     total = processes * rounds
     ids = [account.pk for account in accounts]
     results: list[Any] = []
     env = {"DSM_TEST_LOCK_REDIS_URL": location, "DSM_TEST_TTL": "3"}
     join = in_background(
-        lambda: results.extend(run_workers("tests.workers:dsm_deposit", processes, ids, rounds, 0.003, env=env))
+        lambda: results.extend(run_workers("tests.workers:dsm_deposit", processes, ids, rounds, WORK, env=env))
     )
 
     def deposited() -> int:
