@@ -59,7 +59,16 @@ class CancelledOnDelivery(LocalLockBackend):
 
 def test_a_waiter_cancelled_as_its_grant_arrives_from_a_waiting_thread_gives_it_back(settings):
     settings.DSM_REDIS = {**settings.DSM_REDIS, "BACKEND": f"{__name__}.CancelledOnDelivery"}
+    # A grant left held by nobody would expire at its TTL, ten times past the poll's bound below.
+    dsm_options(settings, TTL=10 * WAIT)
     account = Account.objects.create()
+
+    async def free() -> bool:
+        try:
+            async with aobject_lock(account, timeout=0):
+                return True
+        except LockTimeout:
+            return False
 
     async def main() -> None:
         async with aobject_lock(account):
@@ -68,9 +77,14 @@ def test_a_waiter_cancelled_as_its_grant_arrives_from_a_waiting_thread_gives_it_
             CancelledOnDelivery.armed = (asyncio.get_running_loop(), waiter)
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(waiter, WAIT)
-        # The grant reached the cancelled waiter: it must have been handed back, not left held by nobody.
-        async with aobject_lock(account, timeout=0):
-            pass
+        # The grant reached the cancelled waiter: it must be handed back (by a thread of its own,
+        # so not necessarily yet), not left held by nobody until its TTL.
+        for _ in range(int(WAIT / 0.01)):
+            if await free():
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the cancelled waiter's grant was not handed back")
 
     run_async(main)
     assert fresh(account).balance == 0
