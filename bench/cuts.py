@@ -2,7 +2,9 @@
 
 Uncontended latency of dsm_redis, the floor and the seed, call by call in a rotated order (so
 noise lands on all alike), as median µs per round, and the calling thread's CPU per call; optionally (``--race N``) the floor and
-dsm_redis racing on one hot object with N processes, checked for lost updates. Run it on two
+dsm_redis racing on one hot object with N processes, checked for lost updates; optionally
+(``--profile N``) where each one's CPU per call goes, by who owns the code (dsm_redis, Django,
+redis-py, psycopg, the standard library, socket calls). Run it on two
 checkouts in turn: the floor is the same code in both, so dsm_redis/floor compares them even when
 the machine's load drifts between runs.
 """
@@ -25,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls", type=int, default=300, help="calls per contender per round")
     p.add_argument("--race", type=int, default=0, help="processes racing on one hot object (0: no race)")
     p.add_argument("--duration", type=float, default=2.0)
-    p.add_argument("--profile", type=int, default=0, help="then cProfile this many dsm_redis calls")
+    p.add_argument("--profile", type=int, default=0, help="then cProfile this many calls of each, by owner")
     p.add_argument("--redis-url")
     p.add_argument("--database-url")
     args = p.parse_args(argv)
@@ -76,22 +78,62 @@ def main(argv: list[str] | None = None) -> int:
         print("cpu " + " ".join(f"{name} {used[name]:.0f}us" for name in NAMES),
               f"dsm/floor {used['dsm_redis'] / used['floor']:.3f} dsm/seed {used['dsm_redis'] / used['seed']:.3f}")  # fmt: skip
         if args.profile:
-            import cProfile
-            import pstats
-
-            model, pk = model_for("dsm_redis"), layout["dsm_redis"]["probe"]
-            obj = model.objects.get(pk=pk)
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(args.profile):
-                CALLS["dsm_redis"](obj, pk, time.monotonic() + 60)
-            prof.disable()
-            pstats.Stats(prof).sort_stats("tottime").print_stats(45)
+            for name in NAMES:
+                print(f"\nwhere {name}'s CPU per call goes ({args.profile} calls profiled, scaled to its {used[name]:.0f} us):")
+                for owner, micros in profile_by_owner(name, layout[name]["probe"], args.profile, used[name]):
+                    print(f"  {owner:<44} {micros:6.0f} us")
     finally:
         if pool is not None:
             pool.close()
         servers.close()
     return 0
+
+
+def profile_by_owner(name: str, pk: int, calls: int, cpu_micros: float) -> list[tuple[str, float]]:
+    """cProfile ``calls`` calls of contender ``name`` on the calling thread's CPU clock, each
+    function's own time summed by who owns its code, scaled so the total is the measured
+    ``cpu_micros`` per call (the profiler's own overhead inflates every function alike, roughly)."""
+    import cProfile
+    import pstats
+
+    model = model_for(name)
+    obj = model.objects.get(pk=pk)
+    prof = cProfile.Profile(time.thread_time)
+    prof.enable()
+    for _ in range(calls):
+        CALLS[name](obj, pk, time.monotonic() + 60)
+    prof.disable()
+    owners: dict[str, float] = {}
+    for (path, _line, function), (_cc, _nc, own, _cum, _callers) in pstats.Stats(prof).stats.items():  # type: ignore[attr-defined]
+        owner = _owner(path, function)
+        owners[owner] = owners.get(owner, 0.0) + own
+    total = sum(owners.values()) or 1.0
+    return sorted(((o, t / total * cpu_micros) for o, t in owners.items()), key=lambda item: -item[1])[:12]
+
+
+_SYSCALLS = ("recv", "send", "poll", "select", "socket", "connect", "read", "write")
+
+
+def _owner(path: str, function: str) -> str:
+    if "site-packages/" in path:
+        package = path.split("site-packages/")[1].split("/")[0]
+        return {
+            "redis": "redis-py",
+            "hiredis": "redis-py",
+            "django": "Django",
+            "asgiref": "Django",
+            "psycopg": "psycopg",
+            "psycopg_binary": "psycopg",
+        }.get(package, package)
+    if "/dsm_redis/" in path:
+        return "dsm_redis (its own code)"
+    if "/bench/" in path:
+        return "bench (the contender's own code)"
+    if path == "~":  # a builtin: a socket call is the kernel's round-trip work, the rest is Python
+        if "hiredis" in function:
+            return "redis-py"
+        return "socket calls (kernel)" if any(word in function for word in _SYSCALLS) else "builtins"
+    return "standard library"
 
 
 if __name__ == "__main__":

@@ -585,7 +585,8 @@ def analysis(results: dict[str, Any]) -> str:
             text += (
                 f", and by default its row-lock SELECT also upserts the fencing mark in the shared mark table "
                 f"(a second row written, with its WAL record, per transition): on a model with "
-                f"`FencingTokenField` the same call takes {_ms(column['total'])} ms ({_ms(fence)} ms less)"
+                f"`FencingTokenField` the same call takes {_ms(column['total'])} ms ({_ms(abs(fence))} ms "
+                f"{'less' if fence >= 0 else 'more'})"
             )
         text += "."
         if stub:
