@@ -11,6 +11,8 @@
                     the root model's row)
 ``dsm_redis.W001``  ``LocalLockBackend`` with ``DEBUG = False``: it excludes the threads of one
                     process only, not gunicorn or Celery worker processes
+``dsm_redis.W002``  ``ActorMiddleware`` in ``MIDDLEWARE`` before Django's ``AuthenticationMiddleware``,
+                    or without it: the request has no user yet, and no transition records an actor
 ``dsm_redis.W101``  Celery: ``AUTO_RENEW`` is off and a task time limit is unset or longer than the
                     lease ``TTL`` (a locked task may outlive its lease; its commit is refused)
 ``dsm_redis.W102``  Celery: the Redis broker's ``visibility_timeout`` is shorter than a task time
@@ -21,8 +23,8 @@ The W1xx checks run only when the project has imported Celery (its app module), 
 current Celery app; a worker also logs them when it is ready (``dsm_redis.tasks``).
 
 E001, E002 and E005 for the setting's own values are the ids ``conf.validate()`` gives its
-problems; E003 and E004 (importing ``BACKEND``), the ``CACHES`` alias of E005, E006, W001 and the
-W1xx are found here. The E001-E005 problems also raise ``ImproperlyConfigured`` with the same message at first use (a
+problems; E003 and E004 (importing ``BACKEND``), the ``CACHES`` alias of E005, E006, W001, W002 and
+the W1xx are found here. The E001-E005 problems also raise ``ImproperlyConfigured`` with the same message at first use (a
 transition, ``object_lock``, a locked task), in processes that run no checks: Celery workers (they
 run them but discard the result), scripts. Not when the app is ready, which would pre-empt these
 checks. Messages never echo a ``LOCATION`` URL (it may carry a password).
@@ -257,3 +259,27 @@ def misplaced_fencing_fields(models: Any) -> list[checks.CheckMessage]:
                     )
                 )
     return errors
+
+
+ACTOR_MIDDLEWARE = "dsm_redis.middleware.ActorMiddleware"
+AUTH_MIDDLEWARE = "django.contrib.auth.middleware.AuthenticationMiddleware"
+
+
+@checks.register("dsm_redis")
+def check_actor_middleware(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """``ActorMiddleware`` reads ``request.user``, which ``AuthenticationMiddleware`` sets: placed
+    before it (or without it) every request records no actor, silently."""
+    middleware = list(getattr(settings, "MIDDLEWARE", None) or [])
+    if ACTOR_MIDDLEWARE not in middleware:
+        return []
+    if AUTH_MIDDLEWARE in middleware and middleware.index(AUTH_MIDDLEWARE) < middleware.index(ACTOR_MIDDLEWARE):
+        return []
+    where = "before" if AUTH_MIDDLEWARE in middleware else "without"
+    return [
+        checks.Warning(
+            f"{ACTOR_MIDDLEWARE} is in MIDDLEWARE {where} {AUTH_MIDDLEWARE}: requests have no user when it "
+            f"runs, so the transitions they make record no actor.",
+            hint=f"List {ACTOR_MIDDLEWARE} after {AUTH_MIDDLEWARE}.",
+            id="dsm_redis.W002",
+        )
+    ]

@@ -127,6 +127,18 @@ def test_local_backend_without_debug_is_a_warning(settings, backend):
     assert ids() == []
 
 
+def test_actor_middleware_before_the_authentication_middleware_is_a_warning(settings):
+    actor, auth = "dsm_redis.middleware.ActorMiddleware", "django.contrib.auth.middleware.AuthenticationMiddleware"
+    assert actor in settings.MIDDLEWARE and ids() == []  # the test settings' order: after it
+    others = [m for m in settings.MIDDLEWARE if m not in (actor, auth)]
+    settings.MIDDLEWARE = [actor, *others, auth]
+    assert ids() == ["dsm_redis.W002"]
+    settings.MIDDLEWARE = [*others, actor]
+    assert ids() == ["dsm_redis.W002"]
+    settings.MIDDLEWARE = others
+    assert ids() == []
+
+
 def test_manage_py_check_fails_on_an_error_and_shows_the_hint(settings, capsys):
     settings.DSM_REDIS = {"OPTIONS": {"TLL": 5}}
     with pytest.raises(SystemCheckError) as info:
