@@ -168,10 +168,12 @@ def record(
     instance: Model,
     transition: Transition,
     lease: HeldLease | None,
+    args: tuple[Any, ...],
     kwargs: dict[str, Any],
     using: str,
 ) -> None:
-    """Write the record of ``transition`` in the current (the transition's own) transaction."""
+    """Write the record of ``transition`` in the current (the transition's own) transaction; the
+    side effect's arguments by parameter name, positional ones too."""
     if not enabled(machine):
         return
     from .models import TransitionRecord
@@ -185,7 +187,7 @@ def record(
         failed_edge=failed,
         source=_jsonable(transition.start),
         target=_jsonable(transition.end),
-        kwargs=redact(machine, transition, kwargs),
+        kwargs=redact(machine, transition, machine.named_arguments(transition, instance, args, kwargs)),
         fencing_token=lease.fencing_token if lease is not None else None,
         lease_owner=lease.owner if lease is not None else "",
         task_id=_task_id(),

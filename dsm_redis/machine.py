@@ -377,6 +377,24 @@ class StateMachine:
         except TypeError as exc:
             raise TypeError(f"{transition.name}(): {exc}") from None
 
+    def named_arguments(
+        self, transition: Transition, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The side effect's arguments by parameter name, positional ones too (``check_arguments``
+        accepted them): a positional ``card`` is the ``card`` a redaction list names."""
+        if not args or transition.side_effect is None:
+            return dict(kwargs)
+        signature = self._signatures[transition.side_effect]
+        named: dict[str, Any] = {}
+        bound = signature.bind(self, instance, transition, *args, **kwargs).arguments
+        for name, value in list(bound.items())[3:]:  # after the machine, the instance, the transition
+            kind = signature.parameters[name].kind
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                named.update(value)
+            else:
+                named[name] = list(value) if kind is inspect.Parameter.VAR_POSITIONAL else value
+        return named
+
     def guarded(self, instance: Any, transition: Transition) -> Transition:
         """``transition`` when its precondition holds for ``instance``, else ``TransitionException``."""
         if not transition.allowed(instance):

@@ -192,7 +192,7 @@ def _step(
                 except LockLost:
                     logger.error("refusing to commit %s on %s: lease lost", transition, lease.key)
                     raise
-            history.record(machine, instance, transition, lease, kwargs, using)  # commits with the write, or not at all
+            history.record(machine, instance, transition, lease, args, kwargs, using)  # commits with the write, or not at all
             key, token = (lease.key, lease.fencing_token) if lease is not None else (None, None)
             # Ahead of every hook of the caller's: one that raises cannot drop the signal, and a
             # transition one of them makes cannot signal before this one (signals.py).

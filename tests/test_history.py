@@ -42,6 +42,14 @@ def test_a_transition_and_the_creation_are_recorded(db_alias):
     assert paid.fencing_token == mark.token and paid.lease_owner == mark.owner
 
 
+@pytest.mark.django_db(transaction=True)
+def test_positional_arguments_are_recorded_by_name_and_redacted_as_keywords_are():
+    invoice = Invoice.objects.create()
+    invoice.machine.pay(5, "4111 1111")  # card passed positionally: still the card the redaction names
+    paid = records(invoice)[0]
+    assert paid.kwargs == {"amount": 5, "card": "[redacted]"}
+
+
 @pytest.mark.django_db
 def test_a_rolled_back_transition_or_creation_leaves_no_record():
     invoice = Invoice.objects.create()

@@ -301,7 +301,7 @@ class InvoiceMachine(StateMachine):
     history = True
     history_redact = ("card",)
 
-    def pay(self, instance, transition, *, amount: int, card: str = ""):
+    def pay(self, instance, transition, amount: int, card: str = ""):
         if amount <= 0:
             raise TransitionFailed("failed", reason=f"bad amount {amount}")
         instance.paid = amount
