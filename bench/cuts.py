@@ -16,7 +16,7 @@ import statistics
 import time
 
 from bench.contenders import CALLS, model_for
-from bench.run import Servers, balance_sum, prepare, reset
+from bench.run import Servers, balance_sum, deposit_on, interleaved, prepare, reset
 
 NAMES = ("dsm_redis", "floor", "seed")
 
@@ -48,27 +48,11 @@ def main(argv: list[str] | None = None) -> int:
                 errors = sum(r["errors"] for r in results)
                 first = next((r["first_error"] for r in results if r["first_error"]), None)
                 print(f"race {name:<10} {args.race} proc: ok {ok} lost {ok - final} errors {errors} {first or ''}")
-        medians: dict[str, list[float]] = {name: [] for name in NAMES}
-        cpu: dict[str, list[float]] = {name: [] for name in NAMES}
         for name in NAMES:  # warm
-            model, pk = model_for(name), layout[name]["probe"]
+            call = deposit_on(name, layout[name]["probe"])
             for _ in range(50):
-                CALLS[name](model.objects.get(pk=pk), pk, time.monotonic() + 60)
-        for r in range(args.rounds):
-            order = NAMES[r % 3 :] + NAMES[: r % 3]
-            times: dict[str, list[float]] = {name: [] for name in order}
-            spent: dict[str, list[float]] = {name: [] for name in order}
-            for _ in range(args.calls):
-                for name in order:
-                    model, pk = model_for(name), layout[name]["probe"]
-                    obj = model.objects.get(pk=pk)
-                    t0, c0 = time.perf_counter(), time.thread_time()
-                    CALLS[name](obj, pk, time.monotonic() + 60)
-                    spent[name].append(time.thread_time() - c0)
-                    times[name].append(time.perf_counter() - t0)
-            for name in order:
-                medians[name].append(statistics.median(times[name]))
-                cpu[name].append(statistics.mean(spent[name]))
+                call()
+        medians, cpu = interleaved(NAMES, args.rounds, args.calls, lambda name: deposit_on(name, layout[name]["probe"]))
         med = {name: statistics.median(v) * 1e6 for name, v in medians.items()}
         print(" ".join(f"{name} {med[name]:.0f}us" for name in NAMES),
               f"dsm/floor {med['dsm_redis'] / med['floor']:.3f} dsm/seed {med['dsm_redis'] / med['seed']:.3f}")  # fmt: skip

@@ -21,12 +21,10 @@ import datetime
 import os
 import re
 import statistics
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from bench.contenders import CALLS, model_for
-from bench.run import ROOT, Servers, prepare
+from bench.run import ROOT, Servers, deposit_on, interleaved, prepare
 
 TITLE = "## Telemetry overhead"
 
@@ -41,25 +39,16 @@ def _configs() -> dict[str, Any]:
 
 
 def _rounds(modes: Sequence[str], rounds: int, calls: int, pk: int) -> dict[str, list[float]]:
-    """Per mode, each round's median seconds per transition."""
+    """Per mode, each round's median seconds per transition (modes interleaved)."""
     from django.conf import settings
 
     configs = _configs()
-    model, call = model_for("dsm_redis"), CALLS["dsm_redis"]
-    medians: dict[str, list[float]] = {mode: [] for mode in modes}
-    for r in range(rounds):
-        order = list(modes[r % len(modes) :]) + list(modes[: r % len(modes)])
-        times: dict[str, list[float]] = {mode: [] for mode in order}
-        for _ in range(calls):
-            for mode in order:
-                settings.DSM_REDIS = configs[mode]
-                obj = model.objects.get(pk=pk)
-                t0 = time.perf_counter()
-                call(obj, pk, time.monotonic() + 60)
-                times[mode].append(time.perf_counter() - t0)
-        for mode in order:
-            medians[mode].append(statistics.median(times[mode]))
-    return medians
+
+    def ready(mode: str) -> Callable[[], Any]:
+        settings.DSM_REDIS = configs[mode]
+        return deposit_on("dsm_redis", pk)
+
+    return interleaved(modes, rounds, calls, ready)[0]
 
 
 def _install_sdk() -> Any:

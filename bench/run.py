@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -270,25 +271,43 @@ def counts(layout: dict[str, Any], redis_url: str) -> dict[str, Any]:
 
 
 def latency(layout: dict[str, Any], rounds: int, calls: int) -> dict[str, list[float]]:
-    """Per contender, the median call time of each round (seconds).
+    """Per contender, the median call time of each round (seconds), contenders interleaved."""
+    return interleaved(CONTENDERS, rounds, calls, lambda name: deposit_on(name, layout[name]["probe"]))[0]
 
-    Within a round the contenders take turns call by call (in an order rotated every round), so a
-    burst of noise from anything else on the machine lands on all of them alike.
+
+def deposit_on(name: str, pk: int) -> Callable[[], Any]:
+    """Contender ``name``'s call on object ``pk``, the object loaded as a view would (not timed)."""
+    obj = model_for(name).objects.get(pk=pk)
+    return lambda: CALLS[name](obj, pk, time.monotonic() + 60)
+
+
+def interleaved(
+    names: Sequence[str], rounds: int, calls: int, ready: Callable[[str], Callable[[], Any]]
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Per name, each round's median wall-clock seconds per call and mean CPU seconds of the calling
+    thread per call; ``ready(name)`` prepares one call (not timed) and returns it.
+
+    Within a round the names take turns call by call (in an order rotated every round), so a burst
+    of noise from anything else on the machine lands on all of them alike.
     """
-    medians: dict[str, list[float]] = {name: [] for name in CONTENDERS}
+    names = list(names)
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
-        order = CONTENDERS[r % len(CONTENDERS) :] + CONTENDERS[: r % len(CONTENDERS)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         times: dict[str, list[float]] = {name: [] for name in order}
+        spent: dict[str, list[float]] = {name: [] for name in order}
         for _ in range(calls):
             for name in order:
-                model, pk, call = model_for(name), layout[name]["probe"], CALLS[name]
-                obj = model.objects.get(pk=pk)
-                t0 = time.perf_counter()
-                call(obj, pk, time.monotonic() + 60)
+                call = ready(name)
+                t0, c0 = time.perf_counter(), time.thread_time()
+                call()
+                spent[name].append(time.thread_time() - c0)
                 times[name].append(time.perf_counter() - t0)
         for name in order:
-            medians[name].append(statistics.median(times[name]))
-    return medians
+            wall[name].append(statistics.median(times[name]))
+            cpu[name].append(statistics.mean(spent[name]))
+    return wall, cpu
 
 
 def diagnostics(layout: dict[str, Any], calls: int) -> dict[str, Any]:
