@@ -15,7 +15,6 @@ import argparse
 import statistics
 import time
 
-from bench.contenders import CALLS, model_for
 from bench.run import Servers, balance_sum, deposit_on, interleaved, prepare, reset
 
 NAMES = ("dsm_redis", "floor", "seed")
@@ -62,62 +61,18 @@ def main(argv: list[str] | None = None) -> int:
         print("cpu " + " ".join(f"{name} {used[name]:.0f}us" for name in NAMES),
               f"dsm/floor {used['dsm_redis'] / used['floor']:.3f} dsm/seed {used['dsm_redis'] / used['seed']:.3f}")  # fmt: skip
         if args.profile:
+            from bench.probes import cpu_by_owner
+
             for name in NAMES:
-                print(f"\nwhere {name}'s CPU per call goes ({args.profile} calls profiled, scaled to its {used[name]:.0f} us):")
-                for owner, micros in profile_by_owner(name, layout[name]["probe"], args.profile, used[name]):
-                    print(f"  {owner:<44} {micros:6.0f} us")
+                found = cpu_by_owner(deposit_on(name, layout[name]["probe"]), args.profile)
+                print(f"\nwhere {name}'s CPU per call goes ({found['cpu_per_call'] * 1e6:.0f} us):")
+                for owner, seconds in found["owners"]:
+                    print(f"  {owner:<32} {seconds * 1e6:6.0f} us")
     finally:
         if pool is not None:
             pool.close()
         servers.close()
     return 0
-
-
-def profile_by_owner(name: str, pk: int, calls: int, cpu_micros: float) -> list[tuple[str, float]]:
-    """cProfile ``calls`` calls of contender ``name`` on the calling thread's CPU clock, each
-    function's own time summed by who owns its code, scaled so the total is the measured
-    ``cpu_micros`` per call (the profiler's own overhead inflates every function alike, roughly)."""
-    import cProfile
-    import pstats
-
-    model = model_for(name)
-    obj = model.objects.get(pk=pk)
-    prof = cProfile.Profile(time.thread_time)
-    prof.enable()
-    for _ in range(calls):
-        CALLS[name](obj, pk, time.monotonic() + 60)
-    prof.disable()
-    owners: dict[str, float] = {}
-    for (path, _line, function), (_cc, _nc, own, _cum, _callers) in pstats.Stats(prof).stats.items():  # type: ignore[attr-defined]
-        owner = _owner(path, function)
-        owners[owner] = owners.get(owner, 0.0) + own
-    total = sum(owners.values()) or 1.0
-    return sorted(((o, t / total * cpu_micros) for o, t in owners.items()), key=lambda item: -item[1])[:12]
-
-
-_SYSCALLS = ("recv", "send", "poll", "select", "socket", "connect", "read", "write")
-
-
-def _owner(path: str, function: str) -> str:
-    if "site-packages/" in path:
-        package = path.split("site-packages/")[1].split("/")[0]
-        return {
-            "redis": "redis-py",
-            "hiredis": "redis-py",
-            "django": "Django",
-            "asgiref": "Django",
-            "psycopg": "psycopg",
-            "psycopg_binary": "psycopg",
-        }.get(package, package)
-    if "/dsm_redis/" in path:
-        return "dsm_redis (its own code)"
-    if "/bench/" in path:
-        return "bench (the contender's own code)"
-    if path == "~":  # a builtin: a socket call is the kernel's round-trip work, the rest is Python
-        if "hiredis" in function:
-            return "redis-py"
-        return "socket calls (kernel)" if any(word in function for word in _SYSCALLS) else "builtins"
-    return "standard library"
 
 
 if __name__ == "__main__":

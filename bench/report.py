@@ -125,6 +125,14 @@ def _verb(sql: str) -> str:
     return s.split()[0] if s else "?"
 
 
+# "A few times the p99": a waiter passed over again and again shows as a longest wait far beyond it.
+STARVATION = 3.0
+
+
+def _procs(scenario: str) -> int:
+    return int(scenario.split("-")[1])
+
+
 def targets(results: dict[str, Any], name: str = "dsm_redis") -> list[dict[str, Any]]:
     """The issue's targets, as measured for ``name`` (a dsm_redis contender)."""
     out = []
@@ -133,17 +141,24 @@ def targets(results: dict[str, Any], name: str = "dsm_redis") -> list[dict[str, 
     if FLOOR in results["latency"]:
         f = latency_ratio(results, name, FLOOR)
         out.append({"target": "uncontended latency ≤ 1.25× floor", "measured": f"{f:.2f}× floor", "met": f <= 1.25})
-    hot = f"hot-{max(int(s.split('-')[1]) for s in scenario_ids(results) if s.startswith('hot'))}"
-    worst = min(goodput_ratio(results, hot, name, p) for p in PEERS)
-    detail = ", ".join(f"{goodput_ratio(results, hot, name, p):.2f}× {p}" for p in PEERS)
-    out.append({"target": f"goodput on one hot object at {hot.split('-')[1]} processes ≥ every peer's",
-                "measured": detail, "met": worst >= 1.0})  # fmt: skip
+    hots = sorted((s for s in scenario_ids(results) if s.startswith("hot") and s != "hot-1"), key=_procs)
+    hot = hots[-1]
+    for h in hots:
+        ratios = {p: goodput_ratio(results, h, name, p) for p in PEERS}
+        detail = ", ".join(f"{r:.2f}× {p}" for p, r in ratios.items())
+        out.append({"target": f"goodput on one hot object at {_procs(h)} processes ≥ 1.0× seed and every peer's",
+                    "measured": detail, "met": min(ratios.values()) >= 1.0})  # fmt: skip
     spread = next(s for s in scenario_ids(results) if s.startswith("spread"))
-    sr = goodput_ratio(results, spread, name, "cowboy")
+    sr = goodput_ratio(results, spread, name, "seed")
     objects = f"{results['args']['objects']:,}"
-    out.append(
-        {"target": f"goodput over {objects} objects ≥ 0.8× cowboy", "measured": f"{sr:.2f}× cowboy", "met": sr >= 0.8}
-    )
+    out.append({"target": f"goodput over {objects} objects ≥ 1.0× seed", "measured": f"{sr:.2f}× seed", "met": sr >= 1.0})
+    waits = lease_wait_stats(results, hot, name)
+    if waits and waits["p99"]:
+        spread_of = waits["max"] / waits["p99"]
+        out.append({"target": f"no starvation on one hot object at {_procs(hot)} processes: max lease wait ≤ "
+                              f"{STARVATION}× its p99",
+                    "measured": f"max {_ms(waits['max'])} ms = {spread_of:.1f}× p99 ({_ms(waits['p99'])} ms)",
+                    "met": spread_of <= STARVATION})  # fmt: skip
     crowd = [s for s in scenario_ids(results) if s.startswith("crowd")]
     if crowd:
         # Goodput at 16/32 processes against the same contender's at 8, within each repeat.
@@ -513,6 +528,24 @@ def markdown(results: dict[str, Any], chart: str) -> str:
                 w(f"| {phase} | {v * 1e6:.0f} |")
             w("")
     p = results["profiles"]
+    by_owner = {n: p[n]["cpu"] for n in ("dsm_redis", FLOOR, "seed") if n in p and "cpu" in p[n]}
+    if by_owner:
+        w("### Where the CPU goes")
+        w("")
+        w("The calling thread's CPU per uncontended call, split by who owns the code that spends it: each "
+          "function's own time under cProfile on the thread's CPU clock, summed by owner and scaled to the "
+          "CPU per call measured without the profiler (µs). Approximate: the profiler's cost per Python "
+          "call inflates code made of many small Python functions (dsm_redis, Django, redis-py's Python) "
+          "against C (psycopg's and hiredis's extensions, builtins).")  # fmt: skip
+        w("")
+        owners = list(dict.fromkeys(o for found in by_owner.values() for o, _ in found["owners"]))
+        w("| owner | " + " | ".join(by_owner) + " |")
+        w("|---|" + "---:|" * len(by_owner))
+        for owner in owners:
+            cells = [next((f"{v * 1e6:.0f}" for o, v in found["owners"] if o == owner), "–") for found in by_owner.values()]
+            w(f"| {owner} | " + " | ".join(cells) + " |")
+        w("| **CPU per call** | " + " | ".join(f"**{f['cpu_per_call'] * 1e6:.0f}**" for f in by_owner.values()) + " |")
+        w("")
     for name in [n for n in ("dsm_redis", FLOOR) if n in p]:
         w(f"cProfile of {p[name]['calls']} uncontended {name} calls (the profiler inflates Python time), "
           f"top functions by own time:")  # fmt: skip
@@ -638,23 +671,20 @@ def analysis(results: dict[str, Any]) -> str:
         ]
     spread_t = next((m for m in missed if m.startswith("goodput over")), None)
     if spread_t:
-        c = race_stats(results, spread, "cowboy")
         sd, dd = race_stats(results, spread, "seed"), race_stats(results, spread, "dsm_redis")
         per = "; ".join(f"{name} {race_stats(results, spread, name)['stack_cpu_ms']:.2f} ms" for name in DSM)
         out += [
-            f"**Goodput over {results['args']['objects']:,} objects ({measured(spread_t)}).** Without contention the cores are the "
-            f"limit, and CPU per transition (clients + PostgreSQL + Redis, table above) tracks the goodput ratio: "
-            f"{per}, against {c['stack_cpu_ms']:.2f} ms for the cowboy. The cowboy sends one UPDATE after the caller's get; "
-            f"dsm_redis sends BEGIN, the row-lock SELECT, the UPDATE and COMMIT, and two Redis commands, each "
-            f"costing CPU in the client, in the server and in the kernel. 0.8× would need at most "
-            f"{c['stack_cpu_ms'] / 0.8:.2f} ms per transition, i.e. a protected transition costing no more "
-            f"than 1.25× an unprotected read-and-write: out of reach for a protocol that takes a lease and a "
-            f"row lock and fences its write (seed, with the row lock and no lease, costs {sd['stack_cpu_ms']:.2f} ms). "
-            f"Most of it is Python in the calling process ({dd['client_cpu_ms']:.2f} of dsm_redis's "
-            f"{dd['stack_cpu_ms']:.2f} ms; PostgreSQL {dd['postgres_cpu_ms']:.2f}, Redis {dd['redis_cpu_ms']:.2f}): "
-            f"every statement costs Django ORM work and every Redis command redis-py work. What narrows it: the fencing column above "
-            f"(less CPU per transition), and sending UPDATE and COMMIT in one round trip (psycopg pipeline "
-            f"mode).",
+            f"**Goodput over {results['args']['objects']:,} objects ({measured(spread_t)}).** Without contention "
+            f"the cores are the limit, and CPU per transition (clients + PostgreSQL + Redis, table above) tracks "
+            f"the goodput ratio: {per}, against {sd['stack_cpu_ms']:.2f} ms for seed. Seed sends BEGIN, the "
+            f"row-lock SELECT, a second SELECT (`refresh_from_db`), the UPDATE and COMMIT; dsm_redis one SELECT "
+            f"fewer and two Redis script calls more, and each of those costs CPU three times over: redis-py in "
+            f"the calling process, the kernel's loopback, and Redis running the script. Split (ms per "
+            f"transition): dsm_redis {dd['client_cpu_ms']:.2f} in the calling process, "
+            f"{dd['postgres_cpu_ms']:.2f} in PostgreSQL, {dd['redis_cpu_ms']:.2f} in Redis; seed "
+            f"{sd['client_cpu_ms']:.2f} in the calling process, {sd['postgres_cpu_ms']:.2f} in PostgreSQL. "
+            f"≥ 1.0× seed needs the lease's two script calls to cost no more CPU than the ORM's SELECT they "
+            f"save, against a floor that already spends as much on them (*Where the CPU goes*).",
             "",
         ]
     return "\n".join(out)

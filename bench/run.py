@@ -447,6 +447,7 @@ def profiles(layout: dict[str, Any], calls: int) -> dict[str, Any]:
             call(obj, pk, time.monotonic() + 60)
 
         out[name] = probes.profile(once, calls)
+        out[name]["cpu"] = probes.cpu_by_owner(once, calls)
     return out
 
 
