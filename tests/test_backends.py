@@ -25,7 +25,8 @@ from dsm_redis.backends.redis import RedisLockBackend
 from dsm_redis.conf import parse
 from dsm_redis.keys import counter_key, redis_name
 from dsm_redis.tools.servers import RedisServer, _free_port
-from tests.helpers import dsm_options, redis_backend_for
+from tests.helpers import WAIT, dsm_options, redis_backend_for, wait_for
+from tests.procs import in_background
 
 
 @pytest.fixture
@@ -83,6 +84,41 @@ def test_release_wakes_a_waiter_through_the_signal_list(redis_backend):
     thread.join(90)
     waiter.close()
     assert woken and woken[0] is not None  # the UNLOCK script pushed the wake-up signal
+
+
+def test_a_demoted_primarys_answer_drops_idle_connections_not_another_threads_blocked_wait(redis, monkeypatch):
+    """After a failover a call that meets READONLY drops the pool's connections and retries (they
+    point at the demoted primary). Only the idle ones: a connection another thread is blocked on
+    (a waiter's BLPOP) is that thread's to drop when its own command fails; closed under it, the
+    command is cut and sent again by redis-py, on a healthy server too."""
+    # A BLPOP of 5 s (half the socket timeout): the waiter stays blocked on its connection meanwhile.
+    backend = redis_backend_for(django_settings.REDIS_URL, HANDOVER_GRACE=60, SOCKET_TIMEOUT=10)
+    try:
+        held = backend.acquire("app.m:11", ttl=60, timeout=0)
+        blocked_before = {c["id"] for c in redis.client_list() if c["cmd"] == "blpop"}
+        grants: list[Any] = []
+        joined = in_background(lambda: grants.append(backend.acquire("app.m:11", ttl=60, timeout=WAIT)))
+        wait_for(
+            lambda: {c["id"] for c in redis.client_list() if c["cmd"] == "blpop"} - blocked_before,
+            "the waiter to block on its connection",
+        )
+        (waiter,) = {c["id"] for c in redis.client_list() if c["cmd"] == "blpop"} - blocked_before
+        renew, answered = backend._scripts["renew"], []
+
+        def demoted_once(**kwargs: Any) -> Any:
+            if not answered:
+                answered.append(True)
+                raise redis_py.ResponseError("READONLY You can't write against a read only replica.")
+            return renew(**kwargs)
+
+        monkeypatch.setitem(backend._scripts, "renew", demoted_once)
+        assert backend.renew("app.m:11", held.owner, 60)  # met READONLY, dropped, retried
+        assert backend.release("app.m:11", held.owner)  # handed over to the waiter
+        joined()
+        assert grants and grants[0].fencing_token > held.fencing_token
+        assert waiter in {c["id"] for c in redis.client_list()}  # its connection was never closed under it
+    finally:
+        backend.close()
 
 
 def test_a_wait_for_a_lease_is_logged_at_debug(redis_backend, redis, caplog):

@@ -255,7 +255,10 @@ class RedisLockBackend(LockBackend):
         pool = getattr(self.client, "connection_pool", None)
         if pool is not None:
             logger.warning("Redis answered as a demoted primary (a failover): reconnecting to the primary")
-            pool.disconnect()
+            # The idle ones only: a connection another thread is blocked on (a waiter's BLPOP) is
+            # that thread's to drop when its own command meets the demotion (READONLY, UNBLOCKED);
+            # closed under it, its wait is cut and reconnected, on a healthy server too.
+            pool.disconnect(inuse_connections=False)
 
     @cached_property
     def _max_wait(self) -> float:
@@ -610,7 +613,7 @@ class _AsyncRedisLeases:
                 logger.warning("Redis answered as a demoted primary (a failover): reconnecting to the primary")
                 pool = getattr(self.client, "connection_pool", None)
                 if pool is not None:
-                    await pool.disconnect()
+                    await pool.disconnect(inuse_connections=False)  # as RedisLockBackend._drop_connections
                 return await work()
         except (redis.ConnectionError, redis.TimeoutError, ClusterDownError, RedisClusterException) as exc:
             raise LockBackendUnavailable(f"Redis unreachable while trying to {what}: {type(exc).__name__}") from exc
