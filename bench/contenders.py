@@ -1,4 +1,4 @@
-"""The five contenders: how each one runs one deposit on an object, retries included.
+"""The contenders: how each one runs one deposit on an object, retries included.
 
 Every contender gets the object the way a view or a task would (``Model.objects.get(pk=...)``,
 not timed) and then makes one *call* (timed, from the call to its return, retries included):
@@ -6,6 +6,9 @@ not timed) and then makes one *call* (timed, from the call to its return, retrie
 - ``cowboy``: the seed README's unprotected code: check the state in memory, change, ``save()``.
 - ``seed``: deus-state-machina's algorithm, re-implemented here as a baseline: a per-instance
   ``RLock``, ``atomic``, ``select_for_update``, ``refresh_from_db``, side effect, ``save()``.
+- ``pg-advisory``: what a PostgreSQL user might pick instead of Redis: ``atomic``, a transaction-scoped
+  advisory lock per object (``pg_advisory_xact_lock``, as ``django-pglock`` takes it), then
+  ``select_for_update().get()``, the side effect on that row, ``save()``.
 - ``django-fsm-2``: ``ConcurrentTransitionMixin``; ``deposit()`` + ``save()`` inside ``atomic`` as
   its docs require; on ``ConcurrentTransition`` reload the object and retry until success.
 - ``django-logic``: its state lock (``cache.add`` on Django's ``RedisCache``); on a ``locked``
@@ -34,7 +37,7 @@ try:
 except ImportError:  # pragma: no cover
     _column = None
 
-CONTENDERS = ["cowboy", "seed", "django-fsm-2", "django-logic", "dsm_redis"] + (["dsm_redis+column"] if _column else [])
+CONTENDERS = ["cowboy", "seed", "pg-advisory", "django-fsm-2", "django-logic", "dsm_redis"] + (["dsm_redis+column"] if _column else [])
 CONTENDERS.append("floor")
 DSM = [c for c in CONTENDERS if c.startswith("dsm_redis")]
 FLOOR = "floor"
@@ -52,6 +55,7 @@ def model_for(name: str) -> Any:
     return {
         "cowboy": models.CowboyAccount,
         "seed": models.SeedAccount,
+        "pg-advisory": models.AdvisoryAccount,
         "django-fsm-2": models.FsmAccount,
         "django-logic": models.LogicAccount,
         "dsm_redis": models.DsmAccount,
@@ -114,6 +118,24 @@ def _cowboy(obj: Any, pk: int, hard_stop: float) -> tuple[Any, int]:
 def _seed_call(obj: Any, pk: int, hard_stop: float) -> tuple[Any, int]:
     _seed.transition(obj, "deposit")
     return obj, 0
+
+
+def _advisory(obj: Any, pk: int, hard_stop: float) -> tuple[Any, int]:
+    from django.db import connection, transaction
+
+    from bench.benchapp.models import deposit_effect
+
+    model = type(obj)
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            # One lock per object, held until the transaction ends; waiters wait inside PostgreSQL.
+            cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"{model._meta.label_lower}:{pk}"])
+        row = model.objects.select_for_update().get(pk=pk)
+        if row.state != "open":
+            raise RuntimeError(f"cannot deposit from {row.state}")
+        deposit_effect(row)
+        row.save()
+    return row, 0
 
 
 def _fsm(obj: Any, pk: int, hard_stop: float) -> tuple[Any, int]:
@@ -212,6 +234,7 @@ def take_lease_waits(name: str) -> list[float]:
 CALLS: dict[str, Callable[[Any, int, float], tuple[Any, int]]] = {
     "cowboy": _cowboy,
     "seed": _seed_call,
+    "pg-advisory": _advisory,
     "django-fsm-2": _fsm,
     "django-logic": _logic,
     "dsm_redis": _dsm,

@@ -288,6 +288,9 @@ def markdown(results: dict[str, Any], chart: str) -> str:
         "| `seed` | deus-state-machina's algorithm, re-implemented: per-instance `RLock`, `atomic`, "
         "`select_for_update().get()`, `refresh_from_db()`, side effect, `save()`, `state_changed` |"
     )
+    w("| `pg-advisory` | what a PostgreSQL user might pick instead of Redis: `atomic`, "
+      "`SELECT pg_advisory_xact_lock(hashtext('<model>:<pk>'))` (a transaction-scoped lock per object, as "
+      "`django-pglock` takes it), `select_for_update().get()`, side effect on that row, `save()` |")  # fmt: skip
     w(
         "| `django-fsm-2` | `ConcurrentTransitionMixin` model, `@transition(source='open', target='open')`; "
         "`deposit(); save()` inside `atomic` as its docs require; on `ConcurrentTransition` reload and retry until success |"
@@ -712,6 +715,13 @@ FINDINGS = """
   lock does not wait: a refused caller must retry (here: random sleep up to the backoff, reload, call
   again), so under contention calls retry many times and the longest wait grows; its release is a `GET`
   then a `DEL` (two round trips, not atomic).
+- **pg-advisory** is correct on one database for the same reason: the transaction holds both locks. Its
+  waiters wait inside PostgreSQL, each holding a database connection and an open transaction (a pool
+  of N connections caps the waiters at N; dsm_redis's waiters sleep in Redis and take a connection
+  only once granted). Its lock lasts one transaction: it cannot span several transactions, a Celery
+  task or work outside the database, and a holder needs no fencing token because its lock and its
+  writes end together (a holder whose connection dies is rolled back). Holders show in `pg_locks`
+  only as numbers.
 - **seed** (deus-state-machina's algorithm) is correct across processes *on one database*, because
   `select_for_update` inside the transaction does the work its `RLock` cannot; it does not cover work
   that spans transactions, which is what dsm_redis adds (leases, fencing).
@@ -720,7 +730,7 @@ FINDINGS = """
 
 # -- chart -----------------------------------------------------------------------------------------
 
-COLOURS = {"cowboy": "#999999", "seed": "#1f77b4", "django-fsm-2": "#ff7f0e", "django-logic": "#9467bd",
+COLOURS = {"cowboy": "#999999", "seed": "#1f77b4", "pg-advisory": "#17becf", "django-fsm-2": "#ff7f0e", "django-logic": "#9467bd",
            "dsm_redis": "#d62728", "dsm_redis+column": "#8c1515", "floor": "#2ca02c"}  # fmt: skip
 
 

@@ -50,6 +50,16 @@ class SeedAccount(models.Model):
     deposits = models.IntegerField(default=0)
 
 
+class AdvisoryAccount(models.Model):
+    """Driven by ``bench.contenders._advisory``: what a PostgreSQL user might pick instead of Redis, a
+    transaction-scoped advisory lock per object (as ``django-pglock``'s ``advisory(xact=True)``) plus
+    ``select_for_update``."""
+
+    state = models.CharField(max_length=10, default="open")
+    balance = models.IntegerField(default=0)
+    deposits = models.IntegerField(default=0)
+
+
 class FsmAccount(ConcurrentTransitionMixin, models.Model):
     """django-fsm-2 with ``ConcurrentTransitionMixin`` (its optimistic check on the state column)."""
 
