@@ -209,7 +209,11 @@ def _lock_and_judge(
         timeout = None
     if column is not None:
         _take_write_lock(rows, column, table)
-        fresh = _bounded(rows, timeout).get()
+        if root is model and timeout is not None:
+            # _bounded(rows, timeout).get(), compiled once: the same statement, without a queryset per call.
+            fresh = locked_row(model, using, instance.pk, MARK, _bound_in_scan(timeout))
+        else:
+            fresh = _bounded(rows, timeout).get()
         stored = getattr(fresh, column)
         accepted = _accepted(column_verdict(stored, token), token, reanchor, functools.partial(column_verdict, stored))
         setattr(fresh, column, column_value(accepted))  # written by the transition's UPDATE (save_judged)
@@ -346,9 +350,13 @@ def _table_judge(table: MarkTable, using: str, timeout: str | None) -> Callable[
 def _bounded(rows: Any, timeout: str | None) -> Any:
     if timeout is None:
         return rows
-    # set_config runs in the scan, before FOR UPDATE waits: the wait is bounded. values_list() must
-    # name MARK (_BOUND_ALIAS), or Django leaves the annotation out of the SELECT.
-    return rows.annotate(**{MARK: RawSQL("set_config('lock_timeout', %s, true)", (timeout,))})
+    # values_list() must name MARK (_BOUND_ALIAS), or Django leaves the annotation out of the SELECT.
+    return rows.annotate(**{MARK: _bound_in_scan(timeout)})
+
+
+def _bound_in_scan(timeout: str) -> RawSQL:
+    # set_config runs in the scan, before FOR UPDATE waits: the wait is bounded.
+    return RawSQL("set_config('lock_timeout', %s, true)", (timeout,))
 
 
 _BOUND_ALIAS = (MARK,)

@@ -571,7 +571,7 @@ def test_compiled_row_lock_select_is_the_orms(model):
                 if compiled
                 else rows.annotate(**{MARK: in_scan}).get()
             )
-        assert not compiled or _STATEMENTS[(model, "default", "postgresql")] is not None
+        assert not compiled or _STATEMENTS[(model, "default", "postgresql", in_scan.sql)] is not None
         found.append(([q["sql"] for q in queries], fresh))
     (orm_sql, orm_row), (sql, row) = found
     assert sql == orm_sql

@@ -24,7 +24,7 @@ from dsm_redis.rowlock import _STATEMENTS, locked_row
 from dsm_redis.token import Token
 from tests.helpers import fresh, pg_connect, wait_for
 from tests.procs import in_background
-from tests.testapp.models import DEAD, Account, Cat, Lion
+from tests.testapp.models import DEAD, Account, Cat, FencedAccount, Lion
 
 pytestmark = pytest.mark.django_db(databases=["default", "sqlite"], transaction=True)
 postgresql = pytest.mark.skipif(
@@ -51,7 +51,7 @@ def _both_ways(model: type[models.Model], pk: Any) -> list[tuple[list[str], mode
             row = (
                 locked_row(model, "default", pk, MARK, in_scan) if compiled else rows.annotate(**{MARK: in_scan}).get()
             )
-        assert not compiled or _STATEMENTS[(model, "default", "postgresql")] is not None
+        assert not compiled or _STATEMENTS[(model, "default", "postgresql", in_scan.sql)] is not None
         found.append(([q["sql"] for q in queries], row))
     return found
 
@@ -98,9 +98,40 @@ def test_a_statement_compiled_on_another_threads_connection_reads_on_this_one():
     obj = Account.objects.create(balance=3)
     _STATEMENTS.clear()
     in_background(lambda: Account.objects.get(pk=obj.pk).machine.deposit())()  # compiled there, connection closed
-    assert _STATEMENTS[(Account, "default", "postgresql")] is not None
+    assert [statement is not None for (model, *_), statement in _STATEMENTS.items() if model is Account] == [True]
     obj.machine.deposit()
     assert (fresh(obj).balance, fresh(obj).deposits) == (5, 2)
+
+
+@postgresql
+def test_a_fencing_column_models_row_lock_is_the_orms_statement_compiled_with_its_wait_bounded(settings):
+    """With ``FencingTokenField`` the mark is judged in Python on the row's column; the statement only
+    bounds the row-lock wait in its scan (``set_config('lock_timeout', ...)``) and locks the row. The
+    compiled statement must be the ORM's, and its wait bounded: a row held by another transaction
+    is a ``LockTimeout`` after ``ROW_LOCK_TIMEOUT``, not a wait as long as the holder's."""
+    from dsm_redis import LockTimeout
+    from dsm_redis.fence import _bounded
+
+    dsm_options(settings, ROW_LOCK_TIMEOUT=0.2)
+    obj = FencedAccount.objects.create(balance=3)
+    _STATEMENTS.clear()
+    with CaptureQueriesContext(connections["default"]) as queries:
+        obj.machine.deposit(amount=1)
+    (statement,) = [s for (model, *_), s in _STATEMENTS.items() if model is FencedAccount]
+    assert statement is not None
+    assert statement.sql in [q["sql"].replace("'200ms'", "%s").replace(f"= {obj.pk} ", "= %s ") for q in queries]
+    rows = FencedAccount._base_manager.db_manager("default").select_for_update().filter(pk=obj.pk)
+    orm = _bounded(rows, "200ms").order_by()
+    orm.query.set_limits(high=21)
+    assert statement.sql == orm.query.sql_with_params()[0]
+    with connections["default"].cursor() as cursor:
+        cursor.execute("SET statement_timeout = '30s'")  # without the bound: a failure, not a hang
+    with pg_connect() as other:
+        with other.transaction():
+            other.execute("SELECT 1 FROM testapp_fencedaccount WHERE id = %s FOR UPDATE", [obj.pk])
+            with pytest.raises(LockTimeout, match="row lock"):
+                fresh(obj).machine.deposit(amount=1)
+    assert (fresh(obj).balance, fresh(obj).deposits) == (4, 1)
 
 
 @postgresql
