@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from django.db import connections, models, transaction
+from django.db.models.query import QuerySet
 from django.test.utils import CaptureQueriesContext, isolate_apps
 
 from dsm_redis.fence import MARK
@@ -133,6 +134,27 @@ def test_a_fencing_column_models_row_lock_is_the_orms_statement_compiled_with_it
             with pytest.raises(LockTimeout, match="row lock"):
                 fresh(obj).machine.deposit(amount=1)
     assert (fresh(obj).balance, fresh(obj).deposits) == (4, 1)  # the refused one changed nothing
+
+
+@postgresql
+@pytest.mark.parametrize("model", [Account, FencedAccount], ids=["mark-table", "own-column"])
+def test_a_transition_builds_no_queryset_once_its_row_lock_is_compiled(model, monkeypatch):
+    """The compiled statement replaces the queryset, for the mark table and the row's own column
+    alike: once compiled, a transition builds none (``fence`` must not build one it does not send)."""
+    obj = model.objects.create(balance=3)
+    obj.machine.deposit()  # compiles the row lock (and the UPDATE)
+    built: list[type[models.Model]] = []
+    init = QuerySet.__init__
+
+    def counted(self: QuerySet, model: Any = None, *args: Any, **kwargs: Any) -> None:
+        built.append(model)
+        init(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(QuerySet, "__init__", counted)
+    obj.machine.deposit()
+    monkeypatch.undo()
+    assert built == []
+    assert (fresh(obj).balance, fresh(obj).deposits) == (5, 2)
 
 
 @postgresql
