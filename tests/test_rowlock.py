@@ -95,6 +95,49 @@ def test_compiled_row_lock_reads_every_kind_of_column_as_the_orm_does():
 
 
 @postgresql
+@isolate_apps("tests.testapp")
+def test_a_fencing_column_models_compiled_row_lock_reads_and_judges_as_the_orm_does():
+    """A ``FencingTokenField`` model of another shape (a UUID key, renamed columns, a converter of
+    its own): ``lock_row`` sends the ORM's ``_bounded(rows, timeout).get()``, builds the same
+    instance, judges the mark on its column (a newer token accepted, an older one refused)."""
+    import uuid
+
+    from dsm_redis import StaleFencingToken
+    from dsm_redis.fence import FencingTokenField, _bounded, lock_row
+    from dsm_redis.rowlock import row_for_update
+
+    class Vault(models.Model):
+        key = models.UUIDField(primary_key=True, default=uuid.uuid4, db_column="Vault Key")
+        label = Shouting(max_length=10, default="abc", db_column="Label")
+        fence = FencingTokenField(db_column="Fence Mark")
+
+        class Meta:
+            app_label = "testapp"
+
+    with connections["default"].schema_editor() as editor:
+        editor.create_model(Vault)
+    try:
+        obj = Vault.objects.create(fence="3:old")
+        with transaction.atomic(), CaptureQueriesContext(connections["default"]) as queries:
+            orm = _bounded(row_for_update(Vault, "default", obj.pk), "1000ms").get()
+        _STATEMENTS.clear()
+        with transaction.atomic(), CaptureQueriesContext(connections["default"]) as compiled_queries:
+            row, accepted = lock_row(obj, "default", Token(object_key(obj), 5, "me"), 1.0, in_caller_transaction=False)
+        (statement,) = [s for (model, *_), s in _STATEMENTS.items() if model is Vault]
+        assert statement is not None  # lock_row ran the compiled statement
+        assert [q["sql"] for q in compiled_queries] == [q["sql"] for q in queries]
+        assert _values(Vault, row) == {**_values(Vault, orm), "fence": (str, "5:me")}
+        assert (row.label, getattr(row, MARK), accepted.number) == ("ABC", getattr(orm, MARK), 5)
+        Vault.objects.filter(pk=obj.pk).update(fence="7:newer")
+        with transaction.atomic(), pytest.raises(StaleFencingToken):
+            lock_row(obj, "default", Token(object_key(obj), 6, "me"), 1.0, in_caller_transaction=False)
+    finally:
+        _STATEMENTS.clear()
+        with connections["default"].schema_editor() as editor:
+            editor.delete_model(Vault)
+
+
+@postgresql
 def test_a_statement_compiled_on_another_threads_connection_reads_on_this_one():
     obj = Account.objects.create(balance=3)
     _STATEMENTS.clear()
