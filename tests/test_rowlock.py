@@ -224,6 +224,46 @@ def test_a_transition_waiting_for_the_row_with_no_mark_yet_reads_the_row_committ
 
 
 @postgresql
+@pytest.mark.parametrize("committed_mark", [None, "999999:newer"], ids=["row-only", "newer-mark"])
+def test_a_fencing_column_transition_waiting_for_the_row_judges_the_mark_committed_meanwhile(committed_mark):
+    """The compiled statement waits for the row (FOR UPDATE) and judges the mark on the row it then
+    returns: the one committed while it waited. A newer holder's mark refuses it (its lease was
+    judged at ``object_lock``'s door: no re-anchoring); a write that left the mark is built upon."""
+    from dsm_redis import StaleFencingToken, object_lock
+
+    obj = FencedAccount.objects.create()
+    obj.machine.deposit(amount=1)  # compiled
+    with pg_connect() as other, pg_connect() as watcher, object_lock(obj, ttl=60):
+        other.autocommit = False
+        other.execute(
+            "UPDATE testapp_fencedaccount SET balance = balance + 100, fencing_token = COALESCE(%s, fencing_token)"
+            " WHERE id = %s",
+            [committed_mark, obj.pk],
+        )
+
+        def commit_once_the_transition_waits() -> None:
+            wait_for(
+                lambda: watcher.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+                    ["%set_config('lock_timeout'%testapp_fencedaccount%"],
+                ).fetchone(),
+                "the transition to wait for the row lock",
+            )
+            other.commit()
+
+        join = in_background(commit_once_the_transition_waits)
+        if committed_mark is None:
+            obj.machine.deposit(amount=1)
+        else:
+            with pytest.raises(StaleFencingToken):
+                obj.machine.deposit(amount=1)
+        join()
+    row = fresh(obj)
+    assert (row.balance, row.deposits) == ((102, 2) if committed_mark is None else (101, 1))
+    assert (row.fencing_token == committed_mark) is (committed_mark is not None)
+
+
+@postgresql
 def test_a_primary_key_no_row_can_have_is_a_missing_row_as_for_the_orm():
     """Django (5.0+) compiles ``pk=<out of the column's range>`` to no query at all; ``.get()`` raises
     ``DoesNotExist``, and so must the compiled statement, compiling or compiled."""
