@@ -28,8 +28,8 @@ Safety contract:
 
 Shape: the fence judges a ``Token`` value (``token.py``) and knows nothing of leases. Where the mark
 is kept and how a database judges against it is one strategy per database (``marks.py``), chosen
-once per alias; the row-lock statement itself is compiled once per model and database
-(``rowlock.py``). Re-anchoring is the holder's business: at a lease's first judgement it passes a
+once per alias; the row-lock statement itself is compiled once per model, database and expression
+in its scan (``rowlock.py``). Re-anchoring is the holder's business: at a lease's first judgement it passes a
 ``reanchor`` callable (the mark that refused it -> a newer token Redis minted, or ``None``), and
 every judgement returns the token it accepted, which the holder adopts. Kept whole: the row lock,
 the bound on its wait and the judgement are one sequence of statements, read best in one place.

@@ -1,7 +1,9 @@
 """The compiled row-lock statement (``rowlock.py``) against the ORM's own, on PostgreSQL, where the
 fence runs inside it: every kind of column, a statement compiled by another thread's connection, and
-the row a waiting transition reads when the object has no fencing mark yet; and the row read under
-the lock adopted by a caller's instance with deferred fields, on both databases.
+the row a waiting transition reads when the object has no fencing mark yet; a ``FencingTokenField``
+model's row lock (the ORM's statement, its wait bounded, the mark committed last judged, no queryset
+built per transition); and the row read under the lock adopted by a caller's instance with deferred
+fields, on both databases.
 
 The basic shapes (UUID, Decimal and string keys, a missing row) are in ``test_fencing.py``.
 """
