@@ -28,8 +28,8 @@ Safety contract:
 
 Shape: the fence judges a ``Token`` value (``token.py``) and knows nothing of leases. Where the mark
 is kept and how a database judges against it is one strategy per database (``marks.py``), chosen
-once per alias; the row-lock statement itself is compiled once per model and database
-(``rowlock.py``). Re-anchoring is the holder's business: at a lease's first judgement it passes a
+once per alias; the row-lock statement itself is compiled once per model, database and expression
+in its scan (``rowlock.py``). Re-anchoring is the holder's business: at a lease's first judgement it passes a
 ``reanchor`` callable (the mark that refused it -> a newer token Redis minted, or ``None``), and
 every judgement returns the token it accepted, which the holder adopts. Kept whole: the row lock,
 the bound on its wait and the judgement are one sequence of statements, read best in one place.
@@ -194,6 +194,11 @@ def _lock_and_judge(
             fresh = locked_row(model, using, instance.pk, MARK, in_scan)
             verdict = table.scan_verdict(getattr(fresh, MARK))
             return fresh, _accepted(verdict, token, reanchor, _table_judge(table, using, None))
+    if root is model and column is not None and timeout is not None and table.row_locks:
+        # _bounded(row_for_update(...), timeout).get(), compiled once: no queryset per transition
+        # (rows lock here: no write lock to take first, _take_write_lock).
+        fresh = locked_row(model, using, instance.pk, MARK, _bound_in_scan(timeout))
+        return _judged_on_column(fresh, column, token, reanchor)
     rows = row_for_update(model, using, instance.pk)
     if root is not model:
         # Multi-table inheritance: lock the parent row first, the order a plain save() of the
@@ -209,16 +214,19 @@ def _lock_and_judge(
         timeout = None
     if column is not None:
         _take_write_lock(rows, column, table)
-        fresh = _bounded(rows, timeout).get()
-        stored = getattr(fresh, column)
-        accepted = _accepted(column_verdict(stored, token), token, reanchor, functools.partial(column_verdict, stored))
-        setattr(fresh, column, column_value(accepted))  # written by the transition's UPDATE (save_judged)
-        return fresh, accepted
+        return _judged_on_column(_bounded(rows, timeout).get(), column, token, reanchor)
     # Elsewhere the mark goes first: on SQLite it is the write that takes the database's write
     # lock at the start, which avoids a read-to-write lock upgrade deadlock.
     judge = _table_judge(table, using, timeout)
     accepted = _accepted(judge(token), token, reanchor, judge)
     return rows.get(), accepted
+
+
+def _judged_on_column(fresh: Model, column: str, token: Token, reanchor: Reanchor | None) -> tuple[Model, Token]:
+    stored = getattr(fresh, column)
+    accepted = _accepted(column_verdict(stored, token), token, reanchor, functools.partial(column_verdict, stored))
+    setattr(fresh, column, column_value(accepted))  # written by the transition's UPDATE (save_judged)
+    return fresh, accepted
 
 
 def save_judged(instance: Model, token: Token, using: str, update_fields: set[str]) -> None:
@@ -346,9 +354,13 @@ def _table_judge(table: MarkTable, using: str, timeout: str | None) -> Callable[
 def _bounded(rows: Any, timeout: str | None) -> Any:
     if timeout is None:
         return rows
-    # set_config runs in the scan, before FOR UPDATE waits: the wait is bounded. values_list() must
-    # name MARK (_BOUND_ALIAS), or Django leaves the annotation out of the SELECT.
-    return rows.annotate(**{MARK: RawSQL("set_config('lock_timeout', %s, true)", (timeout,))})
+    # values_list() must name MARK (_BOUND_ALIAS), or Django leaves the annotation out of the SELECT.
+    return rows.annotate(**{MARK: _bound_in_scan(timeout)})
+
+
+def _bound_in_scan(timeout: str) -> RawSQL:
+    # set_config runs in the scan, before FOR UPDATE waits: the wait is bounded.
+    return RawSQL("set_config('lock_timeout', %s, true)", (timeout,))
 
 
 _BOUND_ALIAS = (MARK,)

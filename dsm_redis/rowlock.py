@@ -1,4 +1,5 @@
-"""The transition's row-lock statement, compiled once per (model, database) and run on a cursor.
+"""The transition's row-lock statement, compiled once per (model, database, expression in the scan)
+and run on a cursor.
 
 Owns one thing: what ``row_for_update(model, using, pk).annotate(<alias>=<the fence in the scan>)
 .get()`` sends and how its row becomes an instance, without building a queryset per transition
@@ -42,9 +43,9 @@ class _Statement:
         return field.get_db_prep_value(field.get_prep_value(pk), connection, prepared=True)
 
 
-# (model, alias, vendor) -> its statement, or None where the ORM path is kept (a custom base
-# manager, a relation as primary key, a compiled query not of the expected shape).
-_STATEMENTS: dict[tuple[type[Model], str, str], _Statement | None] = {}
+# (model, alias, vendor, the in-scan expression's SQL) -> its statement, or None where the ORM path
+# is kept (a custom base manager, a relation as primary key, a compiled query not of the expected shape).
+_STATEMENTS: dict[tuple[type[Model], str, str, str], _Statement | None] = {}
 _UNCOMPILED: Any = object()
 
 
@@ -55,7 +56,7 @@ def row_for_update(model: type[Model], using: str, pk: Any) -> Any:
 def locked_row(model: type[Model], using: str, pk: Any, alias: str, in_scan: RawSQL) -> Model:
     """``row_for_update(model, using, pk).annotate(**{alias: in_scan}).get()``, compiled once."""
     connection = connections[using]
-    cache_key = (model, using, connection.vendor)
+    cache_key = (model, using, connection.vendor, in_scan.sql)
     statement = _STATEMENTS.get(cache_key, _UNCOMPILED)
     if statement is _UNCOMPILED:
         try:

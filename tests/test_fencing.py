@@ -571,7 +571,7 @@ def test_compiled_row_lock_select_is_the_orms(model):
                 if compiled
                 else rows.annotate(**{MARK: in_scan}).get()
             )
-        assert not compiled or _STATEMENTS[(model, "default", "postgresql")] is not None
+        assert not compiled or _STATEMENTS[(model, "default", "postgresql", in_scan.sql)] is not None
         found.append(([q["sql"] for q in queries], fresh))
     (orm_sql, orm_row), (sql, row) = found
     assert sql == orm_sql
@@ -649,3 +649,39 @@ def test_the_sqlite_mark_needs_no_sqlite_newer_than_djangos_minimum():
             with pytest.raises(StaleFencingToken):
                 obj.machine.deposit(amount=100)
     assert (fresh(obj).balance, fresh(obj).deposits) == (12, 3)
+
+
+def _set_lock_timeout(value: str) -> None:
+    with connections["default"].cursor() as cursor:
+        cursor.execute("SELECT set_config('lock_timeout', %s, true)", [value])
+
+
+def _lock_timeout() -> str:
+    with connections["default"].cursor() as cursor:
+        cursor.execute("SELECT current_setting('lock_timeout')")
+        return str(cursor.fetchone()[0])
+
+
+@MODELS
+def test_a_transition_in_the_callers_transaction_puts_back_its_lock_timeout_accepted_or_refused(model, settings):
+    """The row lock's statement bounds its wait with ``set_config('lock_timeout', ..., true)``, which
+    lasts until the *caller's* transaction ends: accepted, or refused and caught, the transition must
+    leave the caller's own setting as it was."""
+    if connections["default"].vendor != "postgresql":
+        pytest.skip("lock_timeout is PostgreSQL's")
+    dsm_options(settings, ROW_LOCK_TIMEOUT=0.2)
+    obj = model.objects.create()
+    with object_lock(obj, ttl=60) as lease:
+        with transaction.atomic():
+            _set_lock_timeout("61s")
+            obj.machine.deposit(amount=1)
+            accepted = _lock_timeout()
+        expire(lease)
+        in_other_thread(lambda: model.objects.get(pk=obj.pk).machine.deposit(amount=10))
+        with transaction.atomic():
+            _set_lock_timeout("61s")
+            with pytest.raises(StaleFencingToken):
+                obj.machine.deposit(amount=100)
+            refused = _lock_timeout()
+    assert (accepted, refused) == ("61s", "61s")
+    assert (fresh(obj).balance, fresh(obj).deposits) == (11, 2)
