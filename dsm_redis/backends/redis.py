@@ -255,6 +255,13 @@ class RedisLockBackend(LockBackend):
         pool = getattr(self.client, "connection_pool", None)
         if pool is not None:
             logger.warning("Redis answered as a demoted primary (a failover): reconnecting to the primary")
+            # Where the primary is now, first: a Sentinel pool then refuses a connection to another
+            # server when it comes back. Else one in use on the demoted primary during the drop
+            # (another thread's command in flight) would return to the pool after it, and the
+            # caller's one retry could draw it and meet READONLY again.
+            locate = getattr(pool, "get_master_address", None)
+            if locate is not None:
+                locate()
             # The idle ones only: a connection another thread is blocked on (a waiter's BLPOP) is
             # that thread's to drop when its own command meets the demotion (READONLY, UNBLOCKED);
             # closed under it, its wait is cut and reconnected, on a healthy server too.
@@ -613,7 +620,7 @@ class _AsyncRedisLeases:
                 logger.warning("Redis answered as a demoted primary (a failover): reconnecting to the primary")
                 pool = getattr(self.client, "connection_pool", None)
                 if pool is not None:
-                    await pool.disconnect(inuse_connections=False)  # as RedisLockBackend._drop_connections
+                    await _drop_async_connections(pool)
                 return await work()
         except (redis.ConnectionError, redis.TimeoutError, ClusterDownError, RedisClusterException) as exc:
             raise LockBackendUnavailable(f"Redis unreachable while trying to {what}: {type(exc).__name__}") from exc
@@ -688,6 +695,22 @@ class _AsyncRedisLeases:
                 ),
             )
         )
+
+
+async def _drop_async_connections(pool: Any) -> None:
+    """``RedisLockBackend._drop_connections`` for a ``redis.asyncio`` pool, whose ``release()``
+    keeps a connection to any server: one in use on the demoted primary during the drop (another
+    coroutine's command in flight) would come back to the pool after it, and the retry would draw
+    it and meet READONLY again. Marked, it is dropped when it comes back, its command not cut."""
+    locate = getattr(pool, "get_master_address", None)
+    if locate is not None:
+        primary = await locate()
+        # Other coroutines add to and take from the set only while this one awaits.
+        for connection in list(getattr(pool, "_in_use_connections", ())):
+            mark = getattr(connection, "mark_for_reconnect", None)  # absent from older redis-py
+            if mark is not None and (connection.host, connection.port) != primary:
+                mark()
+    await pool.disconnect(inuse_connections=False)
 
 
 def _demoted(exc: redis.ResponseError) -> bool:
