@@ -260,7 +260,9 @@ def test_a_connection_in_flight_on_a_demoted_primary_is_not_what_the_retry_draws
         admin(primary).execute_command("ACL", "SETUSER", "default", "-client")
         try:
             admin(group.sentinels[0]).execute_command("SENTINEL", "FAILOVER", group.service)
-            await asyncio.to_thread(wait_for, lambda: group.primary() is replica, "the sentinels to promote the replica")
+            await asyncio.to_thread(
+                wait_for, lambda: group.primary() is replica, "the sentinels to promote the replica"
+            )
             admin(primary).execute_command("REPLICAOF", "127.0.0.1", replica.port)  # demoted, still up
             assert await asyncio.to_thread(group.wait_for_new_primary, primary) is replica
 
