@@ -229,7 +229,7 @@ class RedisLockBackend(LockBackend):
     def _scripts(self) -> dict[str, Any]:
         return {name: self.client.register_script(text) for name, text in _script_texts().items()}
 
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
+    def _call(self, what: str, fn: Callable[[], T], pinned: Any = None) -> T:
         try:
             try:
                 return fn()
@@ -242,6 +242,13 @@ class RedisLockBackend(LockBackend):
                 # Once: the script stopped at its first write, so it changed nothing; a BLPOP
                 # unblocked by the demotion popped nothing, and waits on in the new primary.
                 self._drop_connections()
+                if pinned is not None:
+                    # This call's own connection, held for its WAIT: the drop leaves it (in use),
+                    # and the retry would run on it, still on the demoted primary. Reconnected
+                    # through connect(), which asks the sentinels: a command on a closed connection
+                    # reopens it to the address it had.
+                    pinned.connection.disconnect()
+                    pinned.connection.connect()
                 return fn()
         except (redis.ConnectionError, redis.TimeoutError, ClusterDownError, RedisClusterException) as exc:
             # Never echo the URL: it may carry a password.
@@ -355,7 +362,7 @@ class RedisLockBackend(LockBackend):
         # and the WAIT run on one connection held for the two calls.
         pinned = self._call("acquire a lease", partial(self._pinned_client, keys[0]))
         try:
-            ok, value = self._call("acquire a lease", partial(script, keys=keys, args=args, client=pinned))
+            ok, value = self._call("acquire a lease", partial(script, keys=keys, args=args, client=pinned), pinned)
             if not ok:
                 return ok, value
             acked = int(self._call("wait for replicas", partial(pinned.execute_command, "WAIT", needed, timeout_ms)))
