@@ -10,6 +10,7 @@ causes is printed (``-s``) and reported in the README, never asserted.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import subprocess
@@ -215,6 +216,90 @@ def test_leases_follow_a_failover_that_demotes_their_primary(group):
         holder.close()
         waiter.close()
     wait_for(lambda: group.in_sync(group.replica()), "the old primary to follow the new one")
+
+
+@contextlib.contextmanager
+def demoted_keeping_connections(group: SentinelGroup) -> Iterator[RedisServer]:
+    """A failover whose demoted primary stays up and keeps its clients' connections; yields the
+    promoted replica. The sentinels demote a primary with CLIENT KILL, closing every connection to
+    it: refused meanwhile, as when it was out of their reach."""
+    primary, replica = group.primary(), group.replica()
+    admin(primary).execute_command("ACL", "SETUSER", "default", "-client")
+    try:
+        admin(group.sentinels[0]).execute_command("SENTINEL", "FAILOVER", group.service)
+        wait_for(lambda: group.primary() is replica, "the sentinels to promote the replica")
+        admin(primary).execute_command("REPLICAOF", "127.0.0.1", replica.port)  # demoted, still up
+        assert group.wait_for_new_primary(primary) is replica
+        yield replica
+    finally:
+        admin(primary).execute_command("ACL", "SETUSER", "default", "+client")
+    wait_for(lambda: group.in_sync(primary), "the old primary to follow the new one")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_connection_in_flight_on_a_demoted_primary_is_not_what_the_retry_draws(group, monkeypatch):
+    """A call meets READONLY and drops the pool's idle connections while another thread's (or
+    coroutine's) command is still in flight on the demoted primary: that connection comes back to
+    the pool just after the drop, still on the demoted primary. The call's one retry must not draw
+    it (it would answer READONLY again, with no retry left): it is dropped when it comes back."""
+    import asyncio
+
+    backend = redis_backend_for(group.url)
+    pool = backend.client.connection_pool
+
+    def back_after_the_drop(pool: Any, release: Callable[[], Any]) -> None:
+        # The other command ends right after the pool's first drop, before the retry draws.
+        drop = pool.disconnect
+
+        def disconnect(*args: Any, **kwargs: Any) -> Any:
+            monkeypatch.setattr(pool, "disconnect", drop)
+            done = drop(*args, **kwargs)
+            if asyncio.iscoroutine(done):
+                return then(done, release)
+            release()
+            return done
+
+        monkeypatch.setattr(pool, "disconnect", disconnect)
+
+    async def then(done: Any, release: Callable[[], Any]) -> None:
+        await done
+        await release()
+
+    async def main() -> None:
+        leases = backend.for_asyncio()
+        apool = leases.client.connection_pool
+        # In each pool a connection in use (another thread's, another coroutine's command in
+        # flight), then an idle one, both to the primary.
+        busy, abusy = pool.get_connection(), await apool.get_connection()
+        backend.release("fo.test:7", backend.acquire("fo.test:7", ttl=30, timeout=0).owner)
+        assert await leases.release("fo.test:8", (await leases.acquire("fo.test:8", ttl=30, timeout=0)).owner)
+        with demoted_keeping_connections(group):
+            back_after_the_drop(pool, lambda: pool.release(busy))
+            grant = backend.acquire("fo.test:7", ttl=30, timeout=0)  # READONLY, dropped, retried
+            assert backend.release("fo.test:7", grant.owner)
+            back_after_the_drop(apool, lambda: apool.release(abusy))
+            grant = await leases.acquire("fo.test:8", ttl=30, timeout=0)
+            assert await leases.release("fo.test:8", grant.owner)
+
+    try:
+        run_async(main)
+    finally:
+        backend.close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_replica_acks_retry_a_script_that_met_a_demoted_primary_on_the_promoted_one(group):
+    """With ``REPLICA_ACKS`` the acquire script runs on a connection pinned for its ``WAIT``: when
+    it meets READONLY, the retry must not run on that same connection, still on the demoted primary."""
+    acked = redis_backend_for(group.url, REPLICA_ACKS=1)
+    try:
+        acked.release("fo.test:9", acked.acquire("fo.test:9", ttl=30, timeout=0).owner)  # an idle connection
+        with demoted_keeping_connections(group) as promoted:
+            wait_for(lambda: admin(promoted).info("replication")["connected_slaves"], "the demoted primary to follow")
+            grant = acked.acquire("fo.test:9", ttl=30, timeout=0)  # READONLY, dropped, retried, acknowledged
+            assert acked.release("fo.test:9", grant.owner)
+    finally:
+        acked.close()
 
 
 def fresh_mark(obj: Any) -> int:

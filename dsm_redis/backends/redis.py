@@ -229,7 +229,7 @@ class RedisLockBackend(LockBackend):
     def _scripts(self) -> dict[str, Any]:
         return {name: self.client.register_script(text) for name, text in _script_texts().items()}
 
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
+    def _call(self, what: str, fn: Callable[[], T], pinned: Any = None) -> T:
         try:
             try:
                 return fn()
@@ -242,6 +242,13 @@ class RedisLockBackend(LockBackend):
                 # Once: the script stopped at its first write, so it changed nothing; a BLPOP
                 # unblocked by the demotion popped nothing, and waits on in the new primary.
                 self._drop_connections()
+                if pinned is not None:
+                    # This call's own connection, held for its WAIT: the drop leaves it (in use),
+                    # and the retry would run on it, still on the demoted primary. Reconnected
+                    # through connect(), which asks the sentinels: a command on a closed connection
+                    # reopens it to the address it had.
+                    pinned.connection.disconnect()
+                    pinned.connection.connect()
                 return fn()
         except (redis.ConnectionError, redis.TimeoutError, ClusterDownError, RedisClusterException) as exc:
             # Never echo the URL: it may carry a password.
@@ -255,6 +262,13 @@ class RedisLockBackend(LockBackend):
         pool = getattr(self.client, "connection_pool", None)
         if pool is not None:
             logger.warning("Redis answered as a demoted primary (a failover): reconnecting to the primary")
+            # Where the primary is now, first: a Sentinel pool then refuses a connection to another
+            # server when it comes back. Else one in use on the demoted primary during the drop
+            # (another thread's command in flight) would return to the pool after it, and the
+            # caller's one retry could draw it and meet READONLY again.
+            locate = getattr(pool, "get_master_address", None)
+            if locate is not None:
+                locate()
             # The idle ones only: a connection another thread is blocked on (a waiter's BLPOP) is
             # that thread's to drop when its own command meets the demotion (READONLY, UNBLOCKED);
             # closed under it, its wait is cut and reconnected, on a healthy server too.
@@ -348,7 +362,7 @@ class RedisLockBackend(LockBackend):
         # and the WAIT run on one connection held for the two calls.
         pinned = self._call("acquire a lease", partial(self._pinned_client, keys[0]))
         try:
-            ok, value = self._call("acquire a lease", partial(script, keys=keys, args=args, client=pinned))
+            ok, value = self._call("acquire a lease", partial(script, keys=keys, args=args, client=pinned), pinned)
             if not ok:
                 return ok, value
             acked = int(self._call("wait for replicas", partial(pinned.execute_command, "WAIT", needed, timeout_ms)))
@@ -613,7 +627,7 @@ class _AsyncRedisLeases:
                 logger.warning("Redis answered as a demoted primary (a failover): reconnecting to the primary")
                 pool = getattr(self.client, "connection_pool", None)
                 if pool is not None:
-                    await pool.disconnect(inuse_connections=False)  # as RedisLockBackend._drop_connections
+                    await _drop_async_connections(pool)
                 return await work()
         except (redis.ConnectionError, redis.TimeoutError, ClusterDownError, RedisClusterException) as exc:
             raise LockBackendUnavailable(f"Redis unreachable while trying to {what}: {type(exc).__name__}") from exc
@@ -688,6 +702,22 @@ class _AsyncRedisLeases:
                 ),
             )
         )
+
+
+async def _drop_async_connections(pool: Any) -> None:
+    """``RedisLockBackend._drop_connections`` for a ``redis.asyncio`` pool, whose ``release()``
+    keeps a connection to any server: one in use on the demoted primary during the drop (another
+    coroutine's command in flight) would come back to the pool after it, and the retry would draw
+    it and meet READONLY again. Marked, it is dropped when it comes back, its command not cut."""
+    locate = getattr(pool, "get_master_address", None)
+    if locate is not None:
+        primary = await locate()
+        # Other coroutines add to and take from the set only while this one awaits.
+        for connection in list(getattr(pool, "_in_use_connections", ())):
+            mark = getattr(connection, "mark_for_reconnect", None)  # absent from older redis-py
+            if mark is not None and (connection.host, connection.port) != primary:
+                mark()
+    await pool.disconnect(inuse_connections=False)
 
 
 def _demoted(exc: redis.ResponseError) -> bool:
