@@ -162,7 +162,7 @@ def test_a_holder_whose_lease_the_promoted_replica_never_saw_is_refused(group, s
         with object_lock(account) as lease:  # on the primary only; judged by the database at the door
             assert admin(replica).get(lock_key(account)) is None
             admin(group.sentinels[0]).execute_command("SENTINEL", "FAILOVER", group.service)
-            wait_for(lambda: group.primary() is replica, "the sentinels to promote the replica")
+            wait_for(lambda: named_by_every_sentinel(group, replica), "the replica's promotion")
             # What the sentinels do to a demoted primary at their next look at it (up to 10 s away).
             admin(primary).execute_command("REPLICAOF", "127.0.0.1", replica.port)
             assert group.wait_for_new_primary(primary) is replica
@@ -200,7 +200,7 @@ def test_leases_follow_a_failover_that_demotes_their_primary(group):
         assert await leases.release("fo.test:6", grant.owner)
         primary, replica = group.primary(), group.replica()
         admin(group.sentinels[0]).execute_command("SENTINEL", "FAILOVER", group.service)
-        await asyncio.to_thread(wait_for, lambda: group.primary() is replica, "the sentinels to promote the replica")
+        await asyncio.to_thread(wait_for, lambda: named_by_every_sentinel(group, replica), "the replica's promotion")
         admin(primary).execute_command("REPLICAOF", "127.0.0.1", replica.port)  # demoted, still up
         assert await asyncio.to_thread(group.wait_for_new_primary, primary) is replica
         grant = await leases.acquire("fo.test:6", ttl=30, timeout=0)
@@ -218,6 +218,14 @@ def test_leases_follow_a_failover_that_demotes_their_primary(group):
     wait_for(lambda: group.in_sync(group.replica()), "the old primary to follow the new one")
 
 
+def named_by_every_sentinel(group: SentinelGroup, server: RedisServer) -> bool:
+    """Every sentinel names ``server`` the primary: as the sentinels do, the old primary is demoted
+    only then. Demoted earlier, a client that asks a sentinel still naming it (the demotion's
+    READONLY or UNBLOCKED sends it there) is sent back to the replica it has become."""
+    states = [group.sentinel_state(sentinel) for sentinel in group.sentinels]
+    return all(state is not None and int(state["port"]) == server.port for state in states)
+
+
 @contextlib.contextmanager
 def demoted_keeping_connections(group: SentinelGroup) -> Iterator[RedisServer]:
     """A failover whose demoted primary stays up and keeps its clients' connections; yields the
@@ -227,7 +235,7 @@ def demoted_keeping_connections(group: SentinelGroup) -> Iterator[RedisServer]:
     admin(primary).execute_command("ACL", "SETUSER", "default", "-client")
     try:
         admin(group.sentinels[0]).execute_command("SENTINEL", "FAILOVER", group.service)
-        wait_for(lambda: group.primary() is replica, "the sentinels to promote the replica")
+        wait_for(lambda: named_by_every_sentinel(group, replica), "the replica's promotion")
         admin(primary).execute_command("REPLICAOF", "127.0.0.1", replica.port)  # demoted, still up
         assert group.wait_for_new_primary(primary) is replica
         yield replica
