@@ -60,6 +60,11 @@ def add_parser(commands: Any, positive_int: Callable[[str], int]) -> None:
     p.add_argument("--ttl", type=float, default=2.0, help="lease TTL in seconds (default: 2)")
     p.add_argument("--history", help="write the history (JSON lines) here (default: a file in the temp directory)")
     p.add_argument("--redis-url", help="use this Redis instead of starting one (Redis faults are then skipped)")
+    p.add_argument(
+        "--redis", choices=("single", "sentinel"), default="single",
+        help="the Redis it starts: one persistent server (default), or a Sentinel group (a primary, a replica, "
+        "3 sentinels) for the failover fault; workers then run on this host only",
+    )  # fmt: skip
     p.add_argument("--database-url", help="use this PostgreSQL instead of starting one")
     p.set_defaults(handler=handle)
 
@@ -80,7 +85,7 @@ def handle(args: argparse.Namespace) -> int:
     options = Options(
         seconds=args.seconds, seed=args.seed, hosts=args.hosts, workers=args.workers, objects=args.objects,
         faults=args.faults, redis_url=args.redis_url, database_url=args.database_url, history=args.history,
-        contender=args.contender, ttl=args.ttl,
+        contender=args.contender, ttl=args.ttl, redis=args.redis,
     )  # fmt: skip
     try:
         with sigterm_as_interrupt():

@@ -5,7 +5,9 @@
 2. Servers: the caller's (``--redis-url``/``--database-url``) or embedded ones. The embedded Redis
    is persistent in a directory of the run's own (so it can be restarted from its AOF or an older
    copy) and also listens on the hosts' Redis addresses; PostgreSQL is reached from the hosts
-   through a relay (``proxy``) listening on their PostgreSQL addresses.
+   through a relay (``proxy``) listening on their PostgreSQL addresses. With ``--redis sentinel``
+   the embedded Redis is a Sentinel group instead, reached through its ``redis+sentinel://`` URL
+   from this host only (its sentinels announce loopback addresses, which a host cannot reach).
 3. A database of the run's own (created, migrated, dropped at the end), ``--objects`` accounts.
 4. ``--workers`` worker processes, spread over the hosts, loop seed-scheduled operations until the
    deadline while the main thread injects the seed-scheduled faults and restarts killed workers.
@@ -37,13 +39,14 @@ from typing import Any, TextIO
 from ..servers.process import ignoring_signals
 from . import faults as fault_kinds
 from .checker import Verdict, check
-from .faults import Fault, RedisControl, fault_schedule
+from .faults import Fault, RedisControl, SentinelControl, fault_schedule
 from .history import INFO, assemble, read_events, write_history
 from .netns import Host, Hosts, unavailable
 from .proxy import Relay
 from .workers import UNFENCED_ENV
 
 CONTENDERS = ("dsm_redis", "cowboy")
+TOPOLOGIES = ("single", "sentinel")
 _POLL = 0.2
 _STOP_GRACE = 40.0  # seconds for workers to finish their last operation after the deadline
 _MAX_CRASHES = 5  # worker exits with a Python error, per slot, before the run gives up
@@ -68,6 +71,7 @@ class Options:
     contender: str = "dsm_redis"
     ttl: float = 2.0
     think: float = 0.05
+    redis: str = "single"  # the embedded Redis: one persistent server, or a Sentinel group
 
 
 @dataclass
@@ -113,6 +117,10 @@ class _Run:
     def __init__(self, options: Options, resources: contextlib.ExitStack, err: TextIO) -> None:
         if options.contender not in CONTENDERS:
             raise NemesisError(f"unknown contender {options.contender!r}: one of {', '.join(CONTENDERS)}")
+        if options.redis not in TOPOLOGIES:
+            raise NemesisError(f"unknown Redis topology {options.redis!r}: one of {', '.join(TOPOLOGIES)}")
+        if options.redis == "sentinel" and options.redis_url:
+            raise NemesisError("--redis sentinel starts a Sentinel group of its own: leave out --redis-url")
         self.o = options
         self.resources = resources
         self.err = err
@@ -121,6 +129,7 @@ class _Run:
         self.skipped: dict[str, str] = {}
         self.hosts: Hosts | None = None
         self.redis: RedisControl | None = None
+        self.sentinel: SentinelControl | None = None
         self.relays: list[Relay] = []
         self.workers: list[_Worker] = []
         self.fault_events: list[dict[str, Any]] = []
@@ -173,6 +182,11 @@ class _Run:
         return self._finish(initial, started)
 
     def _hosts(self) -> list[Host]:
+        if self.o.redis == "sentinel":
+            why = "--redis sentinel: its sentinels announce loopback addresses, which a host cannot reach"
+            self.hosts_note = f"no hosts ({why}): workers run in this network namespace"
+            self.skipped["partition"] = why
+            return []
         if self.o.hosts < 1:
             self.hosts_note = "no hosts requested: workers run in this network namespace"
             self.skipped["partition"] = "no hosts (--hosts 0)"
@@ -200,7 +214,14 @@ class _Run:
 
         redis_url, database_url = self.o.redis_url, self.o.database_url
         try:
-            if not redis_url:
+            if self.o.redis == "sentinel":
+                status(self.err, "starting a Redis Sentinel group (embedded: a primary, a replica, 3 sentinels)...")
+                self.sentinel = SentinelControl()
+                self.resources.callback(self.sentinel.stop)
+                redis_url = self.sentinel.start()
+                for kind in fault_kinds.REDIS_KINDS:
+                    self.skipped[kind] = "--redis sentinel: its Redis faults are failovers"
+            elif not redis_url:
                 status(self.err, "starting Redis (embedded, persistent)...")
                 self.redis = RedisControl(self.directory / "redis", [h.redis_addr for h in hosts])
                 redis_url = self.redis.start()
@@ -208,6 +229,8 @@ class _Run:
             else:
                 for kind in fault_kinds.REDIS_KINDS:
                     self.skipped[kind] = "--redis-url given: the nemesis restarts only the Redis it starts"
+            if self.sentinel is None:
+                self.skipped["failover"] = "needs the nemesis's own Sentinel group (--redis sentinel)"
             if not database_url:
                 status(self.err, "starting PostgreSQL (embedded)...")
                 database_url = self.resources.enter_context(PostgresServer()).url
@@ -422,6 +445,14 @@ class _Run:
             mode = {"redis-restart": "empty", "redis-aof": "aof", "redis-rollback": "rollback"}[kind]
             detail = self.redis.restart(mode)
             self._event(fault, "start", f"Redis restarted {detail}")
+        elif kind == "failover":
+            assert self.sentinel is not None
+            self._event(fault, "start", f"Sentinel failover ({fault.variant})")
+            try:
+                detail = self.sentinel.failover(fault.variant)
+            except RuntimeError as exc:
+                raise NemesisError(f"the Sentinel group did not recover from a failover: {exc}") from exc
+            self._event(fault, "end", detail)
         elif kind == "pg-terminate":
             slots = sorted({(fault.victim >> i) % len(self.workers) for i in range(1 + fault.victim % 2)})
             try:
@@ -483,6 +514,8 @@ class _Run:
                 fault_kinds.continue_process(worker.proc.pid)
         if self.redis is not None:
             self.redis.ensure_running()
+        if self.sentinel is not None:
+            self.sentinel.ensure_whole()
         end = time.monotonic() + _STOP_GRACE
         for worker in self.workers:
             if worker.proc is not None:

@@ -67,12 +67,12 @@ class SentinelGroup(_Server):
             primary = RedisServer().start()
             self.servers.append(primary)
             self.servers.append(RedisServer(extra_args=["--replicaof", "127.0.0.1", str(primary.port)]).start())
-            self._wait("the replica to sync with the primary", lambda: self.in_sync(self.servers[1]))
+            self.wait_until("the replica to sync with the primary", lambda: self.in_sync(self.servers[1]))
             for _ in range(self.sentinel_count):
                 self.sentinels.append(
                     RedisServer(config=self._sentinel_config(primary.port), extra_args=["--sentinel"]).start()
                 )
-            self._wait("every sentinel to know the replica and the other sentinels", self._sentinels_ready)
+            self.wait_until("every sentinel to know the replica and the other sentinels", self._sentinels_ready)
         except BaseException:
             self.stop()
             raise
@@ -154,9 +154,10 @@ class SentinelGroup(_Server):
                 return None
             return new
 
-        return self._wait("the sentinels to promote a new primary", promoted, timeout)
+        return self.wait_until("the sentinels to promote a new primary", promoted, timeout)
 
-    def _wait(self, what: str, check: Any, timeout: float = _READY_TIMEOUT) -> Any:
+    def wait_until(self, what: str, check: Any, timeout: float = _READY_TIMEOUT) -> Any:
+        """``check()``'s first true value, polled until ``timeout``; else RuntimeError naming ``what``."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             value = check()
