@@ -12,10 +12,10 @@ Kinds (``--faults``, all by default):
                       (a lagging replica promoted: older counters, old leases back)
 - ``pg-terminate``    ``pg_terminate_backend`` of the PostgreSQL connections of one or two workers
 - ``partition``       one host cut from Redis, from PostgreSQL, or from both, then healed
-- ``failover``        (``--redis sentinel`` only) the Sentinel group's primary SIGKILLed, or demoted
-                      by ``SENTINEL FAILOVER`` while it runs (its clients meet ``READONLY`` and
-                      ``UNBLOCKED``); the sentinels promote the replica, and a killed primary comes
-                      back, empty, as the new primary's replica
+- ``failover``        (``--redis sentinel`` only) the Sentinel group's primary SIGKILLed (it comes
+                      back, empty, as the new primary's replica), or demoted by ``SENTINEL
+                      FAILOVER`` while it runs: clients still connected to it keep writing there
+                      until the sentinels convert it to a replica, which throws those writes away
 
 The schedule (times, kinds, victims, durations) comes from ``Random(f"{seed}:faults")`` alone:
 the same seed and options give the same schedule. The first faults cycle through every enabled
@@ -201,7 +201,10 @@ class SentinelControl:
             self._restart_as_replica(old, new.port)
         group.wait_until("the old primary to replicate the new one", lambda: group.in_sync(old), FAILOVER_TIMEOUT)
         how = "SIGKILLed" if variant == "kill" else "demoted by SENTINEL FAILOVER"
-        return f"primary :{old.port} {how}; after {promoted:.1f}s every sentinel named :{new.port}, and :{old.port} was not primary"
+        return (
+            f"primary :{old.port} {how}; after {promoted:.1f}s every sentinel named :{new.port}, "
+            f"and :{old.port} was not primary"
+        )
 
     def _forced(self) -> bool:
         """``SENTINEL FAILOVER``: True once a sentinel accepted it. A replica that has just come back
