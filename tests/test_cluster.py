@@ -125,6 +125,30 @@ def test_a_factory_returning_a_cluster_client_works(cluster):
     backend.close()
 
 
+def test_asyncio_leases_on_the_cluster_and_their_refusal_of_replica_acks(cluster):
+    """On the loop through ``redis.asyncio``'s cluster client; it lends no connection for a
+    ``WAIT``, so ``REPLICA_ACKS`` is refused before any lease is taken."""
+    import asyncio
+
+    from django.core.exceptions import ImproperlyConfigured
+
+    plain = RedisLockBackend(parse({"LOCATION": cluster.url, "OPTIONS": {"KEY_PREFIX": "aio"}}))
+    acked = RedisLockBackend(parse({"LOCATION": cluster.url, "OPTIONS": {"KEY_PREFIX": "aio", "REPLICA_ACKS": 1}}))
+
+    async def main() -> None:
+        leases = plain.for_asyncio()
+        grant = await leases.acquire("cl.test:4", ttl=30, timeout=0)
+        assert await leases.release("cl.test:4", grant.owner)
+        with pytest.raises(ImproperlyConfigured, match=r"REPLICA_ACKS.*asyncio leases on Redis Cluster"):
+            acked.for_asyncio()
+
+    try:
+        asyncio.run(main())
+    finally:
+        plain.close()
+        acked.close()
+
+
 @pytest.mark.django_db(transaction=True)
 def test_transitions_on_the_cluster(on_cluster, client):
     from dsm_redis.models import FencingMark

@@ -22,7 +22,6 @@ from typing import Any
 
 import pytest
 import redis as redis_py
-from django.core.exceptions import ImproperlyConfigured
 from redis.sentinel import SentinelConnectionPool
 
 from dsm_redis import (
@@ -126,12 +125,50 @@ def test_asyncio_transitions_lease_through_a_sentinel_location(group, settings):
     assert fresh(account).balance == 20
     assert admin(group.primary()).get(f"{redis_name(key_prefix(), object_key(account))}:fence") == b"20"
 
-    # REPLICA_ACKS is refused by the asyncio calls (no pinned connection for WAIT yet), clearly,
-    # before any lease is taken: never a lease no replica was asked to acknowledge.
+    # REPLICA_ACKS on the loop: the one replica acknowledges each lease before the side effect.
     dsm_options(settings, group.url, REPLICA_ACKS=1)
-    with pytest.raises(ImproperlyConfigured, match=r"REPLICA_ACKS.*asyncio"):
-        run_async(account.machine.adeposit)
-    assert fresh(account).balance == 20
+    run_async(fresh(account).machine.adeposit)
+    assert fresh(account).balance == 21
+
+    # More replicas than there are: refused in time, retriable, nothing ran, the lease given back.
+    dsm_options(settings, group.url, REPLICA_ACKS=2, REPLICA_ACK_TIMEOUT=0.2)
+    with pytest.raises(LockNotReplicated, match="1 of 2 replicas"):
+        run_async(fresh(account).machine.adeposit)
+    assert fresh(account).balance == 21
+    assert get_backend().describe(object_key(account))["owner"] is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_asyncio_acquire_cancelled_while_waiting_for_replicas_gives_its_lease_back(group):
+    """Cancelled during its ``WAIT``: the lease granted just before is given back, and the lent
+    connection, its reply unread, is not what the next call draws."""
+    import asyncio
+
+    greedy = redis_backend_for(group.url, REPLICA_ACKS=2, REPLICA_ACK_TIMEOUT=3)  # 1 replica: WAIT blocks 3 s
+
+    async def main() -> None:
+        leases = greedy.for_asyncio()
+        waiting = asyncio.ensure_future(leases.acquire("fo.test:10", ttl=30, timeout=0))
+        lock = f"lock:{redis_name(greedy.config.key_prefix, 'fo.test:10')}"
+        primary = admin(group.primary())
+
+        def waiting_for_replicas() -> bool:
+            return any(client["cmd"] == "wait" for client in primary.client_list())
+
+        # Cancelled once its WAIT is in flight: a cancellation landing while redis-py *sends* a
+        # command is lost on Python 3.11 (asyncio.wait_for's own bug), and the call just completes.
+        await asyncio.to_thread(wait_for, waiting_for_replicas, "the WAIT to block on the primary")
+        assert primary.get(lock) is not None  # granted, not yet acknowledged
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await asyncio.to_thread(wait_for, lambda: primary.get(lock) is None, "the lease to be given back")
+        assert await leases.release("fo.test:10", "nobody") is False  # a clean connection answers
+
+    try:
+        run_async(main)
+    finally:
+        greedy.close()
 
 
 @pytest.mark.django_db(transaction=True)
@@ -300,12 +337,20 @@ def test_replica_acks_retry_a_script_that_met_a_demoted_primary_on_the_promoted_
     """With ``REPLICA_ACKS`` the acquire script runs on a connection pinned for its ``WAIT``: when
     it meets READONLY, the retry must not run on that same connection, still on the demoted primary."""
     acked = redis_backend_for(group.url, REPLICA_ACKS=1)
-    try:
-        acked.release("fo.test:9", acked.acquire("fo.test:9", ttl=30, timeout=0).owner)  # an idle connection
+
+    async def main() -> None:
+        leases = acked.for_asyncio()
+        await leases.release("fo.test:11", (await leases.acquire("fo.test:11", ttl=30, timeout=0)).owner)
+        acked.release("fo.test:9", acked.acquire("fo.test:9", ttl=30, timeout=0).owner)  # idle connections
         with demoted_keeping_connections(group) as promoted:
             wait_for(lambda: admin(promoted).info("replication")["connected_slaves"], "the demoted primary to follow")
             grant = acked.acquire("fo.test:9", ttl=30, timeout=0)  # READONLY, dropped, retried, acknowledged
             assert acked.release("fo.test:9", grant.owner)
+            grant = await leases.acquire("fo.test:11", ttl=30, timeout=0)  # the same on the loop
+            assert await leases.release("fo.test:11", grant.owner)
+
+    try:
+        run_async(main)
     finally:
         acked.close()
 

@@ -15,7 +15,8 @@ which redis-py's Sentinel pool only notices for plain commands, or a wait answer
 the asyncio calls alike), ``cache:<alias>`` or a callable.
 With ``REPLICA_ACKS``, a granted lease is returned only once ``WAIT`` (on the connection that ran
 the acquire script) counts that many replicas holding it; otherwise it is given back and
-``LockNotReplicated`` raised.
+``LockNotReplicated`` raised. The asyncio calls do the same on a connection of their own, except
+on Redis Cluster, where they refuse ``REPLICA_ACKS`` (``ImproperlyConfigured``).
 
 Safety contract: at most one owner per key at any instant *according to Redis*. Redis can lose a
 key (restart without persistence, failover, eviction, an idle counter's expiry), so the lease
@@ -372,15 +373,19 @@ class RedisLockBackend(LockBackend):
         finally:
             pinned.close()
         if acked < needed:
-            logger.warning(
-                "lease on %s reached %d of the %d replicas REPLICA_ACKS asks for within %.3fs; given back",
-                key, acked, needed, self.config.replica_ack_timeout,
-            )  # fmt: skip
-            raise LockNotReplicated(
-                f"lease on {key} acknowledged by {acked} of {needed} replicas within "
-                f"{self.config.replica_ack_timeout}s (REPLICA_ACKS); given back, nothing ran"
-            )
+            raise self._not_replicated(key, acked)
         return ok, value
+
+    def _not_replicated(self, key: str, acked: int) -> LockNotReplicated:
+        needed, timeout = self.config.replica_acks, self.config.replica_ack_timeout
+        logger.warning(
+            "lease on %s reached %d of the %d replicas REPLICA_ACKS asks for within %.3fs; given back",
+            key, acked, needed, timeout,
+        )  # fmt: skip
+        return LockNotReplicated(
+            f"lease on {key} acknowledged by {acked} of {needed} replicas within {timeout}s (REPLICA_ACKS); "
+            "given back, nothing ran"
+        )
 
     def _pinned_client(self, lock_key: str) -> Any:
         """A client holding one connection to the primary that serves ``lock_key``."""
@@ -498,17 +503,18 @@ class RedisLockBackend(LockBackend):
             "socket_connect_timeout": self.config.socket_connect_timeout,
             "retry": AsyncRetry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
         }
-        if self.config.replica_acks:
-            # WAIT must run on the connection that ran the acquire script; the asyncio calls do not
-            # pin one yet. Refused rather than granting leases no replica was asked to acknowledge.
-            raise ImproperlyConfigured(
-                "DSM_REDIS['OPTIONS']['REPLICA_ACKS'] is not supported by asyncio leases yet "
-                "(atransition_to, aobject_lock): use the blocking calls, or REPLICA_ACKS 0"
-            )
         location = self._location
         if not callable(location) and not location.startswith("cache:"):
             scheme, sep, rest = location.partition("://")
             if scheme.lower().endswith("+cluster"):
+                if self.config.replica_acks:
+                    # WAIT must run on the connection that ran the acquire script, and redis.asyncio's
+                    # cluster client lends none. Refused rather than granting leases no replica was
+                    # asked to acknowledge.
+                    raise ImproperlyConfigured(
+                        "DSM_REDIS['OPTIONS']['REPLICA_ACKS'] is not supported by asyncio leases on Redis "
+                        "Cluster yet (atransition_to, aobject_lock): use the blocking calls, or REPLICA_ACKS 0"
+                    )
                 return aioredis.RedisCluster.from_url(f"{scheme[: -len('+cluster')]}{sep}{rest}", **options)
             if scheme.lower().endswith("+sentinel"):
                 return self._async_sentinel_client(location, options)
@@ -613,7 +619,7 @@ class _AsyncRedisLeases:
             if gate.users == 0 and self._gates.get(key) is gate:
                 del self._gates[key]
 
-    async def _call(self, what: str, work: Callable[[], Awaitable[T]]) -> T:
+    async def _call(self, what: str, work: Callable[[], Awaitable[T]], pinned: Any = None) -> T:
         try:
             try:
                 return await work()
@@ -628,6 +634,12 @@ class _AsyncRedisLeases:
                 pool = getattr(self.client, "connection_pool", None)
                 if pool is not None:
                     await _drop_async_connections(pool)
+                if pinned is not None and pinned.connection is not None:
+                    # This call's own connection, held for its WAIT, is in use: the drop only marks
+                    # it, and the retry would run on it, still on the demoted primary. Reconnected
+                    # here, through connect(), which asks the sentinels.
+                    await pinned.connection.disconnect()
+                    await pinned.connection.connect()
                 return await work()
         except (redis.ConnectionError, redis.TimeoutError, ClusterDownError, RedisClusterException) as exc:
             raise LockBackendUnavailable(f"Redis unreachable while trying to {what}: {type(exc).__name__}") from exc
@@ -647,13 +659,10 @@ class _AsyncRedisLeases:
                 sent = time.monotonic()
                 stay_ms = backend._stay_ms(None if deadline is None else deadline - sent)
                 queued = queued or stay_ms > 0
-                ok, value = await self._call(
-                    "acquire a lease",
-                    partial(
-                        self._scripts["acquire"],
-                        keys=[lock_key, counter, queue, waiters, wake],
-                        args=[owner, ttl_ms, stay_ms, backend._grace_ms, backend._idle_ms, grant_prefix],
-                    ),
+                ok, value = await self._acquire_once(
+                    key,
+                    keys=[lock_key, counter, queue, waiters, wake],
+                    args=[owner, ttl_ms, stay_ms, backend._grace_ms, backend._idle_ms, grant_prefix],
                 )
                 if ok:
                     return Grant(owner=owner, fencing_token=int(value), valid_until=sent + ttl)
@@ -670,6 +679,33 @@ class _AsyncRedisLeases:
         if queued:
             await self._leave(key, owner)
         raise LockTimeout(f"lease on {key} not acquired within {timeout}s")
+
+    async def _acquire_once(self, key: str, *, keys: list[str], args: list[Any]) -> tuple[int, Any]:
+        """``RedisLockBackend._acquire_once`` on the loop: with ``REPLICA_ACKS``, the script and its
+        ``WAIT`` on one connection lent for the two calls; a cancellation during either lands in
+        ``_acquire``'s give-back, and redis.asyncio disconnects a connection whose reply was not read."""
+        script = self._scripts["acquire"]
+        config = self._backend.config
+        needed = config.replica_acks
+        if not needed:
+            return await self._call("acquire a lease", partial(script, keys=keys, args=args))  # type: ignore[no-any-return]
+        timeout_ms = max(1, int(config.replica_ack_timeout * 1000))
+        # WAIT counts the replicas that acknowledged the writes of *its own connection*.
+        pinned = self.client.client()
+        try:
+            ok, value = await self._call(
+                "acquire a lease", partial(script, keys=keys, args=args, client=pinned), pinned
+            )
+            if not ok:
+                return ok, value
+            acked = int(
+                await self._call("wait for replicas", partial(pinned.execute_command, "WAIT", needed, timeout_ms))
+            )
+        finally:
+            await shielded(pinned.aclose())
+        if acked < needed:
+            raise self._backend._not_replicated(key, acked)
+        return ok, value
 
     async def _leave(self, key: str, owner: str) -> None:
         try:
