@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Measured by `python -m bench.replica_acks` ({args.rounds} rounds {TIMES} {args.calls} calls per setting, "
         f"interleaved; {time.strftime('%Y-%m-%d')}, {platform.machine()}, the same machine as above): an "
         "uncontended lease taken and given back through a `redis+sentinel://` URL, a primary and one replica "
-        "on loopback. `REPLICA_ACKS = 1` adds one round trip (`WAIT 1 <timeout>`) after the acquire script, "
-        "which returns once the replica acknowledged the lease.",
+        "on loopback. With `REPLICA_ACKS = 1` the acquire script is sent with a `WAIT 1 <timeout>` behind it, "
+        "in one round trip, whose reply comes once the replica acknowledged the lease.",
         "",
         "| `REPLICA_ACKS` | median per lease | p99 per lease |",
         "|---|---|---|",

@@ -29,6 +29,7 @@ from dsm_redis import (
     LockLost,
     LockNotReplicated,
     LockTemporarilyUnavailable,
+    LockTimeout,
     StaleFencingToken,
     object_lock,
 )
@@ -353,6 +354,123 @@ def test_replica_acks_retry_a_script_that_met_a_demoted_primary_on_the_promoted_
         run_async(main)
     finally:
         acked.close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_replica_acks_count_only_a_wait_sent_with_its_script(group):
+    """The replica promoted (every sentinel names it) while the old primary is still writable: an
+    acquire's script runs there and its WAIT blocks (no replica left), then the old primary is
+    demoted (UNBLOCKED). Sent alone again, on a connection to the promoted primary, the WAIT would
+    count that server's replica for a lease it never held: a grant nobody else is kept from. Script
+    and WAIT are sent again together: the lease granted is on the promoted primary. Blocking and
+    asyncio."""
+    import asyncio
+
+    primary, replica = group.primary(), group.replica()
+    admin(primary).execute_command("ACL", "SETUSER", "demoter", "on", ">demoter", "~*", "&*", "+@all")
+    demoter = redis_py.Redis(port=primary.port, username="demoter", password="demoter", socket_timeout=5)
+    admin(primary).execute_command("ACL", "SETUSER", "default", "-replicaof", "-slaveof")  # not by the sentinels
+    acked = redis_backend_for(group.url, REPLICA_ACKS=1, REPLICA_ACK_TIMEOUT=4)
+    other = redis_backend_for(group.url, prefix=acked.config.key_prefix)
+    grants: dict[str, Any] = {}
+
+    async def main() -> None:
+        leases = acked.for_asyncio()
+        # Pooled connections to the primary, blocking and on the loop.
+        acked.release("fo.test:12", acked.acquire("fo.test:12", ttl=30, timeout=0).owner)
+        await leases.release("fo.test:13", (await leases.acquire("fo.test:13", ttl=30, timeout=0)).owner)
+        admin(group.sentinels[0]).execute_command("SENTINEL", "FAILOVER", group.service)
+        await asyncio.to_thread(wait_for, lambda: named_by_every_sentinel(group, replica), "the replica's promotion")
+        joined = in_background(lambda: grants.update({"fo.test:12": acked.acquire("fo.test:12", ttl=30, timeout=0)}))
+        waiting = asyncio.ensure_future(leases.acquire("fo.test:13", ttl=30, timeout=0))
+
+        def both_blocked() -> bool:
+            return sum(client["cmd"] == "wait" for client in demoter.client_list()) == 2
+
+        await asyncio.to_thread(wait_for, both_blocked, "both WAITs to block on the old primary")
+        demoter.execute_command("REPLICAOF", "127.0.0.1", replica.port)
+        grants["fo.test:13"] = await waiting
+        await asyncio.to_thread(joined)
+
+    try:
+        run_async(main)
+        for key, grant in grants.items():
+            assert admin(replica).get(f"lock:{redis_name(acked.config.key_prefix, key)}") == grant.owner.encode()
+            with pytest.raises(LockTimeout):
+                other.acquire(key, ttl=30, timeout=0)
+            assert acked.release(key, grant.owner)
+    finally:
+        demoter.execute_command("ACL", "SETUSER", "default", "+replicaof", "+slaveof")
+        acked.close()
+        other.close()
+    wait_for(lambda: group.in_sync(primary), "the old primary to follow the new one")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_replica_acks_wait_stays_on_its_scripts_connection_when_another_coroutine_drops_the_pool(
+    group, monkeypatch
+):
+    """On one loop: A's script ran on the old primary (still writable, the replica promoted); it is
+    demoted; B meets READONLY and drops the pool, marking A's connection (in use) to reconnect. A
+    WAIT sent after A's script on that connection, reconnected through the sentinels, would count
+    the promoted primary's replica for a lease it never held. The only hook: A reads its first
+    reply once B's drop is done (a loop busy with other coroutines does the same)."""
+    import asyncio
+
+    import redis.asyncio.connection as connection_module
+
+    from dsm_redis.backends import redis as backend_module
+
+    primary, replica = group.primary(), group.replica()
+    admin(primary).execute_command("ACL", "SETUSER", "demoter", "on", ">demoter", "~*", "&*", "+@all")
+    demoter = redis_py.Redis(port=primary.port, username="demoter", password="demoter", socket_timeout=5)
+    admin(primary).execute_command("ACL", "SETUSER", "default", "-replicaof", "-slaveof")  # not by the sentinels
+    acked = redis_backend_for(group.url, REPLICA_ACKS=1, REPLICA_ACK_TIMEOUT=4)
+    other = redis_backend_for(group.url, prefix=acked.config.key_prefix)
+    lock = f"lock:{redis_name(acked.config.key_prefix, 'fo.test:14')}"
+    dropped: list[asyncio.Event] = []
+    read, drop = connection_module.AbstractConnection.read_response, backend_module._drop_async_connections
+
+    async def read_after_the_drop(self: Any, *args: Any, **kwargs: Any) -> Any:
+        task = asyncio.current_task()
+        if task is not None and task.get_name() == "A" and dropped and not dropped[0].is_set():
+            await dropped[0].wait()
+        return await read(self, *args, **kwargs)
+
+    async def drop_and_tell(pool: Any) -> None:
+        await drop(pool)
+        if dropped:
+            dropped[0].set()
+
+    monkeypatch.setattr(connection_module.AbstractConnection, "read_response", read_after_the_drop)
+    monkeypatch.setattr(backend_module, "_drop_async_connections", drop_and_tell)
+
+    async def main() -> Any:
+        leases = acked.for_asyncio()
+        warm = await asyncio.gather(*(leases.acquire(f"fo.test:{n}", ttl=30, timeout=0) for n in (15, 16)))
+        for n, grant in zip((15, 16), warm, strict=True):  # two pooled connections to the primary
+            await leases.release(f"fo.test:{n}", grant.owner)
+        admin(group.sentinels[0]).execute_command("SENTINEL", "FAILOVER", group.service)
+        await asyncio.to_thread(wait_for, lambda: named_by_every_sentinel(group, replica), "the replica's promotion")
+        dropped.append(asyncio.Event())
+        a = asyncio.create_task(leases.acquire("fo.test:14", ttl=30, timeout=0), name="A")
+        await asyncio.to_thread(wait_for, lambda: demoter.get(lock), "A's script to run on the old primary")
+        demoter.execute_command("REPLICAOF", "127.0.0.1", replica.port)
+        b = asyncio.create_task(leases.acquire("fo.test:17", ttl=30, timeout=0), name="B")
+        await leases.release("fo.test:17", (await b).owner)
+        return await a
+
+    try:
+        grant = run_async(main)
+        assert admin(replica).get(lock) == grant.owner.encode()  # the lease A was granted is there
+        with pytest.raises(LockTimeout):
+            other.acquire("fo.test:14", ttl=30, timeout=0)
+        assert acked.release("fo.test:14", grant.owner)
+    finally:
+        demoter.execute_command("ACL", "SETUSER", "default", "+replicaof", "+slaveof")
+        acked.close()
+        other.close()
+    wait_for(lambda: group.in_sync(primary), "the old primary to follow the new one")
 
 
 def fresh_mark(obj: Any) -> int:

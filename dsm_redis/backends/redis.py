@@ -13,10 +13,14 @@ Clients: a ``redis://``/``rediss://``/``unix://`` URL, ``redis+cluster://`` (red
 primary; a connection still on a demoted primary is dropped when a script answers ``READONLY``,
 which redis-py's Sentinel pool only notices for plain commands, or a wait answers ``UNBLOCKED``;
 the asyncio calls alike), ``cache:<alias>`` or a callable.
-With ``REPLICA_ACKS``, a granted lease is returned only once ``WAIT`` (on the connection that ran
-the acquire script) counts that many replicas holding it; otherwise it is given back and
-``LockNotReplicated`` raised. The asyncio calls do the same on a connection of their own, except
-on Redis Cluster, where they refuse ``REPLICA_ACKS`` (``ImproperlyConfigured``).
+With ``REPLICA_ACKS``, a granted lease is returned only once ``WAIT`` counts that many replicas
+holding it; otherwise it is given back and ``LockNotReplicated`` raised. ``WAIT`` counts the
+replicas holding the writes of *its own connection*, so it is pipelined behind the acquire script,
+on one connection, and never sent alone: a reconnect between the two (a failover; another
+coroutine's drop of the pool) would let it count another server's replicas, or another
+connection's writes, for a lease they never saw. A failover that cuts it (``UNBLOCKED``) sends
+both again. The asyncio calls do the same, except on Redis Cluster, where they refuse
+``REPLICA_ACKS`` (``ImproperlyConfigured``).
 
 Safety contract: at most one owner per key at any instant *according to Redis*. Redis can lose a
 key (restart without persistence, failover, eviction, an idle counter's expiry), so the lease
@@ -107,7 +111,7 @@ from typing import Any, TypeVar
 import redis
 from django.core.exceptions import ImproperlyConfigured
 from redis.backoff import NoBackoff
-from redis.exceptions import ClusterDownError, RedisClusterException
+from redis.exceptions import ClusterDownError, NoScriptError, RedisClusterException
 from redis.retry import Retry
 
 from ..conf import Config, parse_sentinel_location
@@ -230,7 +234,7 @@ class RedisLockBackend(LockBackend):
     def _scripts(self) -> dict[str, Any]:
         return {name: self.client.register_script(text) for name, text in _script_texts().items()}
 
-    def _call(self, what: str, fn: Callable[[], T], pinned: Any = None) -> T:
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
         try:
             try:
                 return fn()
@@ -241,15 +245,9 @@ class RedisLockBackend(LockBackend):
                 # comes back as a script error, which redis-py's Sentinel pool does not take for
                 # READONLY: drop them, so the next one asks the sentinels where the primary is.
                 # Once: the script stopped at its first write, so it changed nothing; a BLPOP
-                # unblocked by the demotion popped nothing, and waits on in the new primary.
+                # unblocked by the demotion popped nothing, and waits on in the new primary; an
+                # acquire script and its WAIT are sent again together.
                 self._drop_connections()
-                if pinned is not None:
-                    # This call's own connection, held for its WAIT: the drop leaves it (in use),
-                    # and the retry would run on it, still on the demoted primary. Reconnected
-                    # through connect(), which asks the sentinels: a command on a closed connection
-                    # reopens it to the address it had.
-                    pinned.connection.disconnect()
-                    pinned.connection.connect()
                 return fn()
         except (redis.ConnectionError, redis.TimeoutError, ClusterDownError, RedisClusterException) as exc:
             # Never echo the URL: it may carry a password.
@@ -358,21 +356,26 @@ class RedisLockBackend(LockBackend):
         needed = self.config.replica_acks
         if not needed:
             return self._call("acquire a lease", partial(script, keys=keys, args=args))  # type: ignore[no-any-return]
-        timeout_ms = max(1, int(self.config.replica_ack_timeout * 1000))
-        # WAIT counts the replicas that acknowledged the writes of *its own connection*: the script
-        # and the WAIT run on one connection held for the two calls.
-        pinned = self._call("acquire a lease", partial(self._pinned_client, keys[0]))
+        wait = ("WAIT", needed, max(1, int(self.config.replica_ack_timeout * 1000)))
+        primary = self._primary_client(keys[0])
+
+        def acquire_and_wait() -> tuple[tuple[int, Any], int]:
+            for _ in range(2):  # once more after loading the script into a server that lacks it
+                pipe = primary.pipeline(transaction=False)
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+                pipe.execute_command(*wait)
+                replies = pipe.execute(raise_on_error=False)
+                if not isinstance(replies[0], NoScriptError):
+                    break
+                primary.script_load(script.script)
+            return _granted_and_acked(replies)
+
         try:
-            ok, value = self._call("acquire a lease", partial(script, keys=keys, args=args, client=pinned), pinned)
-            if not ok:
-                return ok, value
-            acked = int(self._call("wait for replicas", partial(pinned.execute_command, "WAIT", needed, timeout_ms)))
+            (ok, value), acked = self._call("acquire a lease", acquire_and_wait)
         except LockBackendUnavailable:
             self._refresh_cluster_slots()
             raise
-        finally:
-            pinned.close()
-        if acked < needed:
+        if ok and acked < needed:
             raise self._not_replicated(key, acked)
         return ok, value
 
@@ -387,17 +390,18 @@ class RedisLockBackend(LockBackend):
             "given back, nothing ran"
         )
 
-    def _pinned_client(self, lock_key: str) -> Any:
-        """A client holding one connection to the primary that serves ``lock_key``."""
+    def _primary_client(self, lock_key: str) -> Any:
+        """The client of the primary that serves ``lock_key``: on Redis Cluster the node that owns
+        the key's slot (a WAIT, which names no key, must go there), else the backend's own."""
         client = self.client
         get_node = getattr(client, "get_node_from_key", None)
-        if get_node is not None:  # Redis Cluster: the node that owns the key's slot
+        if get_node is not None:
             client = get_node(lock_key).redis_connection
-        return client.client()
+        return client
 
     def _refresh_cluster_slots(self) -> None:
-        # A pinned call bypasses the cluster client's own MOVED and dead-node handling: after a
-        # failover it must learn the new slot owners before the next call is routed.
+        # A call on a node's own client bypasses the cluster client's MOVED and dead-node handling:
+        # after a failover it must learn the new slot owners before the next call is routed.
         manager = getattr(self.client, "nodes_manager", None)
         if manager is not None:
             try:
@@ -619,7 +623,7 @@ class _AsyncRedisLeases:
             if gate.users == 0 and self._gates.get(key) is gate:
                 del self._gates[key]
 
-    async def _call(self, what: str, work: Callable[[], Awaitable[T]], pinned: Any = None) -> T:
+    async def _call(self, what: str, work: Callable[[], Awaitable[T]]) -> T:
         try:
             try:
                 return await work()
@@ -634,12 +638,6 @@ class _AsyncRedisLeases:
                 pool = getattr(self.client, "connection_pool", None)
                 if pool is not None:
                     await _drop_async_connections(pool)
-                if pinned is not None and pinned.connection is not None:
-                    # This call's own connection, held for its WAIT, is in use: the drop only marks
-                    # it, and the retry would run on it, still on the demoted primary. Reconnected
-                    # here, through connect(), which asks the sentinels.
-                    await pinned.connection.disconnect()
-                    await pinned.connection.connect()
                 return await work()
         except (redis.ConnectionError, redis.TimeoutError, ClusterDownError, RedisClusterException) as exc:
             raise LockBackendUnavailable(f"Redis unreachable while trying to {what}: {type(exc).__name__}") from exc
@@ -681,29 +679,29 @@ class _AsyncRedisLeases:
         raise LockTimeout(f"lease on {key} not acquired within {timeout}s")
 
     async def _acquire_once(self, key: str, *, keys: list[str], args: list[Any]) -> tuple[int, Any]:
-        """``RedisLockBackend._acquire_once`` on the loop: with ``REPLICA_ACKS``, the script and its
-        ``WAIT`` on one connection lent for the two calls; a cancellation during either lands in
-        ``_acquire``'s give-back, and redis.asyncio disconnects a connection whose reply was not read."""
+        """``RedisLockBackend._acquire_once`` on the loop. A cancellation while its script and WAIT
+        are out lands in ``_acquire``'s give-back; redis.asyncio disconnects a connection whose
+        replies were not read, so none goes back to the pool with a reply pending."""
         script = self._scripts["acquire"]
         config = self._backend.config
         needed = config.replica_acks
         if not needed:
             return await self._call("acquire a lease", partial(script, keys=keys, args=args))  # type: ignore[no-any-return]
-        timeout_ms = max(1, int(config.replica_ack_timeout * 1000))
-        # WAIT counts the replicas that acknowledged the writes of *its own connection*.
-        pinned = self.client.client()
-        try:
-            ok, value = await self._call(
-                "acquire a lease", partial(script, keys=keys, args=args, client=pinned), pinned
-            )
-            if not ok:
-                return ok, value
-            acked = int(
-                await self._call("wait for replicas", partial(pinned.execute_command, "WAIT", needed, timeout_ms))
-            )
-        finally:
-            await shielded(pinned.aclose())
-        if acked < needed:
+        wait = ("WAIT", needed, max(1, int(config.replica_ack_timeout * 1000)))
+
+        async def acquire_and_wait() -> tuple[tuple[int, Any], int]:
+            for _ in range(2):  # once more after loading the script into a server that lacks it
+                pipe = self.client.pipeline(transaction=False)
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+                pipe.execute_command(*wait)
+                replies = await pipe.execute(raise_on_error=False)
+                if not isinstance(replies[0], NoScriptError):
+                    break
+                await self.client.script_load(script.script)
+            return _granted_and_acked(replies)
+
+        (ok, value), acked = await self._call("acquire a lease", acquire_and_wait)
+        if ok and acked < needed:
             raise self._backend._not_replicated(key, acked)
         return ok, value
 
@@ -758,9 +756,30 @@ async def _drop_async_connections(pool: Any) -> None:
 
 def _demoted(exc: redis.ResponseError) -> bool:
     """Whether Redis answered as a primary a failover demoted: a write refused (READONLY, inside a
-    script's error on Redis 6), or a blocked BLPOP released when it turned replica (UNBLOCKED)."""
+    script's error on Redis 6), a blocked BLPOP or WAIT released when it turned replica
+    (UNBLOCKED), or a WAIT it refuses as a replica."""
     message = str(exc)
-    return "READONLY" in message or message.startswith("UNBLOCKED")
+    return "READONLY" in message or message.startswith("UNBLOCKED") or "used with replica instances" in message
+
+
+def _granted_and_acked(replies: list[Any]) -> tuple[tuple[int, Any], int]:
+    """The replies of an acquire script and its WAIT, sent together on one connection (``WAIT``
+    counts the replicas holding the writes of *its own connection*; sent alone after a reconnect,
+    it would count another server's replicas, or another connection's writes: never).
+
+    The script's reply, raised if it is an error (a demoted primary's is retried by ``_call``,
+    script and WAIT together, on the promoted one), and how many replicas acknowledged it. A WAIT
+    answered as by a demoted primary is raised too, for the same retry, when the script granted
+    the lease (whose copy there the demotion throws away); any other error of the WAIT counts as no
+    acknowledgement."""
+    granted, acked = replies
+    if isinstance(granted, Exception):
+        raise granted
+    if isinstance(acked, Exception):
+        if granted[0] and isinstance(acked, redis.ResponseError) and _demoted(acked):
+            raise acked
+        return granted, 0
+    return granted, int(acked)
 
 
 class _Gate:
