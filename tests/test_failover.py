@@ -473,6 +473,34 @@ def test_replica_acks_wait_stays_on_its_scripts_connection_when_another_coroutin
     wait_for(lambda: group.in_sync(primary), "the old primary to follow the new one")
 
 
+@pytest.mark.django_db(transaction=True)
+def test_replica_acks_a_waiters_polls_send_no_wait_until_the_lease_is_its_own(group):
+    """A poll that finds the lease still held sends the script alone: a WAIT behind each would hold
+    every poll up to REPLICA_ACK_TIMEOUT while the replicas lag. The first call sends both (one
+    round trip for an uncontended lease), and so does the poll that finds the lease handed over."""
+    primary = admin(group.primary())
+    holder = redis_backend_for(group.url)
+    waiter = redis_backend_for(group.url, prefix=holder.config.key_prefix, REPLICA_ACKS=1, HANDOVER_GRACE=0.2)
+
+    def calls(command: str) -> int:
+        return int(primary.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+    held = holder.acquire("fo.test:18", ttl=30, timeout=0)
+    scripts, waits = calls("evalsha"), calls("wait")
+    grants: list[Any] = []
+    joined = in_background(lambda: grants.append(waiter.acquire("fo.test:18", ttl=30, timeout=WAIT)))
+    try:
+        wait_for(lambda: calls("evalsha") - scripts >= 3, "the waiter to poll the held lease twice")
+        assert holder.release("fo.test:18", held.owner)  # handed over to the waiter
+        joined()
+        assert grants and grants[0].fencing_token > held.fencing_token
+        assert calls("wait") - waits == 2  # its first call's, and the poll's that found the lease its own
+        assert waiter.release("fo.test:18", grants[0].owner)
+    finally:
+        holder.close()
+        waiter.close()
+
+
 def fresh_mark(obj: Any) -> int:
     from dsm_redis.models import FencingMark
 

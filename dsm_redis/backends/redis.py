@@ -320,6 +320,7 @@ class RedisLockBackend(LockBackend):
                     key,
                     keys=[lock_key, counter, queue, waiters, wake],
                     args=[owner, ttl_ms, stay_ms, self._grace_ms, self._idle_ms, grant_prefix],
+                    polling=waited,
                 )
                 if ok:
                     if waited:
@@ -348,14 +349,22 @@ class RedisLockBackend(LockBackend):
             self._leave(key, owner)
         raise LockTimeout(f"lease on {key} not acquired within {timeout}s")
 
-    def _acquire_once(self, key: str, *, keys: list[str], args: list[Any]) -> tuple[int, Any]:
+    def _acquire_once(self, key: str, *, keys: list[str], args: list[Any], polling: bool) -> tuple[int, Any]:
         """One call of the acquire script; with ``REPLICA_ACKS``, a lease it grants is only returned
         once that many replicas acknowledged it (``WAIT``), else ``LockNotReplicated`` (the
-        caller's ``acquire`` gives the lease back on the way out)."""
+        caller's ``acquire`` gives the lease back on the way out).
+
+        The first call sends the script and its ``WAIT`` together (most leases are uncontended: one
+        round trip). A waiter's poll (``polling``) sends the script alone, so a lease still held
+        never waits for the replicas; a poll that finds the lease its own sends both again (the
+        script then extends it: a write behind the grant in the replication stream, on the WAIT's
+        connection)."""
         script = self._scripts["acquire"]
         needed = self.config.replica_acks
-        if not needed:
-            return self._call("acquire a lease", partial(script, keys=keys, args=args))  # type: ignore[no-any-return]
+        if not needed or polling:
+            ok, value = self._call("acquire a lease", partial(script, keys=keys, args=args))
+            if not needed or not ok:
+                return ok, value
         wait = ("WAIT", needed, max(1, int(self.config.replica_ack_timeout * 1000)))
         primary = self._primary_client(keys[0])
 
@@ -651,7 +660,7 @@ class _AsyncRedisLeases:
         owner = _new_owner()
         wake = grant_prefix + owner
         ttl_ms = _ttl_ms(ttl)
-        queued = False
+        queued = polling = False
         try:
             while True:
                 sent = time.monotonic()
@@ -661,12 +670,14 @@ class _AsyncRedisLeases:
                     key,
                     keys=[lock_key, counter, queue, waiters, wake],
                     args=[owner, ttl_ms, stay_ms, backend._grace_ms, backend._idle_ms, grant_prefix],
+                    polling=polling,
                 )
                 if ok:
                     return Grant(owner=owner, fencing_token=int(value), valid_until=sent + ttl)
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
                     break
+                polling = True
                 wait = _wait_time(int(value), backend._max_wait, None if deadline is None else deadline - now)
                 # Woken by a hand-over, the holder's TTL or our deadline; the next call tells which.
                 await self._call("wait for a lease", partial(self.client.blpop, [wake], timeout=wait))
@@ -678,15 +689,17 @@ class _AsyncRedisLeases:
             await self._leave(key, owner)
         raise LockTimeout(f"lease on {key} not acquired within {timeout}s")
 
-    async def _acquire_once(self, key: str, *, keys: list[str], args: list[Any]) -> tuple[int, Any]:
+    async def _acquire_once(self, key: str, *, keys: list[str], args: list[Any], polling: bool) -> tuple[int, Any]:
         """``RedisLockBackend._acquire_once`` on the loop. A cancellation while its script and WAIT
         are out lands in ``_acquire``'s give-back; redis.asyncio disconnects a connection whose
         replies were not read, so none goes back to the pool with a reply pending."""
         script = self._scripts["acquire"]
         config = self._backend.config
         needed = config.replica_acks
-        if not needed:
-            return await self._call("acquire a lease", partial(script, keys=keys, args=args))  # type: ignore[no-any-return]
+        if not needed or polling:
+            ok, value = await self._call("acquire a lease", partial(script, keys=keys, args=args))
+            if not needed or not ok:
+                return ok, value
         wait = ("WAIT", needed, max(1, int(config.replica_ack_timeout * 1000)))
 
         async def acquire_and_wait() -> tuple[tuple[int, Any], int]:
