@@ -521,9 +521,9 @@ class RedisLockBackend(LockBackend):
             scheme, sep, rest = location.partition("://")
             if scheme.lower().endswith("+cluster"):
                 if self.config.replica_acks:
-                    # WAIT must run on the connection that ran the acquire script, and redis.asyncio's
-                    # cluster client lends none. Refused rather than granting leases no replica was
-                    # asked to acknowledge.
+                    # WAIT must follow the acquire script on its connection, and redis.asyncio's
+                    # cluster client cannot send a keyless WAIT to the node that ran the script.
+                    # Refused rather than granting leases no replica was asked to acknowledge.
                     raise ImproperlyConfigured(
                         "DSM_REDIS['OPTIONS']['REPLICA_ACKS'] is not supported by asyncio leases on Redis "
                         "Cluster yet (atransition_to, aobject_lock): use the blocking calls, or REPLICA_ACKS 0"
