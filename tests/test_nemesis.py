@@ -33,7 +33,7 @@ SEED = 7
 CLEAN_SECONDS, CONTROL_SECONDS = "45", "20"
 # The Sentinel runs: seed 7's schedule kills a worker, then demotes the primary at 3 s (its clients
 # keep writing to it until the sentinels convert it, about 8 s on: a split brain), then, in the
-# longer run, SIGKILLs the promoted one.
+# longer run (its workers with REPLICA_ACKS 1), SIGKILLs the promoted one.
 SENTINEL = ("--redis", "sentinel", "--faults", "failover,kill")
 SENTINEL_CLEAN_SECONDS, SENTINEL_CONTROL_SECONDS = "25", "20"
 
@@ -82,7 +82,8 @@ def test_dsm_redis_with_fencing_switched_off_is_caught(tmp_path: Path):
 
 
 def test_a_run_through_sentinel_failovers_checks_clean(tmp_path: Path):
-    done = nemesis(tmp_path / "sentinel.jsonl", "--seconds", SENTINEL_CLEAN_SECONDS, *SENTINEL)
+    """With REPLICA_ACKS too: each lease acknowledged by the replica (WAIT) across the failovers."""
+    done = nemesis(tmp_path / "sentinel.jsonl", "--seconds", SENTINEL_CLEAN_SECONDS, *SENTINEL, "--replica-acks", "1")
     assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr[-5000:]}"
     assert "verdict: clean" in done.stdout
     assert faults_injected(done.stdout).get("failover", 0) >= 2, done.stdout
@@ -143,6 +144,8 @@ def test_fault_kinds_are_checked_by_name(capsys: pytest.CaptureFixture[str]):
     # A Sentinel group is the nemesis's own: a Redis of the caller's cannot be failed over.
     assert main(["nemesis", "--redis", "sentinel", "--redis-url", "redis://127.0.0.1:1/0"]) == 1
     assert "--redis sentinel starts a Sentinel group of its own" in capsys.readouterr().err
+    assert main(["nemesis", "--replica-acks", "1"]) == 1
+    assert "--replica-acks needs replicas" in capsys.readouterr().err
 
 
 def test_without_celery_the_nemesis_refuses_to_start_and_says_what_to_install():

@@ -65,6 +65,10 @@ def add_parser(commands: Any, positive_int: Callable[[str], int]) -> None:
         help="the Redis it starts: one persistent server (default), or a Sentinel group (a primary, a replica, "
         "3 sentinels) for the failover fault; workers then run on this host only",
     )  # fmt: skip
+    p.add_argument(
+        "--replica-acks", type=int, choices=(0, 1), default=0,
+        help="the workers' REPLICA_ACKS: leases acknowledged by the replica (WAIT) before use; needs --redis sentinel",
+    )  # fmt: skip
     p.add_argument("--database-url", help="use this PostgreSQL instead of starting one")
     p.set_defaults(handler=handle)
 
@@ -85,7 +89,7 @@ def handle(args: argparse.Namespace) -> int:
     options = Options(
         seconds=args.seconds, seed=args.seed, hosts=args.hosts, workers=args.workers, objects=args.objects,
         faults=args.faults, redis_url=args.redis_url, database_url=args.database_url, history=args.history,
-        contender=args.contender, ttl=args.ttl, redis=args.redis,
+        contender=args.contender, ttl=args.ttl, redis=args.redis, replica_acks=args.replica_acks,
     )  # fmt: skip
     try:
         with sigterm_as_interrupt():

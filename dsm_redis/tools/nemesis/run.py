@@ -72,6 +72,7 @@ class Options:
     ttl: float = 2.0
     think: float = 0.05
     redis: str = "single"  # the embedded Redis: one persistent server, or a Sentinel group
+    replica_acks: int = 0  # REPLICA_ACKS of the workers (a Sentinel group has one replica)
 
 
 @dataclass
@@ -121,6 +122,8 @@ class _Run:
             raise NemesisError(f"unknown Redis topology {options.redis!r}: one of {', '.join(TOPOLOGIES)}")
         if options.redis == "sentinel" and options.redis_url:
             raise NemesisError("--redis sentinel starts a Sentinel group of its own: leave out --redis-url")
+        if options.replica_acks and options.redis != "sentinel":
+            raise NemesisError("--replica-acks needs replicas: with --redis sentinel")
         self.o = options
         self.resources = resources
         self.err = err
@@ -267,6 +270,8 @@ class _Run:
                     "KEY_PREFIX": self.key_prefix,
                     "SOCKET_TIMEOUT": 1.0,
                     "SOCKET_CONNECT_TIMEOUT": 1.0,
+                    "REPLICA_ACKS": self.o.replica_acks,
+                    "REPLICA_ACK_TIMEOUT": 0.5,  # under SOCKET_TIMEOUT
                 },
             },
             "USE_TZ": True,
