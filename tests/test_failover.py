@@ -199,8 +199,7 @@ def test_a_holder_whose_lease_the_promoted_replica_never_saw_is_refused(group, s
         wait_for(lambda: not group.in_sync(replica), "the replica to lose its link")
         with object_lock(account) as lease:  # on the primary only; judged by the database at the door
             assert admin(replica).get(lock_key(account)) is None
-            admin(group.sentinels[0]).execute_command("SENTINEL", "FAILOVER", group.service)
-            wait_for(lambda: named_by_every_sentinel(group, replica), "the replica's promotion")
+            promote(group, replica)
             # What the sentinels do to a demoted primary at their next look at it (up to 10 s away).
             admin(primary).execute_command("REPLICAOF", "127.0.0.1", replica.port)
             assert group.wait_for_new_primary(primary) is replica
@@ -237,8 +236,7 @@ def test_leases_follow_a_failover_that_demotes_their_primary(group):
         grant = await leases.acquire("fo.test:6", ttl=30, timeout=0)  # a pooled connection to the primary
         assert await leases.release("fo.test:6", grant.owner)
         primary, replica = group.primary(), group.replica()
-        admin(group.sentinels[0]).execute_command("SENTINEL", "FAILOVER", group.service)
-        await asyncio.to_thread(wait_for, lambda: named_by_every_sentinel(group, replica), "the replica's promotion")
+        await asyncio.to_thread(promote, group, replica)
         admin(primary).execute_command("REPLICAOF", "127.0.0.1", replica.port)  # demoted, still up
         assert await asyncio.to_thread(group.wait_for_new_primary, primary) is replica
         grant = await leases.acquire("fo.test:6", ttl=30, timeout=0)
@@ -272,14 +270,47 @@ def demoted_keeping_connections(group: SentinelGroup) -> Iterator[RedisServer]:
     primary, replica = group.primary(), group.replica()
     admin(primary).execute_command("ACL", "SETUSER", "default", "-client")
     try:
-        admin(group.sentinels[0]).execute_command("SENTINEL", "FAILOVER", group.service)
-        wait_for(lambda: named_by_every_sentinel(group, replica), "the replica's promotion")
+        promote(group, replica)
         admin(primary).execute_command("REPLICAOF", "127.0.0.1", replica.port)  # demoted, still up
         assert group.wait_for_new_primary(primary) is replica
         yield replica
     finally:
         admin(primary).execute_command("ACL", "SETUSER", "default", "+client")
     wait_for(lambda: group.in_sync(primary), "the old primary to follow the new one")
+
+
+def promote(group: SentinelGroup, replica: RedisServer) -> None:
+    """A forced failover (``SENTINEL FAILOVER``), until every sentinel names ``replica``."""
+    admin(group.sentinels[0]).execute_command("SENTINEL", "FAILOVER", group.service)
+    wait_for(lambda: named_by_every_sentinel(group, replica), "the replica's promotion")
+
+
+@contextlib.contextmanager
+def demoted_only_by_hand(group: SentinelGroup) -> Iterator[Any]:
+    """The sentinels may promote the replica but not demote the primary (its default user may not
+    REPLICAOF): it stays a writable primary, as for the seconds before the sentinels convert it,
+    until the test demotes it with the client yielded."""
+    primary = group.primary()
+    admin(primary).execute_command("ACL", "SETUSER", "demoter", "on", ">demoter", "~*", "&*", "+@all")
+    demoter = redis_py.Redis(port=primary.port, username="demoter", password="demoter", socket_timeout=5)
+    admin(primary).execute_command("ACL", "SETUSER", "default", "-replicaof", "-slaveof")
+    try:
+        yield demoter
+    finally:
+        demoter.execute_command("ACL", "SETUSER", "default", "+replicaof", "+slaveof")
+    wait_for(lambda: group.in_sync(primary), "the old primary to follow the new one")
+
+
+def held_there_alone(server: RedisServer, backend: Any, key: str, grant: Any) -> None:
+    """``grant``'s lease is on ``server``, and nobody else can take it; then it is given back."""
+    assert admin(server).get(f"lock:{redis_name(backend.config.key_prefix, key)}") == grant.owner.encode()
+    other = redis_backend_for(backend.config.location, prefix=backend.config.key_prefix)
+    try:
+        with pytest.raises(LockTimeout):
+            other.acquire(key, ttl=30, timeout=0)
+    finally:
+        other.close()
+    assert backend.release(key, grant.owner)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -366,21 +397,16 @@ def test_replica_acks_count_only_a_wait_sent_with_its_script(group):
     asyncio."""
     import asyncio
 
-    primary, replica = group.primary(), group.replica()
-    admin(primary).execute_command("ACL", "SETUSER", "demoter", "on", ">demoter", "~*", "&*", "+@all")
-    demoter = redis_py.Redis(port=primary.port, username="demoter", password="demoter", socket_timeout=5)
-    admin(primary).execute_command("ACL", "SETUSER", "default", "-replicaof", "-slaveof")  # not by the sentinels
+    replica = group.replica()
     acked = redis_backend_for(group.url, REPLICA_ACKS=1, REPLICA_ACK_TIMEOUT=4)
-    other = redis_backend_for(group.url, prefix=acked.config.key_prefix)
     grants: dict[str, Any] = {}
 
-    async def main() -> None:
+    async def main(demoter: Any) -> None:
         leases = acked.for_asyncio()
         # Pooled connections to the primary, blocking and on the loop.
         acked.release("fo.test:12", acked.acquire("fo.test:12", ttl=30, timeout=0).owner)
         await leases.release("fo.test:13", (await leases.acquire("fo.test:13", ttl=30, timeout=0)).owner)
-        admin(group.sentinels[0]).execute_command("SENTINEL", "FAILOVER", group.service)
-        await asyncio.to_thread(wait_for, lambda: named_by_every_sentinel(group, replica), "the replica's promotion")
+        await asyncio.to_thread(promote, group, replica)
         joined = in_background(lambda: grants.update({"fo.test:12": acked.acquire("fo.test:12", ttl=30, timeout=0)}))
         waiting = asyncio.ensure_future(leases.acquire("fo.test:13", ttl=30, timeout=0))
 
@@ -393,23 +419,16 @@ def test_replica_acks_count_only_a_wait_sent_with_its_script(group):
         await asyncio.to_thread(joined)
 
     try:
-        run_async(main)
-        for key, grant in grants.items():
-            assert admin(replica).get(f"lock:{redis_name(acked.config.key_prefix, key)}") == grant.owner.encode()
-            with pytest.raises(LockTimeout):
-                other.acquire(key, ttl=30, timeout=0)
-            assert acked.release(key, grant.owner)
+        with demoted_only_by_hand(group) as demoter:
+            run_async(lambda: main(demoter))
+            for key, grant in grants.items():
+                held_there_alone(replica, acked, key, grant)
     finally:
-        demoter.execute_command("ACL", "SETUSER", "default", "+replicaof", "+slaveof")
         acked.close()
-        other.close()
-    wait_for(lambda: group.in_sync(primary), "the old primary to follow the new one")
 
 
 @pytest.mark.django_db(transaction=True)
-def test_replica_acks_wait_stays_on_its_scripts_connection_when_another_coroutine_drops_the_pool(
-    group, monkeypatch
-):
+def test_replica_acks_wait_stays_on_its_scripts_connection_when_another_coroutine_drops_the_pool(group, monkeypatch):
     """On one loop: A's script ran on the old primary (still writable, the replica promoted); it is
     demoted; B meets READONLY and drops the pool, marking A's connection (in use) to reconnect. A
     WAIT sent after A's script on that connection, reconnected through the sentinels, would count
@@ -421,12 +440,8 @@ def test_replica_acks_wait_stays_on_its_scripts_connection_when_another_coroutin
 
     from dsm_redis.backends import redis as backend_module
 
-    primary, replica = group.primary(), group.replica()
-    admin(primary).execute_command("ACL", "SETUSER", "demoter", "on", ">demoter", "~*", "&*", "+@all")
-    demoter = redis_py.Redis(port=primary.port, username="demoter", password="demoter", socket_timeout=5)
-    admin(primary).execute_command("ACL", "SETUSER", "default", "-replicaof", "-slaveof")  # not by the sentinels
+    replica = group.replica()
     acked = redis_backend_for(group.url, REPLICA_ACKS=1, REPLICA_ACK_TIMEOUT=4)
-    other = redis_backend_for(group.url, prefix=acked.config.key_prefix)
     lock = f"lock:{redis_name(acked.config.key_prefix, 'fo.test:14')}"
     dropped: list[asyncio.Event] = []
     read, drop = connection_module.AbstractConnection.read_response, backend_module._drop_async_connections
@@ -445,13 +460,12 @@ def test_replica_acks_wait_stays_on_its_scripts_connection_when_another_coroutin
     monkeypatch.setattr(connection_module.AbstractConnection, "read_response", read_after_the_drop)
     monkeypatch.setattr(backend_module, "_drop_async_connections", drop_and_tell)
 
-    async def main() -> Any:
+    async def main(demoter: Any) -> Any:
         leases = acked.for_asyncio()
         warm = await asyncio.gather(*(leases.acquire(f"fo.test:{n}", ttl=30, timeout=0) for n in (15, 16)))
         for n, grant in zip((15, 16), warm, strict=True):  # two pooled connections to the primary
             await leases.release(f"fo.test:{n}", grant.owner)
-        admin(group.sentinels[0]).execute_command("SENTINEL", "FAILOVER", group.service)
-        await asyncio.to_thread(wait_for, lambda: named_by_every_sentinel(group, replica), "the replica's promotion")
+        await asyncio.to_thread(promote, group, replica)
         dropped.append(asyncio.Event())
         a = asyncio.create_task(leases.acquire("fo.test:14", ttl=30, timeout=0), name="A")
         await asyncio.to_thread(wait_for, lambda: demoter.get(lock), "A's script to run on the old primary")
@@ -461,16 +475,10 @@ def test_replica_acks_wait_stays_on_its_scripts_connection_when_another_coroutin
         return await a
 
     try:
-        grant = run_async(main)
-        assert admin(replica).get(lock) == grant.owner.encode()  # the lease A was granted is there
-        with pytest.raises(LockTimeout):
-            other.acquire("fo.test:14", ttl=30, timeout=0)
-        assert acked.release("fo.test:14", grant.owner)
+        with demoted_only_by_hand(group) as demoter:
+            held_there_alone(replica, acked, "fo.test:14", run_async(lambda: main(demoter)))
     finally:
-        demoter.execute_command("ACL", "SETUSER", "default", "+replicaof", "+slaveof")
         acked.close()
-        other.close()
-    wait_for(lambda: group.in_sync(primary), "the old primary to follow the new one")
 
 
 @pytest.mark.django_db(transaction=True)
