@@ -355,8 +355,9 @@ class RedisLockBackend(LockBackend):
         caller's ``acquire`` gives the lease back on the way out).
 
         The first call sends the script and its ``WAIT`` together (most leases are uncontended: one
-        round trip). A waiter's poll (``polling``) sends the script alone, so a lease still held
-        never waits for the replicas; a poll that finds the lease its own sends both again (the
+        round trip; a contended first call waits for the replicas too). A waiter's poll
+        (``polling``) sends the script alone, so its polls of a lease still held never wait for the
+        replicas; a poll that finds the lease its own sends both again (the
         script then extends it: a write behind the grant in the replication stream, on the WAIT's
         connection)."""
         script = self._scripts["acquire"]
